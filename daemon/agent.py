@@ -1,0 +1,275 @@
+"""The daemon's life: connect to the hub, register, run what it assigns.
+
+Results go into an outbox and are resent after every reconnect until the hub
+acknowledges them, so work that finished while the hub was away is not lost
+(the hub records each attempt's result once, however often it arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hub_server import protocol as p
+from hub_server.blobs import BlobStore, file_sha256
+from hub_server.link import ConnectError, HubError, Link, LinkClosed
+
+from .hardware import detect_hardware
+from .load import sample_load
+from .runner import Cancel, run_task
+
+log = logging.getLogger("hwf.daemon")
+
+
+@dataclass
+class DaemonConfig:
+    hub: str
+    token: Optional[str]
+    workdir: Path
+    slots: int = 1
+    name: str = field(default_factory=socket.gethostname)
+    tags: list[str] = field(default_factory=list)
+    keep_workdirs: bool = False
+    parent_pid: Optional[int] = None
+    max_backoff: float = 10.0
+    kill_grace: float = 3.0
+
+
+@dataclass
+class _Running:
+    task_id: str
+    attempt: int
+    cancel: Cancel
+    task: asyncio.Task
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cache = BlobStore(self.workdir / "blob-cache")
+        self.hardware = detect_hardware()
+        self.link: Optional[Link] = None
+        self.connected = asyncio.Event()
+        self.running: dict[tuple[str, int], _Running] = {}
+        self.outbox: dict[tuple[str, int], p.TaskDone] = {}
+        self._fetching: dict[str, asyncio.Future] = {}
+        self._stop = asyncio.Event()
+        self.heartbeat_interval = 2.0
+
+    # -- main loop ----------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._stop.set)
+        watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
+        delay = 0.2
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._session()
+                    delay = 0.2
+                except ConnectError as exc:
+                    log.warning("%s", exc)
+                except (LinkClosed, HubError, OSError) as exc:
+                    log.warning("hub connection lost: %s", exc)
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.config.max_backoff)
+        finally:
+            for w in watchers:
+                w.cancel()
+            await self._shutdown()
+
+    async def _session(self) -> None:
+        link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message)
+        await link.connect()
+        try:
+            reply = await link.request(
+                p.Register(
+                    id=link.next_id(),
+                    name=self.config.name,
+                    hardware=self.hardware,
+                    slots=self.config.slots,
+                    tags=self.config.tags,
+                    running=[*self.running.keys(), *self.outbox.keys()],
+                )
+            )
+            self.heartbeat_interval = reply.heartbeat_interval or 2.0
+            self.link = link
+            self.connected.set()
+            log.info("registered with %s as %s", link.url, reply.machine_id)
+            for key in list(self.outbox):
+                asyncio.ensure_future(self._deliver(key))
+            beat = asyncio.ensure_future(self._heartbeats(link))
+            stop = asyncio.ensure_future(self._stop.wait())
+            assert link.closed is not None
+            await asyncio.wait([link.closed, stop], return_when=asyncio.FIRST_COMPLETED)
+            beat.cancel()
+            stop.cancel()
+        finally:
+            self.connected.clear()
+            self.link = None
+            await link.close()
+
+    async def _heartbeats(self, link: Link) -> None:
+        while link.is_open:
+            load = await asyncio.to_thread(sample_load, self.workdir)
+            with contextlib.suppress(LinkClosed):
+                await link.send(p.Heartbeat(load=load, running=len(self.running)))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _watch_parent(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != self.config.parent_pid:
+                log.warning("parent process %s is gone; stopping", self.config.parent_pid)
+                self._stop.set()
+                return
+
+    async def _shutdown(self) -> None:
+        for r in list(self.running.values()):
+            r.cancel.set("daemon stopped")
+        if self.running:
+            await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
+
+    # -- assignments --------------------------------------------------------
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, p.Assign):
+            key = (msg.task_id, msg.attempt)
+            if key in self.running or key in self.outbox:
+                return  # a duplicate after a reconnect
+            cancel = Cancel()
+            task = asyncio.ensure_future(self._run(msg, cancel))
+            self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
+        elif isinstance(msg, p.Error):
+            log.warning("hub error %s: %s", msg.code, msg.message)
+
+    async def _run(self, msg: p.Assign, cancel: Cancel) -> None:
+        key = (msg.task_id, msg.attempt)
+        taskdir = self.workdir / "tasks" / f"{msg.task_id}.{msg.attempt}"
+        timer = None
+        try:
+            if taskdir.exists():
+                shutil.rmtree(taskdir)
+            taskdir.mkdir(parents=True)
+            await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
+            if msg.spec.timeout:
+                timer = asyncio.get_running_loop().call_later(msg.spec.timeout, cancel.set, "timeout")
+
+            async def on_stage(index: int, stage: p.StageOutcome) -> None:
+                await self._send_quietly(
+                    p.StageDone(task_id=msg.task_id, attempt=msg.attempt, index=index, stage=stage)
+                )
+
+            outcome = await run_task(
+                msg.spec,
+                taskdir,
+                fetch_data=self._fetch_data,
+                upload_artifact=self._upload_artifact,
+                on_stage=on_stage,
+                max_output_bytes=self.limits.max_output_bytes,
+                cancel=cancel,
+                kill_grace=self.config.kill_grace,
+            )
+        except Exception as exc:  # never lose a task to a daemon bug
+            log.exception("task %s failed inside the daemon", msg.task_id)
+            outcome = p.TaskOutcome(status="failed", error=f"daemon error: {exc!r}", reason="daemon_error",
+                                    finished=time.time())
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.running.pop(key, None)
+        if not self.config.keep_workdirs:
+            await asyncio.to_thread(shutil.rmtree, taskdir, True)
+        self.outbox[key] = p.TaskDone(id=0, task_id=msg.task_id, attempt=msg.attempt, outcome=outcome)
+        await self._deliver(key)
+
+    @property
+    def limits(self) -> p.Limits:
+        return self.link.limits if self.link is not None else p.Limits()
+
+    async def _deliver(self, key: tuple[str, int]) -> None:
+        """Send a result; it stays in the outbox until the hub acks it."""
+        msg = self.outbox.get(key)
+        link = self.link
+        if msg is None or link is None:
+            return
+        msg.id = link.next_id()
+        try:
+            await link.request(msg)
+        except HubError:
+            return  # resent after the next reconnect
+        self.outbox.pop(key, None)
+
+    async def _send_quietly(self, msg: Any) -> None:
+        link = self.link
+        if link is not None:
+            with contextlib.suppress(LinkClosed):
+                await link.send(msg)
+
+    # -- blobs --------------------------------------------------------------
+
+    async def _connected_link(self, timeout: float = 60.0) -> Link:
+        await asyncio.wait_for(self.connected.wait(), timeout)
+        assert self.link is not None
+        return self.link
+
+    async def _fetch_data(self, data: p.DataSpec, dest: Path) -> None:
+        """Copy a Data blob into the task dir, downloading it once per daemon."""
+        if not self.cache.has(data.sha256):
+            fut = self._fetching.get(data.sha256)
+            if fut is None:
+                fut = asyncio.ensure_future(self._download(data.sha256))
+                self._fetching[data.sha256] = fut
+                fut.add_done_callback(lambda _f, s=data.sha256: self._fetching.pop(s, None))
+            await asyncio.shield(fut)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # A copy, not a hard link: a task that edits its input must not
+        # corrupt the cache for the next task.
+        await asyncio.to_thread(shutil.copyfile, self.cache.path(data.sha256), dest)
+
+    async def _download(self, sha256: str) -> None:
+        for attempt in range(5):
+            link = await self._connected_link()
+            try:
+                await link.download(sha256, self.cache.path(sha256))
+                return
+            except LinkClosed:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _upload_artifact(self, path: Path) -> tuple[str, int]:
+        sha = await asyncio.to_thread(file_sha256, path)
+        for attempt in range(5):
+            link = await self._connected_link()
+            try:
+                if await link.missing_blobs([sha]):
+                    return await link.upload(path, sha)
+                return sha, path.stat().st_size
+            except LinkClosed:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+
+def run_daemon(config: DaemonConfig) -> None:
+    asyncio.run(Daemon(config).run())

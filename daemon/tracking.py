@@ -1,0 +1,299 @@
+"""Run one shell command and measure its whole process tree.
+
+A task's command is often a script that starts other programs, so the
+numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
+
+* Each command runs in a new session, so its process group holds the whole
+  tree and one ``killpg`` stops all of it.
+* On Linux the command also gets ``PR_SET_PDEATHSIG=SIGKILL``: if the daemon
+  is killed outright, the command dies with it instead of running on
+  unsupervised.  (The kernel only sends this to the direct child, bash;
+  bash usually ``exec``s a single command, so that is the program itself.)
+  The signal fires when the *thread* that spawned the child exits, so spawn
+  from a long-lived thread - the event loop's.
+* The child is reaped with ``os.wait4`` in a dedicated daemon thread: its
+  ``rusage`` gives exact CPU time and peak RSS, including every descendant
+  the command waited for.  A dedicated thread (not a bounded pool) means a
+  long command can never delay the reaping of another, nor keep the
+  interpreter from exiting.
+* A sampler sums the RSS of the process and all its descendants every
+  ``sample_interval`` seconds and keeps the maximum, because ``ru_maxrss``
+  is the peak of the single largest process, not of the tree.  Shared pages
+  are counted once per process, so the tree sum can overestimate a little.
+* ``ru_maxrss`` has a Linux quirk: the direct child is a fork of the daemon,
+  and at ``exec`` the kernel records the forked copy's RSS as the child's
+  peak, so even ``true`` would "use" as much RAM as the daemon.  It is
+  therefore only trusted when it exceeds the daemon's RSS at spawn time;
+  below that, the sampled peak is the answer.
+
+POSIX only: Windows has no ``os.wait4`` nor process groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+SHELL = "/bin/bash" if os.path.exists("/bin/bash") else (shutil.which("bash") or "/bin/sh")
+# ru_maxrss is in KiB on Linux and in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def _load_prctl() -> Optional[Callable[..., int]]:
+    """libc's ``prctl``, looked up once in the parent (not after fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+
+
+def _die_with_parent_hook() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child if we die."""
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+    prctl = _prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the daemon died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+def spawn(
+    cmd: str, cwd: Union[str, Path], env: Optional[Mapping[str, str]] = None
+) -> subprocess.Popen:
+    """Start ``cmd`` under bash in ``cwd``, leader of its own process group.
+
+    stdin is /dev/null (a task must never wait for input); stdout and stderr
+    are pipes the caller must read.
+    """
+    return subprocess.Popen(
+        cmd,
+        shell=True,
+        executable=SHELL,
+        cwd=str(cwd),
+        env=dict(env) if env is not None else None,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_die_with_parent_hook(),
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """How a command ended and what its tree used."""
+
+    exit_code: int  # negative: killed by that signal (subprocess convention)
+    cpu_time: float  # user + system seconds, command and reaped descendants
+    peak_ram: int  # bytes: max(sampled tree RSS sum, ru_maxrss)
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """The process and all its descendants that still exist."""
+    try:
+        return [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in _tree(proc):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited meanwhile, zombie, or not ours to see
+            pass
+    return total
+
+
+def _own_rss() -> int:
+    try:
+        return psutil.Process().memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class TrackedProcess:
+    """A running command whose tree is sampled and which is reaped by ``wait4``.
+
+    Construct it inside a running event loop.  The caller owns
+    ``popen.stdout`` / ``popen.stderr`` and must read (and close) them.
+    Await ``wait()`` for the result; ``terminate()`` stops the tree
+    politely, ``kill()`` at once.
+    """
+
+    def __init__(
+        self,
+        cmd: str,
+        cwd: Union[str, Path],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        sample_interval: float = 0.05,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.cmd = cmd
+        self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
+        self.popen = spawn(cmd, cwd, env)
+        self.pid = self.popen.pid
+        self.pgid = self.pid  # start_new_session: the leader's pid names the group
+        self.started = time.perf_counter()
+        self.ended: Optional[float] = None  # perf_counter when reaped
+        self._interval = sample_interval
+        self._peak_tree = 0
+        self._usage: Optional[Usage] = None
+        try:
+            self._proc: Optional[psutil.Process] = psutil.Process(self.pid)
+        except psutil.Error:
+            self._proc = None
+        self._reaped = self._start_reaper(loop)
+        self._sampler = loop.create_task(self._sample_loop())
+
+    # -------------------------------------------------------------- reaping
+
+    def _start_reaper(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        future: asyncio.Future = loop.create_future()
+
+        def reap() -> None:
+            result: Any = None
+            error: Optional[BaseException] = None
+            try:
+                _, status, rusage = os.wait4(self.pid, 0)
+                # Tell Popen the child is gone so it never waits for it again.
+                self.popen.returncode = os.waitstatus_to_exitcode(status)
+                self.ended = time.perf_counter()
+                result = (self.popen.returncode, rusage)
+            except BaseException as exc:  # ChildProcessError: reaped elsewhere
+                error = exc
+
+            def deliver() -> None:
+                if future.done():
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            try:
+                loop.call_soon_threadsafe(deliver)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
+
+        threading.Thread(target=reap, name=f"hwf-wait4-{self.pid}", daemon=True).start()
+        return future
+
+    @property
+    def done(self) -> bool:
+        """True once the command (the group leader) has been reaped."""
+        return self._reaped.done()
+
+    async def wait(self) -> Usage:
+        """Wait for the command to end; kill what it left behind; measure.
+
+        Background processes still in the group when the command exits are
+        SIGKILLed: they would otherwise hold the output pipes open and
+        outlive the task.
+        """
+        if self._usage is None:
+            try:
+                exit_code, rusage = await asyncio.shield(self._reaped)
+            except ChildProcessError:
+                raise RuntimeError(
+                    f"the exit status of pid {self.pid} was collected by someone else"
+                ) from None
+            self._signal_group(signal.SIGKILL)
+            await self._stop_sampler()
+            self._usage = Usage(
+                exit_code=exit_code,
+                cpu_time=rusage.ru_utime + rusage.ru_stime,
+                peak_ram=self._peak_ram(rusage.ru_maxrss * _MAXRSS_UNIT),
+            )
+        return self._usage
+
+    def _peak_ram(self, maxrss: int) -> int:
+        if maxrss > self._rss_floor:
+            return max(self._peak_tree, maxrss)
+        return self._peak_tree
+
+    # -------------------------------------------------------------- sampling
+
+    async def _sample_loop(self) -> None:
+        if self._proc is None:
+            return
+        while not self._reaped.done():
+            # /proc scanning is blocking work: keep it off the event loop.
+            rss = await asyncio.to_thread(_tree_rss, self._proc)
+            self._peak_tree = max(self._peak_tree, rss)
+            await asyncio.sleep(self._interval)
+
+    async def _stop_sampler(self) -> None:
+        self._sampler.cancel()
+        await asyncio.wait([self._sampler])  # raises only if *we* are cancelled
+        if not self._sampler.cancelled() and self._sampler.exception() is not None:
+            log.warning("RSS sampler of pid %s failed: %r", self.pid, self._sampler.exception())
+
+    # -------------------------------------------------------------- stopping
+
+    def _snapshot(self) -> list[psutil.Process]:
+        return _tree(self._proc) if self._proc is not None else []
+
+    def _signal_group(self, sig: int, procs: Sequence[psutil.Process] = ()) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        # Descendants that left the group (setsid, setpgid) are signalled by
+        # pid; psutil checks each is still the same process first.
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    async def terminate(self, grace: float = 3.0) -> None:
+        """SIGTERM the whole tree; SIGKILL whatever still runs after ``grace`` s."""
+        procs = self._snapshot()
+        self._signal_group(signal.SIGTERM, procs)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if self._reaped.done() and not any(_alive(p) for p in procs):
+                return  # wait() SIGKILLs any late-born group members
+            await asyncio.sleep(0.02)
+        self._signal_group(signal.SIGKILL, procs)
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree now (for paths that cannot await)."""
+        self._signal_group(signal.SIGKILL, self._snapshot())
+        self._sampler.cancel()

@@ -1,0 +1,125 @@
+"""Content-addressed file store: ``<root>/<sha[:2]>/<sha>``.
+
+A file sent twice is stored once.  Writes go to a temporary file that is
+renamed into place only after its sha256 and size check out, so a crash or
+a lying peer never leaves a wrong blob under a real hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class BlobError(ValueError):
+    pass
+
+
+def check_sha(sha256: str) -> str:
+    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
+        raise BlobError(f"not a sha256 hex digest: {sha256!r}")
+    return sha256
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+class BlobStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        check_sha(sha256)
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def writer(self, sha256: str, size: int) -> "BlobWriter":
+        return BlobWriter(self, check_sha(sha256), size)
+
+    def read_chunks(self, sha256: str, chunk: int) -> Iterator[bytes]:
+        with open(self.path(sha256), "rb") as f:
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    return
+                yield block
+
+    def put_file(self, src: Path | str) -> tuple[str, int]:
+        """Copy a local file in (used by daemons' caches and tests)."""
+        sha = file_sha256(src)
+        size = Path(src).stat().st_size
+        if not self.has(sha):
+            w = self.writer(sha, size)
+            with open(src, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    w.write(block)
+            w.finish()
+        return sha, size
+
+
+class BlobWriter:
+    """Receives a blob's bytes in order; ``finish()`` verifies and publishes."""
+
+    def __init__(self, store: BlobStore, sha256: str, size: int) -> None:
+        self.store, self.sha256, self.size = store, sha256, size
+        self.received = 0
+        self._hash = hashlib.sha256()
+        fd, name = tempfile.mkstemp(dir=store._tmp, prefix=sha256[:12] + ".")
+        self._file = os.fdopen(fd, "wb")
+        self._tmpname = name
+
+    @property
+    def complete(self) -> bool:
+        return self.received >= self.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.received + len(data) > self.size:
+            self.abort()
+            raise BlobError(
+                f"blob {self.sha256[:12]}: got more than the announced {self.size} bytes"
+            )
+        self._file.write(data)
+        self._hash.update(data)
+        self.received += len(data)
+
+    def finish(self) -> Path:
+        self._file.close()
+        if self.received != self.size:
+            self.abort()
+            raise BlobError(f"blob {self.sha256[:12]}: got {self.received} of {self.size} bytes")
+        if self._hash.hexdigest() != self.sha256:
+            self.abort()
+            raise BlobError(f"blob {self.sha256[:12]}: content does not match its sha256")
+        dest = self.store.path(self.sha256)
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(self._tmpname, dest)
+        return dest
+
+    def abort(self, reason: Optional[str] = None) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self._tmpname)
+        except FileNotFoundError:
+            pass

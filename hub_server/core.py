@@ -1,0 +1,469 @@
+"""The hub's bookkeeping: tasks, attempts, machines, waiters.
+
+No sockets here: the websocket layer (``server.py``) calls these methods with
+decoded messages and sends whatever they return.  Every state change is
+written to the store in the same call, before anyone is told about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from . import hardware as hw
+from . import protocol as p
+from . import task_state
+from .blobs import BlobStore
+from .paths import unsafe_relative_path
+from .scheduler import Scheduler
+from .store import Store, dumps, loads
+
+
+class RequestError(Exception):
+    """A client or daemon asked for something invalid; ``code`` + message go back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(8)}"
+
+
+@dataclass
+class ActiveTask:
+    """A task not yet in a terminal state, kept in memory for scheduling."""
+
+    task_id: str
+    session_id: str
+    seq: int
+    spec: p.TaskSpec
+    requirements: dict[str, Any]
+    status: str
+    attempt: int = 0
+    machine: Optional[str] = None
+    excluded: set[str] = field(default_factory=set)
+    stages: dict[int, p.StageOutcome] = field(default_factory=dict)
+
+
+@dataclass
+class MachineState:
+    machine_id: str
+    name: str
+    hardware: dict[str, Any]
+    slots: int
+    tags: list[str]
+    connected: bool = False
+    draining: bool = False
+    load: Optional[p.Load] = None
+    last_seen: float = 0.0
+    first_seen: float = 0.0
+    running: set[str] = field(default_factory=set)  # task ids
+
+
+class _Waiter:
+    __slots__ = ("remaining", "future")
+
+    def __init__(self, remaining: int, future: asyncio.Future) -> None:
+        self.remaining = remaining
+        self.future = future
+
+
+Send = Callable[[str, p.Assign], None]  # (machine_id, message)
+
+
+class HubCore:
+    def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.limits = limits
+        self.scheduler = Scheduler()
+        self.active: dict[str, ActiveTask] = {}
+        self.machines: dict[str, MachineState] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._seq = store.max_seq()
+        self.hub_id = store.meta("hub_id") or self._init_hub_id()
+        self._load_machines()
+        self._load_active()
+
+    # -- start-up -----------------------------------------------------------
+
+    def _init_hub_id(self) -> str:
+        hub_id = new_id("hub-")
+        self.store.set_meta("hub_id", hub_id)
+        return hub_id
+
+    def _load_machines(self) -> None:
+        self.store.mark_all_machines_offline()
+        for row in self.store.machines():
+            self.machines[row["machine_id"]] = MachineState(
+                machine_id=row["machine_id"],
+                name=row["name"],
+                hardware=loads(row["hardware"]),
+                slots=row["slots"],
+                tags=loads(row["tags"]),
+                last_seen=row["last_seen"],
+                first_seen=row["first_seen"],
+                load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
+            )
+
+    def _load_active(self) -> None:
+        """Rebuild the queue after a restart; running attempts wait for their daemon."""
+        excluded: dict[str, set[str]] = {}
+        for row in self.store.db.execute(
+            "SELECT task_id, machine FROM attempts WHERE state='lost'"
+        ):
+            excluded.setdefault(row[0], set()).add(row[1])
+        for row in self.store.active_tasks():
+            spec = p.convert(loads(row["spec"]), p.TaskSpec)
+            t = ActiveTask(
+                task_id=row["task_id"],
+                session_id=row["session_id"],
+                seq=row["seq"],
+                spec=spec,
+                requirements=loads(row["requirements"]),
+                status=row["status"],
+                attempt=row["attempt"],
+                machine=row["machine"],
+                excluded=excluded.get(row["task_id"], set()),
+            )
+            self.active[t.task_id] = t
+            if t.status in ("queued", "retrying"):
+                self._requeue(t, time.time(), note_transition=t.status == "retrying")
+            elif t.machine in self.machines:
+                self.machines[t.machine].running.add(t.task_id)
+
+    # -- submission ---------------------------------------------------------
+
+    def submit(self, msg: p.Submit) -> p.Submitted:
+        if not msg.tasks:
+            raise RequestError("bad_request", "submit carries no tasks")
+        if len(msg.tasks) > self.limits.max_tasks_per_submit:
+            raise RequestError(
+                "limit",
+                f"{len(msg.tasks)} tasks in one submit exceeds max_tasks_per_submit="
+                f"{self.limits.max_tasks_per_submit}",
+            )
+        queued = self.scheduler.queued_count()
+        if queued + len(msg.tasks) > self.limits.max_queued_tasks:
+            raise RequestError(
+                "queue_full",
+                f"queue holds {queued} tasks; {len(msg.tasks)} more would exceed "
+                f"max_queued_tasks={self.limits.max_queued_tasks}",
+            )
+        reqs = [self._validate(i, spec) for i, spec in enumerate(msg.tasks)]
+        now = time.time()
+        if msg.session_id is not None:
+            if not self.store.session_exists(msg.session_id):
+                raise RequestError("not_found", f"unknown session {msg.session_id!r}")
+            session_id = msg.session_id
+        else:
+            session_id = new_id("s-")
+        ids = [new_id("t-") for _ in msg.tasks]
+        first = self._seq + 1
+        self._seq += len(ids)
+        rows = [
+            (first + i, tid, session_id, dumps(spec), dumps(req), spec.priority, spec.max_retries, now)
+            for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs))
+        ]
+        with self.store.transaction():
+            self.store.add_session(session_id, now)
+            self.store.insert_tasks(rows)
+        for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
+            t = ActiveTask(tid, session_id, first + i, spec, req, "queued")
+            self.active[tid] = t
+            self.scheduler.enqueue(tid, req, spec.priority, order=t.seq)
+        return p.Submitted(id=msg.id, session_id=session_id, task_ids=ids)
+
+    def _validate(self, index: int, spec: p.TaskSpec) -> dict[str, Any]:
+        where = f"task {index}"
+        try:
+            req = hw.normalize(spec.hardware)
+        except hw.HardwareError as exc:
+            raise RequestError("bad_hardware", f"{where}: {exc}") from None
+        if not spec.stages:
+            raise RequestError("bad_task", f"{where}: a task needs at least one stage")
+        if spec.max_retries < 0:
+            raise RequestError("bad_task", f"{where}: max_retries must be >= 0")
+        if spec.timeout is not None and spec.timeout <= 0:
+            raise RequestError("bad_task", f"{where}: timeout must be > 0 seconds")
+        for stage in spec.stages:
+            if not stage.cmds:
+                raise RequestError("bad_task", f"{where}: stage {stage.name!r} has no commands")
+            for d in stage.data:
+                problem = unsafe_relative_path(d.filename)
+                if problem:
+                    raise RequestError("bad_path", f"{where}: data filename {d.filename!r} {problem}")
+                if not self.blobs.has(d.sha256):
+                    raise RequestError(
+                        "missing_blob",
+                        f"{where}: data {d.filename!r} (sha256 {d.sha256[:12]}…) was not uploaded",
+                    )
+        for pattern in spec.artifacts:
+            problem = unsafe_relative_path(pattern)
+            if problem:
+                raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
+        return req
+
+    # -- scheduling ---------------------------------------------------------
+
+    def schedule(self) -> list[tuple[str, p.Assign]]:
+        """Assign queued tasks to free slots; store it; return messages to send."""
+        pairs = self.scheduler.schedule()
+        if not pairs:
+            return []
+        now = time.time()
+        out = []
+        with self.store.transaction():
+            for task_id, machine_id in pairs:
+                t = self.active[task_id]
+                task_state.check(t.status, "assigned")
+                t.attempt += 1
+                t.status = "assigned"
+                t.machine = machine_id
+                self.machines[machine_id].running.add(task_id)
+                self.store.add_attempt(task_id, t.attempt, machine_id, now)
+                self.store.set_status(task_id, "assigned", now, attempt=t.attempt, machine=machine_id)
+                out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
+        return out
+
+    def _requeue(self, t: ActiveTask, now: float, *, note_transition: bool = True) -> None:
+        if note_transition:
+            task_state.check(t.status, "queued")
+            t.status = "queued"
+            self.store.set_status(t.task_id, "queued", now, attempt=t.attempt, queued=now, machine=None)
+        t.machine = None
+        self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq)
+
+    # -- daemons ------------------------------------------------------------
+
+    def register(self, msg: p.Register, now: float) -> p.Registered:
+        if msg.slots < 1:
+            raise RequestError("bad_request", f"slots must be >= 1, got {msg.slots}")
+        name = msg.name.strip()
+        if not name:
+            raise RequestError("bad_request", "a daemon needs a name")
+        m = self.machines.get(name)
+        if m is not None and m.connected:
+            raise RequestError("conflict", f"a daemon named {name!r} is already connected")
+        tags = sorted({t.lower() for t in msg.tags})
+        self.store.upsert_machine(name, name, msg.hardware, msg.slots, tags, now)
+        running_before = m.running if m else set()
+        m = MachineState(name, name, dict(msg.hardware), msg.slots, tags, connected=True,
+                         last_seen=now, first_seen=m.first_seen if m else now,
+                         running=set())
+        self.machines[name] = m
+        # Attempts the hub believed were on this machine but the daemon no
+        # longer has (and did not finish) were lost with its previous life.
+        still = {tid for tid, att in msg.running if self._is_current(tid, att, name)}
+        lost = [tid for tid in running_before if tid not in still]
+        m.running = set(still)
+        if lost:
+            self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it")
+        self.scheduler.add_machine(name, msg.hardware, msg.slots, name=name, tags=tags, busy=len(still))
+        return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=0.0)
+
+    def _is_current(self, task_id: str, attempt: int, machine: str) -> bool:
+        t = self.active.get(task_id)
+        return t is not None and t.attempt == attempt and t.machine == machine
+
+    def heartbeat(self, machine_id: str, msg: p.Heartbeat, now: float) -> None:
+        m = self.machines.get(machine_id)
+        if m is None:
+            return
+        m.load = msg.load
+        m.last_seen = now
+        self.store.set_machine_state(machine_id, "draining" if m.draining else "online", now, msg.load)
+
+    def disconnect(self, machine_id: str, now: float, reason: str) -> None:
+        """The daemon's connection is gone: its attempts are lost."""
+        m = self.machines.get(machine_id)
+        if m is None or not m.connected:
+            return
+        m.connected = False
+        self.scheduler.remove_machine(machine_id)
+        with self.store.transaction():
+            self.store.set_machine_state(machine_id, "offline", now)
+            self.lose_attempts(machine_id, list(m.running), now, reason=reason)
+        m.running.clear()
+
+    def lose_attempts(self, machine_id: str, task_ids: Iterable[str], now: float, reason: str) -> None:
+        for tid in task_ids:
+            t = self.active.get(tid)
+            if t is None or t.machine != machine_id or task_state.is_terminal(t.status):
+                continue
+            self.store.update_attempt(tid, t.attempt, state="lost", ended=now, reason=reason)
+            t.excluded.add(machine_id)
+            nxt = task_state.after_loss(t.attempt, t.spec.max_retries)
+            if nxt == "retrying":
+                task_state.check(t.status, "retrying")
+                t.status = "retrying"
+                self.store.set_status(tid, "retrying", now, attempt=t.attempt, reason=reason)
+                t.stages.clear()
+                self._requeue(t, now)
+            else:
+                msg = f"lost {t.attempt} time(s), max_retries={t.spec.max_retries}: {reason}"
+                self._finish(t, "failed", now, error=msg, reason="lost")
+
+    def started(self, machine_id: str, msg: p.TaskStarted) -> None:
+        t = self.active.get(msg.task_id)
+        if t is None or not self._is_current(msg.task_id, msg.attempt, machine_id):
+            return
+        if t.status == "assigned":
+            t.status = "running"
+            with self.store.transaction():
+                self.store.update_attempt(t.task_id, t.attempt, state="running", started=msg.time)
+                self.store.set_status(t.task_id, "running", msg.time, attempt=t.attempt, started=msg.time)
+
+    def stage_done(self, machine_id: str, msg: p.StageDone) -> None:
+        t = self.active.get(msg.task_id)
+        if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
+            t.stages[msg.index] = msg.stage
+
+    def task_done(self, machine_id: str, msg: p.TaskDone, now: float) -> bool:
+        """Record an attempt's outcome exactly once; False when it was stale."""
+        t = self.active.get(msg.task_id)
+        if t is None or not self._is_current(msg.task_id, msg.attempt, machine_id):
+            return False
+        o = msg.outcome
+        self.machines[machine_id].running.discard(t.task_id)
+        self.scheduler.release(machine_id)
+        with self.store.transaction():
+            self.store.update_attempt(
+                t.task_id, t.attempt, state=o.status, ended=o.finished or now, reason=o.reason,
+                **({"started": o.started} if t.status == "assigned" and o.started else {}),
+            )
+            self._finish(
+                t, o.status, o.finished or now, error=o.error, reason=o.reason,
+                exit_code=o.exit_code, result=dumps(o), result_attempt=t.attempt,
+                started=o.started,
+            )
+        return True
+
+    def _finish(self, t: ActiveTask, status: str, now: float, **fields: Any) -> None:
+        task_state.check(t.status, status)
+        if fields.get("started") is None:
+            fields.pop("started", None)
+        reason = fields.pop("reason", None)
+        self.store.set_status(
+            t.task_id, status, now, attempt=t.attempt, reason=reason, finished=now, **fields
+        )
+        if reason is not None:
+            self.store.db.execute("UPDATE tasks SET reason=? WHERE task_id=?", (reason, t.task_id))
+        t.status = status
+        self.scheduler.remove(t.task_id)
+        del self.active[t.task_id]
+        for w in self._waiters.pop(t.task_id, ()):
+            w.remaining -= 1
+            if w.remaining == 0 and not w.future.done():
+                w.future.set_result(None)
+
+    # -- queries ------------------------------------------------------------
+
+    def wait_for(self, task_ids: list[str]) -> Optional[asyncio.Future]:
+        """A future done when all of ``task_ids`` are terminal (None if they are)."""
+        pending = [tid for tid in dict.fromkeys(task_ids) if tid in self.active]
+        if not pending:
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        w = _Waiter(len(pending), fut)
+        for tid in pending:
+            self._waiters.setdefault(tid, []).append(w)
+        return fut
+
+    def drop_waiter(self, fut: asyncio.Future) -> None:
+        for tid in list(self._waiters):
+            ws = [w for w in self._waiters[tid] if w.future is not fut]
+            if ws:
+                self._waiters[tid] = ws
+            else:
+                del self._waiters[tid]
+
+    def check_known(self, task_ids: list[str]) -> None:
+        """Refuse oversized requests and unknown ids before any waiting."""
+        if len(task_ids) > self.limits.max_results_per_request:
+            raise RequestError(
+                "limit",
+                f"{len(task_ids)} ids exceed max_results_per_request={self.limits.max_results_per_request}",
+            )
+        unknown = [t for t in task_ids if t not in self.active]
+        if unknown:
+            known = self.store.tasks(unknown)
+            missing = [t for t in unknown if t not in known]
+            if missing:
+                raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
+
+    def records(self, task_ids: list[str]) -> list[p.TaskRecord]:
+        rows = self.store.tasks(task_ids)
+        missing = [tid for tid in task_ids if tid not in rows]
+        if missing:
+            raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
+        attempts = self.store.attempts(task_ids)
+        return [self._record(rows[tid], attempts.get(tid, [])) for tid in task_ids]
+
+    def _record(self, row: Any, attempts: list[Any]) -> p.TaskRecord:
+        tid = row["task_id"]
+        t = self.active.get(tid)
+        spec = loads(row["spec"])
+        outcome = p.convert(loads(row["result"]), p.TaskOutcome) if row["result"] else None
+        machine = row["machine"]
+        m = self.machines.get(machine) if machine else None
+        if outcome is not None:
+            stages, artifacts = outcome.stages, outcome.artifacts
+        elif t is not None and t.stages:
+            stages, artifacts = [t.stages[i] for i in sorted(t.stages)], []
+        else:
+            stages, artifacts = [], []
+        return p.TaskRecord(
+            task_id=tid,
+            session_id=row["session_id"],
+            status=row["status"],
+            priority=row["priority"],
+            label=spec.get("label", ""),
+            hardware=spec.get("hardware") or {},
+            submitted=row["submitted"],
+            queued=row["queued"],
+            started=row["started"],
+            finished=row["finished"],
+            machine=machine,
+            machine_hardware=m.hardware if m else None,
+            exit_code=row["exit_code"],
+            error=row["error"],
+            reason=row["reason"],
+            wait_reason=self.scheduler.wait_reason(tid) if t is not None else None,
+            attempts=[
+                p.AttemptInfo(
+                    attempt=a["attempt"], machine=a["machine"], state=a["state"],
+                    assigned=a["assigned"], started=a["started"], ended=a["ended"], reason=a["reason"],
+                )
+                for a in attempts
+            ],
+            stages=stages,
+            artifacts=artifacts,
+        )
+
+    def pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
+        try:
+            reqs = [hw.normalize(h) for h in msg.hardware]
+        except hw.HardwareError as exc:
+            raise RequestError("bad_hardware", str(exc)) from None
+        out = []
+        for m in self.machines.values():
+            if not m.connected and not msg.include_offline:
+                continue
+            facts = dict(m.hardware, name=m.name, machine_id=m.machine_id, tags=m.tags)
+            if reqs and not any(hw.matches(r, facts) for r in reqs):
+                continue
+            state = "offline" if not m.connected else ("draining" if m.draining else "online")
+            out.append(
+                p.MachineInfo(
+                    machine_id=m.machine_id, name=m.name, state=state, hardware=m.hardware,
+                    slots=m.slots, running=len(m.running), tags=m.tags, load=m.load,
+                    first_seen=m.first_seen, last_seen=m.last_seen,
+                )
+            )
+        return out

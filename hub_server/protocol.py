@@ -1,0 +1,448 @@
+"""The HWF wire protocol: every message hub, daemons and clients exchange.
+
+One module, imported by all three sides, with no I/O in it (the sans-I/O
+style of the ``websockets`` library): it only turns bytes into typed
+messages and back, and checks them.
+
+Text frames carry one JSON object each, tagged by ``type``.  Requests carry
+an ``id`` that the reply echoes.  File bytes travel in binary frames: a
+4-byte big-endian transfer id (the ``id`` of the ``blob_put`` / ``blob_get``
+request they belong to) followed by up to ``Limits.chunk_bytes`` of payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Literal, Optional, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 8765
+DEFAULT_HTTP_PORT = 8766
+
+ROLES = ("client", "daemon", "admin")
+
+TaskStatus = Literal[
+    "queued", "assigned", "running", "retrying", "finished", "failed", "cancelled"
+]
+TERMINAL_STATES = frozenset({"finished", "failed", "cancelled"})
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid HWF message; the text names the problem."""
+
+
+class Limits(msgspec.Struct, frozen=True):
+    """Every limit the hub enforces; sent to peers in ``welcome``."""
+
+    max_message_bytes: int = 16 * 2**20
+    chunk_bytes: int = 1 * 2**20
+    max_file_bytes: int = 1 * 2**30
+    max_queued_tasks: int = 200_000
+    max_tasks_per_submit: int = 20_000
+    max_output_bytes: int = 64 * 2**10
+    max_results_per_request: int = 5_000
+
+
+# ---------------------------------------------------------------- task specs
+
+
+class DataSpec(msgspec.Struct, frozen=True):
+    """An input file, already in the hub's blob store, saved as ``filename``."""
+
+    filename: str
+    sha256: str
+    size: int
+
+
+class StageSpec(msgspec.Struct, frozen=True):
+    name: str
+    cmds: list[str]
+    data: list[DataSpec] = []
+    track_time: bool = True
+    track_ram: bool = False
+    track_cpu: bool = False
+    track_gpu: bool = False
+    comment: str = ""
+
+
+class TaskSpec(msgspec.Struct, frozen=True):
+    """What a client submits: the task as the daemon will run it."""
+
+    stages: list[StageSpec]
+    artifacts: list[str] = []
+    hardware: dict[str, Any] = {}
+    priority: int = 0
+    max_retries: int = 3
+    timeout: Optional[float] = None
+    label: str = ""
+
+
+# ------------------------------------------------------------ task outcomes
+
+
+class CommandOutcome(msgspec.Struct):
+    cmd: str
+    exit_code: Optional[int]
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: Optional[float] = None
+    cpu_time: Optional[float] = None
+    peak_ram: Optional[int] = None
+
+
+class StageOutcome(msgspec.Struct):
+    name: str
+    status: Literal["finished", "failed", "skipped"]
+    started: Optional[float] = None
+    duration: Optional[float] = None
+    peak_ram: Optional[int] = None
+    cpu_percent: Optional[float] = None
+    cpu_time: Optional[float] = None
+    gpu_util: Optional[float] = None
+    gpu_mem: Optional[int] = None
+    comment: str = ""
+    note: str = ""
+    commands: list[CommandOutcome] = []
+
+
+class ArtifactInfo(msgspec.Struct):
+    pattern: str
+    name: Optional[str] = None
+    sha256: Optional[str] = None
+    size: Optional[int] = None
+    error: Optional[str] = None
+
+
+class TaskOutcome(msgspec.Struct):
+    """What a daemon reports when an attempt ends."""
+
+    status: Literal["finished", "failed"]
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    reason: Optional[str] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    stages: list[StageOutcome] = []
+    artifacts: list[ArtifactInfo] = []
+
+
+class AttemptInfo(msgspec.Struct):
+    attempt: int
+    machine: str
+    state: str
+    assigned: Optional[float] = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    reason: Optional[str] = None
+
+
+class TaskRecord(msgspec.Struct):
+    """The hub's view of one task, as clients receive it."""
+
+    task_id: str
+    session_id: str
+    status: TaskStatus
+    priority: int = 0
+    label: str = ""
+    hardware: dict[str, Any] = {}
+    submitted: Optional[float] = None
+    queued: Optional[float] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    machine: Optional[str] = None
+    machine_hardware: Optional[dict[str, Any]] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    reason: Optional[str] = None
+    wait_reason: Optional[str] = None
+    attempts: list[AttemptInfo] = []
+    stages: list[StageOutcome] = []
+    artifacts: list[ArtifactInfo] = []
+
+
+class Load(msgspec.Struct):
+    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    cpu_percent: float = 0.0
+    mem_percent: float = 0.0
+    disk_percent: float = 0.0
+
+
+class MachineInfo(msgspec.Struct):
+    machine_id: str
+    name: str
+    state: Literal["online", "offline", "draining"]
+    hardware: dict[str, Any]
+    slots: int
+    running: int = 0
+    tags: list[str] = []
+    load: Optional[Load] = None
+    first_seen: Optional[float] = None
+    last_seen: Optional[float] = None
+
+
+# ----------------------------------------------------------------- messages
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class Hello(_Msg, tag="hello"):
+    version: int
+    agent: str = ""
+
+
+class Welcome(_Msg, tag="welcome"):
+    version: int
+    role: str
+    hub_id: str
+    limits: Limits
+    time: float
+
+
+class Error(_Msg, tag="error"):
+    """A request (or a frame) was refused; ``message`` says why."""
+
+    id: Optional[int]
+    code: str
+    message: str
+
+
+class Ok(_Msg, tag="ok"):
+    id: int
+
+
+# client -> hub
+
+
+class Submit(_Msg, tag="submit"):
+    id: int
+    tasks: list[TaskSpec]
+    session_id: Optional[str] = None
+
+
+class Submitted(_Msg, tag="submitted"):
+    id: int
+    session_id: str
+    task_ids: list[str]
+
+
+class GetResults(_Msg, tag="get_results"):
+    id: int
+    task_ids: list[str]
+    wait: bool = False
+    timeout: Optional[float] = None
+
+
+class Results(_Msg, tag="results"):
+    id: int
+    tasks: list[TaskRecord]
+    timed_out: bool = False
+
+
+class GetPool(_Msg, tag="get_pool"):
+    id: int
+    hardware: list[dict[str, Any]] = []
+    include_offline: bool = False
+
+
+class Pool(_Msg, tag="pool"):
+    id: int
+    machines: list[MachineInfo]
+
+
+class BlobsMissing(_Msg, tag="blobs_missing"):
+    id: int
+    sha256: list[str]
+
+
+class BlobsMissingReply(_Msg, tag="blobs_missing_reply"):
+    id: int
+    missing: list[str]
+
+
+class BlobPut(_Msg, tag="blob_put"):
+    """Announces ``size`` bytes in binary frames tagged with this ``id``."""
+
+    id: int
+    sha256: str
+    size: int
+
+
+class BlobGet(_Msg, tag="blob_get"):
+    id: int
+    sha256: str
+
+
+class BlobData(_Msg, tag="blob_data"):
+    """Reply to ``blob_get``: ``size`` bytes follow in binary frames."""
+
+    id: int
+    sha256: str
+    size: int
+
+
+# daemon <-> hub
+
+
+class Register(_Msg, tag="register"):
+    id: int
+    name: str
+    hardware: dict[str, Any]
+    slots: int
+    tags: list[str] = []
+    running: list[tuple[str, int]] = []
+
+
+class Registered(_Msg, tag="registered"):
+    id: int
+    machine_id: str
+    heartbeat_interval: float
+
+
+class Heartbeat(_Msg, tag="heartbeat"):
+    load: Load
+    running: int = 0
+
+
+class Assign(_Msg, tag="assign"):
+    task_id: str
+    attempt: int
+    spec: TaskSpec
+
+
+class TaskStarted(_Msg, tag="task_started"):
+    task_id: str
+    attempt: int
+    time: float
+
+
+class StageDone(_Msg, tag="stage_done"):
+    task_id: str
+    attempt: int
+    index: int
+    stage: StageOutcome
+
+
+class TaskDone(_Msg, tag="task_done"):
+    """Acked with ``ok``; a daemon resends it until acked."""
+
+    id: int
+    task_id: str
+    attempt: int
+    outcome: TaskOutcome
+
+
+Message = Union[
+    Hello,
+    Welcome,
+    Error,
+    Ok,
+    Submit,
+    Submitted,
+    GetResults,
+    Results,
+    GetPool,
+    Pool,
+    BlobsMissing,
+    BlobsMissingReply,
+    BlobPut,
+    BlobGet,
+    BlobData,
+    Register,
+    Registered,
+    Heartbeat,
+    Assign,
+    TaskStarted,
+    StageDone,
+    TaskDone,
+]
+
+# What each role may send to the hub.
+CLIENT_REQUESTS = (Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet)
+DAEMON_REQUESTS = (
+    Register,
+    Heartbeat,
+    TaskStarted,
+    StageDone,
+    TaskDone,
+    BlobsMissing,
+    BlobPut,
+    BlobGet,
+)
+ALLOWED = {
+    "client": CLIENT_REQUESTS,
+    "daemon": DAEMON_REQUESTS,
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS)),
+}
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+_TYPES = {cls.__struct_config__.tag for cls in Message.__args__}  # type: ignore[attr-defined]
+_CHUNK_HEADER = struct.Struct(">I")
+
+
+def encode(msg: _Msg) -> bytes:
+    """Serialise a message to the bytes of one text frame."""
+    return _encoder.encode(msg)
+
+
+def decode(data: Union[str, bytes]) -> Message:
+    """Parse one text frame; raise ProtocolError that names what is wrong."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "Invalid value" in text and "type" in text:
+            kind = _peek_type(data)
+            if kind is not None and kind not in _TYPES:
+                raise ProtocolError(f"unknown message type {kind!r}") from None
+        raise ProtocolError(f"invalid message: {text}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed JSON: {exc}") from None
+
+
+def _peek_type(data: Union[str, bytes]) -> Optional[str]:
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def request_id(data: Union[str, bytes]) -> Optional[int]:
+    """Best-effort ``id`` of a frame that failed to decode, for the error reply."""
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, int) else None
+
+
+def encode_chunk(transfer_id: int, payload: bytes) -> bytes:
+    """One binary frame of a file transfer."""
+    return _CHUNK_HEADER.pack(transfer_id) + payload
+
+
+def decode_chunk(frame: bytes) -> tuple[int, memoryview]:
+    """Split a binary frame into (transfer id, payload)."""
+    if len(frame) < _CHUNK_HEADER.size:
+        raise ProtocolError("binary frame shorter than its 4-byte transfer id")
+    (tid,) = _CHUNK_HEADER.unpack_from(frame)
+    return tid, memoryview(frame)[_CHUNK_HEADER.size :]
+
+
+def to_builtins(obj: Any) -> Any:
+    """Structs to plain dicts/lists (for storage and DataFrames)."""
+    return msgspec.to_builtins(obj)
+
+
+def convert(obj: Any, typ: type) -> Any:
+    """Plain dicts/lists back into typed Structs, strictly."""
+    return msgspec.convert(obj, typ)

@@ -1,0 +1,394 @@
+"""The hub's websocket server: the thin I/O layer around ``HubCore``.
+
+Authenticates each connection in the HTTP handshake (``Authorization:
+Bearer``), decodes frames with ``protocol``, hands them to the core, and
+sends replies.  A bad frame gets an ``error`` reply; the connection and the
+hub keep going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Optional
+
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from . import auth
+from . import protocol as p
+from .blobs import BlobError, BlobStore, BlobWriter, check_sha
+from .core import HubCore, RequestError
+
+log = logging.getLogger("hwf.hub")
+
+
+@dataclass
+class HubConfig:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = p.DEFAULT_PORT
+    limits: p.Limits = field(default_factory=p.Limits)
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    # After a hub restart, how long daemons get to come back before the
+    # attempts they were running are given up and retried elsewhere.
+    reconnect_grace: float = 15.0
+
+
+class _Peer:
+    def __init__(self, ws: ServerConnection, role: str) -> None:
+        self.ws = ws
+        self.role = role
+        self.machine_id: Optional[str] = None
+        self.uploads: dict[int, BlobWriter] = {}
+        self.allowed = p.ALLOWED[role]
+
+    async def send(self, msg: Any) -> None:
+        await self.ws.send(p.encode(msg), text=True)
+
+    def post(self, msg: Any) -> None:
+        """Send without waiting (from synchronous code); order is kept."""
+        asyncio.ensure_future(self._send_quietly(msg))
+
+    async def _send_quietly(self, msg: Any) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self.send(msg)
+
+
+class HubServer:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.store = auth.open_state_dir(config.state_dir)
+        self.blobs = BlobStore(Path(config.state_dir) / "blobs")
+        self.core = HubCore(self.store, self.blobs, config.limits)
+        self.daemons: dict[str, _Peer] = {}
+        self._server: Any = None
+        self._tasks: set[asyncio.Task] = set()
+        self._schedule_pending = False
+        self.port: Optional[int] = None
+        self.started_at = time.time()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        self._server = await serve(
+            self._handle,
+            c.host,
+            c.port,
+            process_request=self._authenticate,
+            max_size=c.limits.max_message_bytes,
+            compression=None,
+            ping_interval=20,
+            ping_timeout=60,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        self._spawn(self._watch_heartbeats())
+        if self.core.active:
+            self._spawn(self._expire_absent_daemons())
+        self.schedule_soon()
+        log.info("hub %s listening on ws://%s:%s", self.core.hub_id, c.host, self.port)
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.store.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- handshake ----------------------------------------------------------
+
+    def _authenticate(self, connection: ServerConnection, request: Any) -> Any:
+        token = auth.bearer(request.headers.get("Authorization"))
+        if token is None:
+            return connection.respond(
+                HTTPStatus.UNAUTHORIZED, "missing token: send 'Authorization: Bearer <token>'\n"
+            )
+        role = auth.role_of(self.store, token)
+        if role is None:
+            return connection.respond(HTTPStatus.FORBIDDEN, "invalid token\n")
+        connection.hwf_role = role  # type: ignore[attr-defined]
+        return None
+
+    # -- connection ---------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = _Peer(ws, ws.hwf_role)  # type: ignore[attr-defined]
+        try:
+            if not await self._hello(peer):
+                return
+            async for frame in ws:
+                if isinstance(frame, bytes):
+                    await self._on_chunk(peer, frame)
+                else:
+                    await self._on_text(peer, frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for w in peer.uploads.values():
+                w.abort()
+            if peer.machine_id is not None and self.daemons.get(peer.machine_id) is peer:
+                del self.daemons[peer.machine_id]
+                self.core.disconnect(peer.machine_id, time.time(), "daemon connection lost")
+                self.schedule_soon()
+
+    async def _hello(self, peer: _Peer) -> bool:
+        try:
+            first = await asyncio.wait_for(peer.ws.recv(), timeout=30)
+            msg = p.decode(first)
+        except (asyncio.TimeoutError, p.ProtocolError) as exc:
+            await peer.send(p.Error(id=None, code="bad_hello", message=f"expected hello: {exc}"))
+            await peer.ws.close(1002, "expected hello")
+            return False
+        if not isinstance(msg, p.Hello):
+            await peer.send(p.Error(id=None, code="bad_hello", message=f"expected hello, got {type(msg).__name__}"))
+            await peer.ws.close(1002, "expected hello")
+            return False
+        if msg.version != p.PROTOCOL_VERSION:
+            text = f"protocol version {msg.version} is not supported (hub speaks {p.PROTOCOL_VERSION})"
+            await peer.send(p.Error(id=None, code="version", message=text))
+            await peer.ws.close(1002, "protocol version")
+            return False
+        await peer.send(
+            p.Welcome(
+                version=p.PROTOCOL_VERSION, role=peer.role, hub_id=self.core.hub_id,
+                limits=self.config.limits, time=time.time(),
+            )
+        )
+        return True
+
+    async def _on_text(self, peer: _Peer, frame: str) -> None:
+        try:
+            msg = p.decode(frame)
+        except p.ProtocolError as exc:
+            await peer.send(p.Error(id=p.request_id(frame), code="bad_message", message=str(exc)))
+            return
+        rid = getattr(msg, "id", None)
+        if not isinstance(msg, peer.allowed):
+            text = f"a {peer.role} may not send {type(msg).__struct_config__.tag!r}"
+            await peer.send(p.Error(id=rid, code="forbidden", message=text))
+            return
+        try:
+            await self._dispatch(peer, msg)
+        except RequestError as exc:
+            await peer.send(p.Error(id=rid, code=exc.code, message=str(exc)))
+        except Exception as exc:  # a bug must not take the hub down
+            log.exception("error handling %s", type(msg).__name__)
+            await peer.send(p.Error(id=rid, code="internal", message=f"hub error: {exc!r}"))
+
+    async def _dispatch(self, peer: _Peer, msg: Any) -> None:
+        now = time.time()
+        if isinstance(msg, p.Submit):
+            reply = self.core.submit(msg)
+            await peer.send(reply)
+            self.schedule_soon()
+        elif isinstance(msg, p.GetResults):
+            self._spawn(self._answer_results(peer, msg))
+        elif isinstance(msg, p.GetPool):
+            await peer.send(p.Pool(id=msg.id, machines=self.core.pool(msg)))
+        elif isinstance(msg, p.BlobsMissing):
+            missing = [s for s in msg.sha256 if not self.blobs.has(self._sha(s))]
+            await peer.send(p.BlobsMissingReply(id=msg.id, missing=missing))
+        elif isinstance(msg, p.BlobPut):
+            self._start_upload(peer, msg)
+        elif isinstance(msg, p.BlobGet):
+            self._spawn(self._stream_blob(peer, msg))
+        elif isinstance(msg, p.Register):
+            reply = self.core.register(msg, now)
+            reply.heartbeat_interval = self.config.heartbeat_interval
+            peer.machine_id = reply.machine_id
+            self.daemons[reply.machine_id] = peer
+            await peer.send(reply)
+            self.schedule_soon()
+        elif isinstance(msg, (p.Heartbeat, p.TaskStarted, p.StageDone, p.TaskDone)):
+            if peer.machine_id is None:
+                raise RequestError("not_registered", "register before sending task messages")
+            if isinstance(msg, p.Heartbeat):
+                self.core.heartbeat(peer.machine_id, msg, now)
+            elif isinstance(msg, p.TaskStarted):
+                self.core.started(peer.machine_id, msg)
+            elif isinstance(msg, p.StageDone):
+                self.core.stage_done(peer.machine_id, msg)
+            else:
+                self._check_artifacts(msg)
+                self.core.task_done(peer.machine_id, msg, now)
+                await peer.send(p.Ok(id=msg.id))  # acked whether new or a resend
+                self.schedule_soon()
+
+    def _check_artifacts(self, msg: p.TaskDone) -> None:
+        for a in msg.outcome.artifacts:
+            if a.sha256 is not None and not self.blobs.has(self._sha(a.sha256)):
+                a.error = a.error or "artifact was not uploaded to the hub"
+                a.sha256 = None
+
+    @staticmethod
+    def _sha(s: str) -> str:
+        try:
+            return check_sha(s)
+        except BlobError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+
+    # -- scheduling ---------------------------------------------------------
+
+    def schedule_soon(self) -> None:
+        """Coalesce many triggers in one loop iteration into one scheduling pass."""
+        if not self._schedule_pending:
+            self._schedule_pending = True
+            asyncio.get_running_loop().call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        self._schedule_pending = False
+        for machine_id, assign in self.core.schedule():
+            peer = self.daemons.get(machine_id)
+            if peer is not None:
+                peer.post(assign)
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            deadline = time.time() - self.config.heartbeat_timeout
+            for machine_id, peer in list(self.daemons.items()):
+                m = self.core.machines.get(machine_id)
+                if m is not None and m.last_seen < deadline:
+                    log.warning("daemon %s missed heartbeats; dropping it", machine_id)
+                    del self.daemons[machine_id]
+                    self.core.disconnect(machine_id, time.time(), "daemon heartbeats stopped")
+                    self.schedule_soon()
+                    self._spawn(peer.ws.close(1011, "heartbeat timeout"))
+
+    async def _expire_absent_daemons(self) -> None:
+        """After a restart: attempts whose daemon never came back are lost."""
+        await asyncio.sleep(self.config.reconnect_grace)
+        now = time.time()
+        absent: dict[str, list[str]] = {}
+        for t in self.core.active.values():
+            if t.status in ("assigned", "running") and t.machine not in self.daemons:
+                absent.setdefault(t.machine or "?", []).append(t.task_id)
+        for machine_id, tids in absent.items():
+            with self.store.transaction():
+                self.core.lose_attempts(machine_id, tids, now, "daemon did not return after hub restart")
+            m = self.core.machines.get(machine_id)
+            if m is not None:
+                m.running.difference_update(tids)
+        if absent:
+            self.schedule_soon()
+
+    # -- results ------------------------------------------------------------
+
+    async def _answer_results(self, peer: _Peer, msg: p.GetResults) -> None:
+        try:
+            self.core.check_known(msg.task_ids)
+            timed_out = False
+            if msg.wait:
+                fut = self.core.wait_for(msg.task_ids)
+                if fut is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(fut), msg.timeout)
+                    except asyncio.TimeoutError:
+                        timed_out = True
+                    finally:
+                        if not fut.done():
+                            self.core.drop_waiter(fut)
+            await peer.send(
+                p.Results(id=msg.id, tasks=self.core.records(msg.task_ids), timed_out=timed_out)
+            )
+        except RequestError as exc:
+            await peer._send_quietly(p.Error(id=msg.id, code=exc.code, message=str(exc)))
+        except websockets.ConnectionClosed:
+            pass
+
+    # -- blobs --------------------------------------------------------------
+
+    def _start_upload(self, peer: _Peer, msg: p.BlobPut) -> None:
+        limit = self.config.limits.max_file_bytes
+        if msg.size > limit:
+            raise RequestError(
+                "too_large", f"file of {msg.size} bytes exceeds max_file_bytes={limit}"
+            )
+        if msg.size < 0:
+            raise RequestError("bad_request", "size must be >= 0")
+        if msg.id in peer.uploads:
+            raise RequestError("bad_request", f"transfer id {msg.id} is already in use")
+        try:
+            writer = self.blobs.writer(msg.sha256, msg.size)
+        except BlobError as exc:
+            raise RequestError("bad_request", str(exc)) from None
+        if msg.size == 0:
+            self._finish_upload(peer, msg.id, writer)
+        else:
+            peer.uploads[msg.id] = writer
+
+    async def _on_chunk(self, peer: _Peer, frame: bytes) -> None:
+        try:
+            tid, payload = p.decode_chunk(frame)
+        except p.ProtocolError as exc:
+            await peer.send(p.Error(id=None, code="bad_frame", message=str(exc)))
+            return
+        writer = peer.uploads.get(tid)
+        if writer is None:
+            await peer.send(p.Error(id=tid, code="bad_frame", message=f"no upload open with id {tid}"))
+            return
+        try:
+            writer.write(payload)
+        except BlobError as exc:
+            del peer.uploads[tid]
+            await peer.send(p.Error(id=tid, code="bad_blob", message=str(exc)))
+            return
+        if writer.complete:
+            del peer.uploads[tid]
+            self._finish_upload(peer, tid, writer)
+
+    def _finish_upload(self, peer: _Peer, tid: int, writer: BlobWriter) -> None:
+        try:
+            writer.finish()
+        except BlobError as exc:
+            peer.post(p.Error(id=tid, code="bad_blob", message=str(exc)))
+            return
+        peer.post(p.Ok(id=tid))
+
+    async def _stream_blob(self, peer: _Peer, msg: p.BlobGet) -> None:
+        try:
+            sha = self._sha(msg.sha256)
+            if not self.blobs.has(sha):
+                raise RequestError("not_found", f"no blob {sha[:12]}… on the hub")
+            size = self.blobs.size(sha)
+            await peer.send(p.BlobData(id=msg.id, sha256=sha, size=size))
+            for block in self.blobs.read_chunks(sha, self.config.limits.chunk_bytes):
+                await peer.ws.send(p.encode_chunk(msg.id, block))
+        except RequestError as exc:
+            await peer._send_quietly(p.Error(id=msg.id, code=exc.code, message=str(exc)))
+        except websockets.ConnectionClosed:
+            pass
+
+
+async def run_hub(config: HubConfig, ready_file: Optional[str] = None) -> None:
+    """Run until cancelled; write ``host port`` to ``ready_file`` once listening."""
+    server = HubServer(config)
+    await server.start()
+    if ready_file:
+        tmp = ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{config.host} {server.port}\n")
+        os.replace(tmp, ready_file)
+    try:
+        await server.serve_forever()
+    finally:
+        await server.close()

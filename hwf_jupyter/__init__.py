@@ -1,0 +1,45 @@
+"""HWF: describe compute work in a notebook, run it on a hub of daemons.
+
+    from hwf_jupyter import Hub, Task, Stage, Data, Artifacts, dispatch, LocalCluster
+"""
+
+from hub_server.link import ConnectError, HubError, RemoteError
+
+from .cluster import LocalCluster
+from .dispatch import Submission, dispatch, dispatch_sync
+from .hub import Hub
+from .results import (
+    Artifact,
+    CommandResult,
+    HardwarePool,
+    Machine,
+    ResultList,
+    StageResult,
+    TaskResult,
+)
+from .task import Artifacts, Data, Stage, Task, TaskError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Artifact",
+    "Artifacts",
+    "CommandResult",
+    "ConnectError",
+    "Data",
+    "HardwarePool",
+    "Hub",
+    "HubError",
+    "LocalCluster",
+    "Machine",
+    "RemoteError",
+    "ResultList",
+    "Stage",
+    "StageResult",
+    "Submission",
+    "Task",
+    "TaskError",
+    "TaskResult",
+    "dispatch",
+    "dispatch_sync",
+]

@@ -1,0 +1,212 @@
+"""``LocalCluster``: the embedded default — a hub and N daemons on 127.0.0.1.
+
+The hub and daemons are real separate processes (the same ``hwf hub`` /
+``hwf daemon`` a user would run), started with the caller's PID so they
+stop by themselves if the Python process dies without cleaning up (kill -9,
+a crashed kernel).  ``close()`` stops them by PID: SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Optional
+
+from hub_server import auth
+
+from .hub import Hub
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cleanup(procs: list[subprocess.Popen], tmpdir: Optional[str]) -> None:
+    _stop_processes(procs)
+    if tmpdir:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class LocalCluster:
+    """A hub (SQLite state in a temporary dir) plus ``daemons`` daemon processes."""
+
+    def __init__(
+        self,
+        daemons: int = 2,
+        *,
+        slots: int = 2,
+        state_dir: Optional[str | os.PathLike] = None,
+        port: int = 0,
+        tags: Optional[list[str]] = None,
+        heartbeat_timeout: float = 10.0,
+        reconnect_grace: float = 15.0,
+        max_file_bytes: Optional[int] = None,
+        start_timeout: float = 60.0,
+        log_dir: Optional[str | os.PathLike] = None,
+    ) -> None:
+        if daemons < 0:
+            raise ValueError("daemons must be >= 0")
+        self._tmpdir = None if state_dir else tempfile.mkdtemp(prefix="hwf-local-")
+        self.root = Path(state_dir or self._tmpdir)  # type: ignore[arg-type]
+        self.state_dir = self.root / "hub"
+        self.log_dir = Path(log_dir) if log_dir else self.root / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.slots = slots
+        self.tags = list(tags or [])
+        self.start_timeout = start_timeout
+        self._hub_args = [
+            "--heartbeat-timeout", str(heartbeat_timeout),
+            "--reconnect-grace", str(reconnect_grace),
+        ]
+        if max_file_bytes is not None:
+            self._hub_args += ["--max-file-bytes", str(max_file_bytes)]
+        store = auth.open_state_dir(self.state_dir)
+        try:
+            self.token = auth.create_token(store, "client", "LocalCluster client")
+            self.daemon_token = auth.create_token(store, "daemon", "LocalCluster daemons")
+        finally:
+            store.close()
+        self.admin_token = auth.read_admin_token(self.state_dir)
+        self.hub_process: Optional[subprocess.Popen] = None
+        self.daemon_processes: dict[str, subprocess.Popen] = {}
+        self._procs: list[subprocess.Popen] = []
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._tmpdir)
+        atexit.register(self._finalizer)
+        self.port = port
+        self.address = ""
+        try:
+            self._start_hub()
+            for _ in range(daemons):
+                self.add_daemon(wait=False)
+            self.wait_for_daemons(len(self.daemon_processes))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- processes ----------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        cmd = [sys.executable, "-m", "hwf_jupyter.cli", *args, "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._procs.append(proc)
+        return proc
+
+    def _start_hub(self) -> None:
+        ready = self.root / "hub.ready"
+        ready.unlink(missing_ok=True)
+        self.hub_process = self._spawn(
+            "hub",
+            ["hub", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", str(self.state_dir),
+             "--ready-file", str(ready), *self._hub_args],
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while not ready.exists():
+            if self.hub_process.poll() is not None:
+                raise ClusterError(f"hub exited with code {self.hub_process.returncode}; see {self.log_dir / 'hub.log'}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"hub did not start within {self.start_timeout}s; see {self.log_dir / 'hub.log'}")
+            time.sleep(0.02)
+        host, port = ready.read_text().split()
+        self.port = int(port)
+        self.address = f"ws://{host}:{port}"
+
+    def restart_hub(self) -> None:
+        """Start the hub again on the same state dir and port (after a kill)."""
+        if self.hub_process is not None and self.hub_process.poll() is None:
+            raise ClusterError("the hub is still running")
+        self._start_hub()
+
+    def add_daemon(
+        self,
+        name: Optional[str] = None,
+        *,
+        slots: Optional[int] = None,
+        tags: Optional[list[str]] = None,
+        wait: bool = True,
+    ) -> str:
+        """Start one more daemon process; returns its name."""
+        if name is None:
+            n = len(self.daemon_processes) + 1
+            while f"daemon-{n}" in self.daemon_processes:
+                n += 1
+            name = f"daemon-{n}"
+        workdir = self.root / name
+        all_tags = self.tags + list(tags or [])
+        args = ["daemon", "--hub", self.address, "--token", self.daemon_token, "--name", name,
+                "--slots", str(slots or self.slots), "--workdir", str(workdir)]
+        if all_tags:
+            args += ["--tags", ",".join(all_tags)]
+        self.daemon_processes[name] = self._spawn(name, args)
+        if wait:
+            self.wait_for_daemons(names=[name])
+        return name
+
+    def stop_daemon(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
+        proc = self.daemon_processes[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            if wait:
+                proc.wait(30)
+
+    def wait_for_daemons(self, count: Optional[int] = None, names: Optional[list[str]] = None,
+                         timeout: Optional[float] = None) -> None:
+        """Block until the hub lists the daemons as online."""
+        hub = self.hub()
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        try:
+            while True:
+                online = set(hub.get_hardware_pool_sync().names)
+                if (names is None or set(names) <= online) and (count is None or len(online) >= count):
+                    return
+                for dname, proc in self.daemon_processes.items():
+                    if proc.poll() is not None and (names is None or dname in names):
+                        raise ClusterError(f"daemon {dname} exited with code {proc.returncode}; "
+                                           f"see {self.log_dir / (dname + '.log')}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"daemons did not register in time (online: {sorted(online)})")
+                time.sleep(0.05)
+        finally:
+            hub.close_sync()
+
+    def hub(self, **kwargs) -> Hub:
+        """A client ``Hub`` for this cluster."""
+        return Hub(self.address, token=self.token, **kwargs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.poll() is None]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}>"

@@ -1,0 +1,87 @@
+"""``dispatch``: send tasks to a hub (seed 000's coroutine, with its options)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional, Union
+
+from hub_server.blobs import file_sha256
+
+from ._ioloop import on_io_loop, sync_twin
+from .results import HardwarePool, ResultList
+from .task import Task, TaskError, as_task_list
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+
+class Submission(list):
+    """The task ids of one dispatch (a list of str) and their ``session_id``."""
+
+    def __init__(self, task_ids: Iterable[str], session_id: str, hub: "Hub") -> None:
+        super().__init__(task_ids)
+        self.session_id = session_id
+        self.hub = hub
+
+    async def results(self, wait: bool = True, timeout: Optional[float] = None) -> ResultList:
+        return await self.hub.get_result(list(self), wait=wait, timeout=timeout)
+
+    def results_sync(self, wait: bool = True, timeout: Optional[float] = None) -> ResultList:
+        return self.hub.get_result_sync(list(self), wait=wait, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<Submission {len(self)} task(s) in session {self.session_id}>"
+
+
+def expand(
+    tasks: Union[Task, Iterable[Task]], *, repeat: int = 1, across: Optional[HardwarePool] = None
+) -> list[Task]:
+    """The concrete task list: ``repeat`` copies, each pinned across a pool."""
+    items = as_task_list(tasks)
+    if not isinstance(repeat, int) or repeat < 1:
+        raise TaskError(f"repeat must be a whole number >= 1, got {repeat!r}")
+    if across is not None:
+        if not isinstance(across, HardwarePool):
+            raise TaskError("across= takes a HardwarePool (from hub.get_hardware_pool())")
+        if len(across) == 0:
+            raise TaskError("across= got an empty HardwarePool: no machine matched")
+        items = [t.pinned_to(m.name) for t in items for m in across]
+    return [t for t in items for _ in range(repeat)]
+
+
+@on_io_loop
+async def dispatch(
+    task_or_tasks: Union[Task, Iterable[Task]],
+    hub: "Hub",
+    *,
+    repeat: int = 1,
+    priority: int = 0,
+    across: Optional[HardwarePool] = None,
+    session: Optional[str] = None,
+    max_retries: int = 3,
+    timeout: Optional[float] = None,
+    credits: Optional[int] = None,
+) -> Submission:
+    """Upload the tasks' Data files (once each) and queue the tasks on the hub."""
+    if credits is not None:
+        raise NotImplementedError("credits= is not available yet: CreditPiggy slots are a later feature")
+    if timeout is not None and timeout <= 0:
+        raise TaskError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise TaskError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+    items = expand(task_or_tasks, repeat=repeat, across=across)
+    paths: dict[Path, tuple[str, int]] = {}
+    for t in items:
+        for d in t.data_files():
+            if d.path not in paths:
+                d.check()
+                sha = await asyncio.to_thread(file_sha256, d.path)
+                paths[d.path] = (sha, d.path.stat().st_size)
+    await hub._upload_missing(paths)
+    specs = [t.spec(paths, priority=priority, max_retries=max_retries, timeout=timeout) for t in items]
+    session_id, ids = await hub._submit(specs, session)
+    return Submission(ids, session_id, hub)
+
+
+dispatch_sync = sync_twin(dispatch)

@@ -1,0 +1,198 @@
+"""``Hub``: the client's handle on a hub (seed 000's class, implemented in full).
+
+Every coroutine runs on the client's background I/O loop, so it can be
+awaited from any loop (a notebook cell's top-level ``await`` included); each
+has a blocking ``<name>_sync`` twin.  The websocket is opened on first use
+and reopened after a drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+from urllib.parse import urlsplit
+
+from hub_server import protocol as p
+from hub_server.link import ConnectError, HubError, Link, LinkClosed, RemoteError, normalize_url
+
+from ._ioloop import on_io_loop, sync_twin
+from .results import HardwarePool, ResultList
+
+TaskIds = Union[str, Iterable[str]]
+
+
+def _id_list(ids: TaskIds) -> list[str]:
+    if isinstance(ids, str):
+        return [ids]
+    out = list(ids)
+    for i in out:
+        if not isinstance(i, str):
+            raise TypeError(f"task ids are strings, got {i!r}")
+    return out
+
+
+class Hub:
+    """A connection to an HWF hub.
+
+    ``address`` may be ``"host"``, ``"host:port"`` or ``"ws://host:port"``;
+    ``token`` defaults to the ``HWF_TOKEN`` environment variable.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1",
+        token: Optional[str] = None,
+        *,
+        artifacts_dir: Union[str, os.PathLike] = "hwf_artifacts",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.url = normalize_url(address)
+        self.ip_address = urlsplit(self.url).hostname or ""
+        self.token = token if token is not None else os.environ.get("HWF_TOKEN")
+        self.artifacts_dir = Path(artifacts_dir)
+        self.connect_timeout = connect_timeout
+        self._link: Optional[Link] = None
+        self._connecting: Optional[asyncio.Future] = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self._link is not None and self._link.is_open else "not connected"
+        return f"<Hub {self.url} ({state})>"
+
+    # -- connection (runs on the I/O loop) -----------------------------------
+
+    async def _connected(self) -> Link:
+        if self._link is not None and self._link.is_open:
+            return self._link
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> Link:
+        link = Link(self.url, self.token, agent="hwf-client")
+        await link.connect(timeout=self.connect_timeout)
+        self._link = link
+        return link
+
+    async def _request(self, make: Any) -> Any:
+        """Send ``make(request_id)``; reconnect once if the link had dropped."""
+        for attempt in (1, 2):
+            link = await self._connected()
+            try:
+                return await link.request(make(link.next_id()))
+            except LinkClosed:
+                if attempt == 2:
+                    raise
+
+    @property
+    def limits(self) -> p.Limits:
+        return self._link.limits if self._link is not None else p.Limits()
+
+    @on_io_loop
+    async def connect(self) -> "Hub":
+        """Open the connection now (it opens by itself on first use)."""
+        await self._connected()
+        return self
+
+    @on_io_loop
+    async def close(self) -> None:
+        if self._link is not None:
+            await self._link.close()
+            self._link = None
+
+    # -- results ------------------------------------------------------------
+
+    @on_io_loop
+    async def get_result(
+        self,
+        job_ids: TaskIds,
+        wait: bool = False,
+        timeout: Optional[float] = None,
+        *,
+        download: bool = True,
+    ) -> ResultList:
+        """Results of tasks; ``wait=True`` returns when all have ended.
+
+        Waiting is event-driven: the hub answers when the last task ends (or
+        ``timeout`` seconds pass, returning what is known then).
+        """
+        ids = _id_list(job_ids)
+        if not ids:
+            return ResultList()
+        records: list[p.TaskRecord] = []
+        batch = max(1, self.limits.max_results_per_request)
+        for i in range(0, len(ids), batch):
+            chunk = ids[i : i + batch]
+            reply = await self._request(
+                lambda rid, chunk=chunk: p.GetResults(id=rid, task_ids=chunk, wait=wait, timeout=timeout)
+            )
+            records.extend(reply.tasks)
+        results = ResultList.from_records(records)
+        if download:
+            await self._download_artifacts(results)
+        return results
+
+    async def _download_artifacts(self, results: ResultList) -> None:
+        link = await self._connected()
+        for r in results:
+            for a in r.artifacts:
+                if not a.ok or not a.name:
+                    continue
+                dest = self.artifacts_dir / r.task_id / a.name
+                if not (dest.is_file() and dest.stat().st_size == a.size):
+                    try:
+                        await link.download(a.sha256, dest)
+                    except HubError as exc:
+                        a.error = f"download failed: {exc}"
+                        continue
+                a.path = dest
+
+    @on_io_loop
+    async def get_hardware_pool(
+        self, *hardware: Mapping[str, Any], include_offline: bool = False
+    ) -> HardwarePool:
+        """Machines matching any of the given hardware dicts (all with none)."""
+        reply = await self._request(
+            lambda rid: p.GetPool(id=rid, hardware=[dict(h) for h in hardware], include_offline=include_offline)
+        )
+        return HardwarePool.from_machines(reply.machines)
+
+    # -- submission (used by dispatch) --------------------------------------
+
+    async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
+        link = await self._connected()
+        for path, (sha, size) in files.items():
+            if size > link.limits.max_file_bytes:
+                raise RemoteError(
+                    "too_large",
+                    f"Data file {str(path)!r} is {size} bytes, above the hub's "
+                    f"max_file_bytes={link.limits.max_file_bytes}",
+                )
+        by_sha = {sha: path for path, (sha, _) in files.items()}
+        for sha in await link.missing_blobs(list(by_sha)):
+            await link.upload(by_sha[sha], sha)
+
+    async def _submit(self, specs: list[p.TaskSpec], session: Optional[str]) -> tuple[str, list[str]]:
+        link = await self._connected()
+        step = link.limits.max_tasks_per_submit
+        ids: list[str] = []
+        for i in range(0, len(specs), step):
+            chunk = specs[i : i + step]
+            reply = await self._request(lambda rid, c=chunk: p.Submit(id=rid, tasks=c, session_id=session))
+            session = reply.session_id
+            ids.extend(reply.task_ids)
+        assert session is not None
+        return session, ids
+
+    connect_sync = sync_twin(connect)
+    close_sync = sync_twin(close)
+    get_result_sync = sync_twin(get_result)
+    get_hardware_pool_sync = sync_twin(get_hardware_pool)
+
+
+__all__ = ["Hub", "HubError", "ConnectError", "RemoteError"]

@@ -1,0 +1,620 @@
+"""What a notebook user gets back: tasks, stages, commands and machines.
+
+The hub speaks in protocol structs (``TaskRecord``, ``MachineInfo``); users
+want plain objects they can poke at and DataFrames they can plot.  This
+module turns the first into the second and does no I/O.
+
+Conventions shared by every DataFrame here, so that plots and aggregates do
+not lie:
+
+* a measure that was not tracked is missing (NaN / ``<NA>`` / NaT), never 0;
+* byte counts are nullable integers (``Int64``), seconds are floats;
+* times are epoch-second floats on the objects and UTC Timestamps in frames;
+* an empty result still has every column, so code that selects columns
+  works before the first task finishes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, SupportsIndex, Union, overload
+
+import pandas as pd
+
+from hub_server import protocol
+from hub_server.protocol import TERMINAL_STATES
+
+_MIB = 2**20
+_GIB = 2**30
+
+# Statuses in lifecycle order, so summaries read from "waiting" to "done".
+_STATUS_ORDER = ("queued", "assigned", "running", "retrying", "finished", "failed", "cancelled")
+
+
+def _utc(ts: Optional[float]) -> Optional[_dt.datetime]:
+    return None if ts is None else _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+
+
+def _span(start: Optional[float], end: Optional[float]) -> Optional[float]:
+    return None if start is None or end is None else end - start
+
+
+# ------------------------------------------------------------------- tasks
+
+
+@dataclass(slots=True)
+class CommandResult:
+    """One shell command of a stage, as the daemon ran it."""
+
+    cmd: str
+    exit_code: Optional[int]
+    stdout: str = ""
+    stderr: str = ""
+    duration: Optional[float] = None
+    cpu_time: Optional[float] = None
+    peak_ram: Optional[int] = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def truncated(self) -> bool:
+        """True when the daemon cut stdout or stderr to the hub's output limit."""
+        return self.stdout_truncated or self.stderr_truncated
+
+    @classmethod
+    def from_outcome(cls, out: protocol.CommandOutcome) -> CommandResult:
+        return cls(
+            cmd=out.cmd,
+            exit_code=out.exit_code,
+            stdout=out.stdout,
+            stderr=out.stderr,
+            duration=out.duration,
+            cpu_time=out.cpu_time,
+            peak_ram=out.peak_ram,
+            stdout_truncated=out.stdout_truncated,
+            stderr_truncated=out.stderr_truncated,
+        )
+
+    def _ran(self) -> bool:
+        # A command that never started has no exit code, no timing and no output;
+        # one killed by a timeout has no exit code but did run.
+        return (
+            self.exit_code is not None
+            or self.duration is not None
+            or bool(self.stdout or self.stderr)
+        )
+
+
+@dataclass(slots=True)
+class StageResult:
+    """One stage of a task; measures are None where the stage did not track them."""
+
+    name: str
+    status: str
+    started: Optional[float] = None
+    duration: Optional[float] = None
+    peak_ram: Optional[int] = None
+    cpu_percent: Optional[float] = None
+    cpu_time: Optional[float] = None
+    gpu_util: Optional[float] = None
+    gpu_mem: Optional[int] = None
+    comment: str = ""
+    note: str = ""
+    commands: list[CommandResult] = field(default_factory=list)
+
+    @classmethod
+    def from_outcome(cls, out: protocol.StageOutcome) -> StageResult:
+        return cls(
+            name=out.name,
+            status=out.status,
+            started=out.started,
+            duration=out.duration,
+            peak_ram=out.peak_ram,
+            cpu_percent=out.cpu_percent,
+            cpu_time=out.cpu_time,
+            gpu_util=out.gpu_util,
+            gpu_mem=out.gpu_mem,
+            comment=out.comment,
+            note=out.note,
+            commands=[CommandResult.from_outcome(c) for c in out.commands],
+        )
+
+
+@dataclass(slots=True)
+class Artifact:
+    """A file a task produced; ``path`` is set once it has been downloaded."""
+
+    pattern: str
+    name: Optional[str] = None
+    sha256: Optional[str] = None
+    size: Optional[int] = None
+    error: Optional[str] = None
+    path: Optional[Path] = None
+
+    @property
+    def ok(self) -> bool:
+        """The daemon stored the file in the hub (so it can be downloaded)."""
+        return self.error is None and self.sha256 is not None
+
+    @classmethod
+    def from_info(cls, info: protocol.ArtifactInfo) -> Artifact:
+        return cls(
+            pattern=info.pattern,
+            name=info.name,
+            sha256=info.sha256,
+            size=info.size,
+            error=info.error,
+        )
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at running a task on a machine; retries add more."""
+
+    attempt: int
+    machine: str
+    state: str
+    assigned: Optional[float] = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    reason: Optional[str] = None
+
+    @classmethod
+    def from_info(cls, info: protocol.AttemptInfo) -> Attempt:
+        return cls(
+            attempt=info.attempt,
+            machine=info.machine,
+            state=info.state,
+            assigned=info.assigned,
+            started=info.started,
+            ended=info.ended,
+            reason=info.reason,
+        )
+
+
+@dataclass(slots=True, repr=False)
+class TaskResult:
+    """One task as the hub last reported it (it may still be running)."""
+
+    task_id: str
+    session_id: str
+    status: str
+    exit_code: Optional[int] = None
+    machine: Optional[str] = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+    requested_hardware: dict[str, Any] = field(default_factory=dict)
+    submitted: Optional[float] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    attempts: list[Attempt] = field(default_factory=list)
+    error: Optional[str] = None
+    reason: Optional[str] = None
+    wait_reason: Optional[str] = None
+    priority: int = 0
+    label: str = ""
+    stages: list[StageResult] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, rec: protocol.TaskRecord) -> TaskResult:
+        """Copy a hub record into user objects (the record is not kept)."""
+        return cls(
+            task_id=rec.task_id,
+            session_id=rec.session_id,
+            status=rec.status,
+            exit_code=rec.exit_code,
+            machine=rec.machine,
+            hardware=dict(rec.machine_hardware or {}),
+            requested_hardware=dict(rec.hardware),
+            submitted=rec.submitted,
+            started=rec.started,
+            finished=rec.finished,
+            attempts=[Attempt.from_info(a) for a in rec.attempts],
+            error=rec.error,
+            reason=rec.reason,
+            wait_reason=rec.wait_reason,
+            priority=rec.priority,
+            label=rec.label,
+            stages=[StageResult.from_outcome(s) for s in rec.stages],
+            artifacts=[Artifact.from_info(a) for a in rec.artifacts],
+        )
+
+    @property
+    def done(self) -> bool:
+        """The task will not change any more (finished, failed or cancelled)."""
+        return self.status in TERMINAL_STATES
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def duration(self) -> Optional[float]:
+        """Run time in seconds, from start to finish of the last attempt."""
+        return _span(self.started, self.finished)
+
+    @property
+    def queue_time(self) -> Optional[float]:
+        """Seconds between submission and start: time spent waiting for a machine."""
+        return _span(self.submitted, self.started)
+
+    @property
+    def submitted_at(self) -> Optional[_dt.datetime]:
+        return _utc(self.submitted)
+
+    @property
+    def started_at(self) -> Optional[_dt.datetime]:
+        return _utc(self.started)
+
+    @property
+    def finished_at(self) -> Optional[_dt.datetime]:
+        return _utc(self.finished)
+
+    @property
+    def output(self) -> str:
+        """Stdout of the last command that ran: usually the answer a user wants."""
+        for stage in reversed(self.stages):
+            for cmd in reversed(stage.commands):
+                if cmd._ran():
+                    return cmd.stdout
+        return ""
+
+    def __repr__(self) -> str:
+        tid = self.task_id if len(self.task_id) <= 8 else self.task_id[:8] + "…"
+        parts = [f"<TaskResult {tid}"]
+        if self.label:
+            parts.append(repr(self.label))
+        parts.append(self.status)
+        if self.status == "failed" and self.exit_code is not None:
+            parts.append(f"(exit {self.exit_code})")
+        if self.machine:
+            parts.append(f"on {self.machine}")
+        if self.duration is not None:
+            parts.append(f"in {self.duration:.2f}s")
+        return " ".join(parts) + ">"
+
+
+# --------------------------------------------------------------- DataFrames
+
+# Column name -> dtype.  "time" columns hold epoch floats until _frame
+# turns them into UTC Timestamps.
+_TASK_COLUMNS: dict[str, str] = {
+    "task_id": "str",
+    "session_id": "str",
+    "status": "str",
+    "exit_code": "Int64",
+    "machine": "str",
+    "os": "str",
+    "cpu": "str",
+    "cores": "Int64",
+    "ram": "Int64",
+    "submitted": "time",
+    "started": "time",
+    "finished": "time",
+    "queue_time": "float64",
+    "duration": "float64",
+    "attempts": "int64",
+    "error": "str",
+    "wait_reason": "str",
+    "label": "str",
+    "priority": "int64",
+    "n_stages": "int64",
+    "artifacts": "int64",
+}
+
+_STAGE_COLUMNS: dict[str, str] = {
+    "task_id": "str",
+    "machine": "str",
+    "stage": "str",
+    "stage_index": "int64",
+    "status": "str",
+    "duration": "float64",
+    "peak_ram": "Int64",
+    "peak_ram_mb": "float64",
+    "cpu_percent": "float64",
+    "cpu_time": "float64",
+    "gpu_util": "float64",
+    "gpu_mem": "Int64",
+    "comment": "str",
+    "note": "str",
+    "started": "time",
+}
+
+_COMMAND_COLUMNS: dict[str, str] = {
+    "task_id": "str",
+    "machine": "str",
+    "stage": "str",
+    "stage_index": "int64",
+    "command_index": "int64",
+    "cmd": "str",
+    "exit_code": "Int64",
+    "duration": "float64",
+    "cpu_time": "float64",
+    "peak_ram": "Int64",
+    "stdout": "str",
+    "stderr": "str",
+    "truncated": "bool",
+}
+
+_MACHINE_COLUMNS: dict[str, str] = {
+    "machine_id": "str",
+    "name": "str",
+    "state": "str",
+    "os": "str",
+    "distro": "str",
+    "arch": "str",
+    "cpu": "str",
+    "cores": "Int64",
+    "ram_gb": "float64",
+    "gpus": "str",
+    "slots": "int64",
+    "running": "int64",
+    "tags": "str",
+    "load_1m": "float64",
+    "cpu_percent": "float64",
+    "mem_percent": "float64",
+    "disk_percent": "float64",
+    "last_seen": "time",
+}
+
+
+def _frame(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
+    """Rows -> DataFrame with fixed columns and dtypes, even when there are no rows."""
+    data = {}
+    for name, dtype in columns.items():
+        values = [row[name] for row in rows]
+        if dtype == "time":
+            seconds = pd.Series(values, dtype="float64")
+            # Fixed unit: pandas would otherwise pick one per column from the values.
+            data[name] = pd.to_datetime(seconds, unit="s", utc=True).dt.as_unit("us")
+        else:
+            data[name] = pd.Series(values, dtype=dtype)
+    return pd.DataFrame(data, columns=list(columns))
+
+
+def _task_row(t: TaskResult) -> dict[str, Any]:
+    hw = t.hardware
+    return {
+        "task_id": t.task_id,
+        "session_id": t.session_id,
+        "status": t.status,
+        "exit_code": t.exit_code,
+        "machine": t.machine,
+        "os": hw.get("os"),
+        "cpu": hw.get("cpu"),
+        "cores": hw.get("cores"),
+        "ram": hw.get("ram"),
+        "submitted": t.submitted,
+        "started": t.started,
+        "finished": t.finished,
+        "queue_time": t.queue_time,
+        "duration": t.duration,
+        "attempts": len(t.attempts),
+        "error": t.error,
+        "wait_reason": t.wait_reason,
+        "label": t.label,
+        "priority": t.priority,
+        "n_stages": len(t.stages),
+        "artifacts": sum(a.ok for a in t.artifacts),
+    }
+
+
+def _stage_row(t: TaskResult, index: int, s: StageResult) -> dict[str, Any]:
+    return {
+        "task_id": t.task_id,
+        "machine": t.machine,
+        "stage": s.name,
+        "stage_index": index,
+        "status": s.status,
+        "duration": s.duration,
+        "peak_ram": s.peak_ram,
+        "peak_ram_mb": None if s.peak_ram is None else s.peak_ram / _MIB,
+        "cpu_percent": s.cpu_percent,
+        "cpu_time": s.cpu_time,
+        "gpu_util": s.gpu_util,
+        "gpu_mem": s.gpu_mem,
+        "comment": s.comment,
+        "note": s.note,
+        "started": s.started,
+    }
+
+
+def _command_row(
+    t: TaskResult, stage_index: int, s: StageResult, index: int, c: CommandResult
+) -> dict[str, Any]:
+    return {
+        "task_id": t.task_id,
+        "machine": t.machine,
+        "stage": s.name,
+        "stage_index": stage_index,
+        "command_index": index,
+        "cmd": c.cmd,
+        "exit_code": c.exit_code,
+        "duration": c.duration,
+        "cpu_time": c.cpu_time,
+        "peak_ram": c.peak_ram,
+        "stdout": c.stdout,
+        "stderr": c.stderr,
+        "truncated": c.truncated,
+    }
+
+
+_LEVELS = ("task", "stage", "command")
+
+
+class ResultList(list[TaskResult]):
+    """The tasks of a run: a plain list, plus summaries and DataFrames."""
+
+    @classmethod
+    def from_records(cls, records: Iterable[protocol.TaskRecord]) -> ResultList:
+        return cls(TaskResult.from_record(r) for r in records)
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> TaskResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> ResultList: ...
+
+    def __getitem__(self, index: Union[SupportsIndex, slice]) -> Union[TaskResult, ResultList]:
+        # Slices stay ResultLists so ``results[:10].to_dataframe()`` works.
+        item = super().__getitem__(index)
+        return ResultList(item) if isinstance(index, slice) else item
+
+    def to_dataframe(self, level: str = "task") -> pd.DataFrame:
+        """One row per task, per task x stage, or per task x stage x command."""
+        if level == "task":
+            return _frame([_task_row(t) for t in self], _TASK_COLUMNS)
+        if level == "stage":
+            rows = [_stage_row(t, i, s) for t in self for i, s in enumerate(t.stages)]
+            return _frame(rows, _STAGE_COLUMNS)
+        if level == "command":
+            rows = [
+                _command_row(t, i, s, j, c)
+                for t in self
+                for i, s in enumerate(t.stages)
+                for j, c in enumerate(s.commands)
+            ]
+            return _frame(rows, _COMMAND_COLUMNS)
+        raise ValueError(f"unknown level {level!r}; use one of: {', '.join(map(repr, _LEVELS))}")
+
+    def by_status(self) -> dict[str, int]:
+        """How many tasks are in each status, in lifecycle order."""
+        counts: dict[str, int] = {}
+        for t in self:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        rank = {s: i for i, s in enumerate(_STATUS_ORDER)}
+        return dict(sorted(counts.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+    @property
+    def failed(self) -> ResultList:
+        return ResultList(t for t in self if t.status == "failed")
+
+    @property
+    def ok(self) -> bool:
+        """Every task finished successfully (True for an empty list)."""
+        return all(t.ok for t in self)
+
+
+# ----------------------------------------------------------------- machines
+
+
+@dataclass(slots=True)
+class Machine:
+    """A daemon in the pool, with the hardware it reported at registration."""
+
+    machine_id: str
+    name: str
+    state: str
+    slots: int
+    running: int = 0
+    tags: list[str] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    load: Optional[dict[str, Any]] = None
+    first_seen: Optional[float] = None
+    last_seen: Optional[float] = None
+
+    @classmethod
+    def from_info(cls, info: protocol.MachineInfo) -> Machine:
+        return cls(
+            machine_id=info.machine_id,
+            name=info.name,
+            state=info.state,
+            slots=info.slots,
+            running=info.running,
+            tags=list(info.tags),
+            hardware=dict(info.hardware),
+            load=None if info.load is None else protocol.to_builtins(info.load),
+            first_seen=info.first_seen,
+            last_seen=info.last_seen,
+        )
+
+    @property
+    def os(self) -> Optional[str]:
+        return self.hardware.get("os")
+
+    @property
+    def cpu(self) -> Optional[str]:
+        return self.hardware.get("cpu")
+
+    @property
+    def cores(self) -> Optional[int]:
+        return self.hardware.get("cores")
+
+    @property
+    def ram(self) -> Optional[int]:
+        """Physical RAM in bytes."""
+        return self.hardware.get("ram")
+
+    @property
+    def gpus(self) -> list[dict[str, Any]]:
+        """GPUs as ``{name, memory}`` dicts; empty when the machine has none."""
+        return list(self.hardware.get("gpus") or [])
+
+
+def _machine_row(m: Machine) -> dict[str, Any]:
+    hw = m.hardware
+    load = m.load or {}
+    load_avg = load.get("load_avg") or [None]
+    return {
+        "machine_id": m.machine_id,
+        "name": m.name,
+        "state": m.state,
+        "os": hw.get("os"),
+        "distro": hw.get("distro"),
+        "arch": hw.get("arch"),
+        "cpu": hw.get("cpu"),
+        "cores": m.cores,
+        "ram_gb": None if m.ram is None else m.ram / _GIB,
+        "gpus": ", ".join(str(g.get("name", "?")) for g in m.gpus),
+        "slots": m.slots,
+        "running": m.running,
+        "tags": ", ".join(m.tags),
+        "load_1m": load_avg[0],
+        "cpu_percent": load.get("cpu_percent"),
+        "mem_percent": load.get("mem_percent"),
+        "disk_percent": load.get("disk_percent"),
+        "last_seen": m.last_seen,
+    }
+
+
+class HardwarePool(Sequence[Machine]):
+    """The machines the hub knows, to see what a task could run on."""
+
+    __slots__ = ("_machines",)
+
+    def __init__(self, machines: Iterable[Machine] = ()) -> None:
+        self._machines = list(machines)
+
+    @classmethod
+    def from_machines(cls, machines: Iterable[protocol.MachineInfo]) -> HardwarePool:
+        return cls(Machine.from_info(m) for m in machines)
+
+    @overload
+    def __getitem__(self, index: int) -> Machine: ...
+    @overload
+    def __getitem__(self, index: slice) -> HardwarePool: ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[Machine, HardwarePool]:
+        if isinstance(index, slice):
+            return HardwarePool(self._machines[index])
+        return self._machines[index]
+
+    def __len__(self) -> int:
+        return len(self._machines)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self._machines]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per machine: hardware, capacity and current load."""
+        return _frame([_machine_row(m) for m in self._machines], _MACHINE_COLUMNS)
+
+    def __repr__(self) -> str:
+        n = len(self._machines)
+        noun = "machine" if n == 1 else "machines"
+        if not n:
+            return "<HardwarePool 0 machines>"
+        return f"<HardwarePool {n} {noun}: {', '.join(self.names)}>"
