@@ -1,0 +1,555 @@
+"""Run one task attempt: fetch its data, run its stages, collect artifacts.
+
+``run_task`` is the whole of what a daemon does with an assigned task,
+minus the talking to the hub, which the caller plugs in as callbacks
+(``fetch_data``, ``upload_artifact``, ``on_stage``, ``on_output``).  It
+always returns a ``TaskOutcome``: a failing command, a refused file name,
+a callback that raises or a cancellation all become a failed outcome whose
+``error`` says what happened, never an exception.
+
+Stopping a task early goes through a ``Cancel``: ``cancel.set("timeout")``
+(or any reason) makes ``run_task`` stop the running command's whole
+process tree (SIGTERM, then SIGKILL after ``kill_grace`` seconds), skip the
+rest, and report ``reason`` = the given reason.  A plain ``asyncio.Event``
+works too and reports reason ``"cancelled"``.  Artifacts are still
+collected after a failure or a cancellation: logs are most useful then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import inspect
+import logging
+import signal
+import stat
+import time
+from pathlib import Path, PurePosixPath
+from typing import Awaitable, Callable, Optional, Union
+
+from daemon.gpu import GpuSampler
+from daemon.tracking import TrackedProcess, Usage
+from hub_server.protocol import (
+    ArtifactInfo,
+    CommandOutcome,
+    DataSpec,
+    StageOutcome,
+    StageSpec,
+    TaskOutcome,
+    TaskSpec,
+)
+
+log = logging.getLogger(__name__)
+
+NO_GPU_NOTE = "track_gpu: no GPU on this machine"
+# Once a command has exited and its group is killed, only a process that
+# escaped the group can still hold its pipes open: do not wait for it long.
+_PIPE_DRAIN_TIMEOUT = 2.0
+_READ_CHUNK = 65536
+_ERROR_OF_REASON = {"cancelled": "cancelled", "timeout": "timed out"}
+
+FetchData = Callable[[DataSpec, Path], Awaitable[None]]
+UploadArtifact = Callable[[Path], Awaitable[tuple[str, int]]]
+OnStage = Callable[[int, StageOutcome], Optional[Awaitable[None]]]
+OnOutput = Callable[[str, str], None]
+
+
+class Cancel:
+    """A request to stop a running task, with the reason to report.
+
+    ``set(reason)`` is idempotent: the first reason wins.  ``"timeout"`` is
+    reported as error ``"timed out"``, ``"cancelled"`` as ``"cancelled"``,
+    any other reason as ``"cancelled: <reason>"``.  Call it from the event
+    loop's thread (``loop.call_soon_threadsafe`` from elsewhere).
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason: Optional[str] = None
+
+    def set(self, reason: str = "cancelled") -> None:
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+CancelLike = Union[Cancel, asyncio.Event]
+
+
+def cancel_error(reason: str) -> str:
+    """The ``error`` text of an outcome stopped for ``reason``."""
+    return _ERROR_OF_REASON.get(reason, f"cancelled: {reason}")
+
+
+def _reason_of(cancel: CancelLike) -> str:
+    if isinstance(cancel, Cancel) and cancel.reason:
+        return cancel.reason
+    return "cancelled"
+
+
+class _Failure:
+    """Why the task failed: what goes into the TaskOutcome."""
+
+    def __init__(
+        self, error: str, exit_code: Optional[int] = None, reason: Optional[str] = None
+    ) -> None:
+        self.error = error
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+def _cancelled(cancel: CancelLike) -> _Failure:
+    reason = _reason_of(cancel)
+    return _Failure(cancel_error(reason), reason=reason)
+
+
+def _describe_exc(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _short(cmd: str, limit: int = 80) -> str:
+    cmd = " ".join(cmd.split())
+    return cmd if len(cmd) <= limit else cmd[: limit - 3] + "..."
+
+
+def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
+    head = f"stage {stage!r} command {n} ({_short(cmd)!r})"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"{head} was killed by signal {-code} ({name})"
+    return f"{head} exited with code {code}"
+
+
+# ------------------------------------------------------------------ output
+
+
+class _Capture:
+    """The kept head of one output stream, plus live forwarding of all of it."""
+
+    def __init__(self, stream: str, limit: int, on_output: Optional[OnOutput]) -> None:
+        self.stream = stream
+        self.limit = max(0, limit)
+        self.on_output = on_output
+        self.data = bytearray()
+        self.truncated = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.data += chunk[: max(room, 0)]
+            self.truncated = True
+        else:
+            self.data += chunk
+        self._forward(self._decoder.decode(chunk))
+
+    def close(self) -> None:
+        self._forward(self._decoder.decode(b"", final=True))
+
+    def _forward(self, text: str) -> None:
+        if text and self.on_output is not None:
+            try:
+                self.on_output(self.stream, text)
+            except Exception:  # a broken viewer must not break the task
+                log.exception("on_output callback failed")
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", errors="replace")
+
+
+async def _pump(pipe, capture: _Capture) -> None:  # type: ignore[no-untyped-def]
+    """Read a pipe to its end without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=4 * _READ_CHUNK)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+    except BaseException:
+        pipe.close()
+        raise
+    try:
+        while True:
+            chunk = await reader.read(_READ_CHUNK)
+            if not chunk:
+                break
+            capture.feed(chunk)
+    finally:
+        transport.close()  # also closes the pipe
+        capture.close()
+
+
+async def _drain(readers: list[asyncio.Task]) -> None:
+    _, pending = await asyncio.wait(readers, timeout=_PIPE_DRAIN_TIMEOUT)
+    for task in pending:
+        task.cancel()
+    for task in readers:
+        try:
+            await task
+        except asyncio.CancelledError:
+            if task not in pending:
+                raise
+        except Exception:
+            log.exception("reading command output failed")
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def _race(aw: Awaitable, cancel: Optional[CancelLike]) -> bool:
+    """Await ``aw`` unless ``cancel`` is set first; True if it was.
+
+    ``aw`` is cancelled when ``cancel`` wins; its exception, if it finished,
+    propagates.
+    """
+    task = asyncio.ensure_future(aw)
+    if cancel is None:
+        await task
+        return False
+    stopper = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we are being cancelled ourselves
+        task.cancel()
+        raise
+    finally:
+        stopper.cancel()
+    if task.done():
+        task.result()
+        return False
+    task.cancel()
+    await asyncio.wait({task})
+    return True
+
+
+async def _run_command(
+    cmd: str,
+    workdir: Path,
+    *,
+    max_output_bytes: int,
+    on_output: Optional[OnOutput],
+    cancel: Optional[CancelLike],
+    kill_grace: float,
+) -> tuple[CommandOutcome, Usage, float, bool]:
+    """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
+    proc = TrackedProcess(cmd, workdir)
+    out = _Capture("stdout", max_output_bytes, on_output)
+    err = _Capture("stderr", max_output_bytes, on_output)
+    readers = [
+        asyncio.create_task(_pump(proc.popen.stdout, out)),
+        asyncio.create_task(_pump(proc.popen.stderr, err)),
+    ]
+    try:
+        cancelled = await _race(proc.wait(), cancel)
+        if cancelled:
+            await proc.terminate(kill_grace)
+        usage = await proc.wait()
+        await _drain(readers)
+    except BaseException:
+        proc.kill()  # run_task itself was cancelled, or our machinery broke
+        for task in readers:
+            task.cancel()
+        raise
+    ended = proc.ended if proc.ended is not None else time.perf_counter()
+    outcome = CommandOutcome(
+        cmd=cmd,
+        exit_code=usage.exit_code,
+        stdout=out.text(),
+        stderr=err.text(),
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+    )
+    return outcome, usage, ended - proc.started, cancelled
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _data_target(workdir: Path, filename: str) -> Optional[Path]:
+    """Where a data file goes, or None if its name would leave the workdir."""
+    if not filename or "\0" in filename:
+        return None
+    rel = PurePosixPath(filename)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    root = workdir.resolve()
+    target = root / rel
+    resolved = target.resolve()  # a symlink in the workdir could point out
+    if resolved == root or not resolved.is_relative_to(root):
+        return None
+    return target
+
+
+async def _fetch_stage_data(
+    stage: StageSpec,
+    workdir: Path,
+    fetch_data: FetchData,
+    cancel: Optional[CancelLike],
+) -> Optional[_Failure]:
+    for data in stage.data:
+        if cancel is not None and cancel.is_set():
+            return _cancelled(cancel)
+        target = _data_target(workdir, data.filename)
+        if target is None:
+            return _Failure(
+                f"stage {stage.name!r}: data filename {data.filename!r} must be a "
+                "relative path inside the work directory"
+            )
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if await _race(fetch_data(data, target), cancel):
+                return _cancelled(cancel)  # type: ignore[arg-type]
+        except Exception as exc:
+            return _Failure(
+                f"stage {stage.name!r}: fetching data {data.filename!r} failed: "
+                f"{_describe_exc(exc)}"
+            )
+    return None
+
+
+async def _run_stage(
+    stage: StageSpec,
+    workdir: Path,
+    *,
+    fetch_data: FetchData,
+    on_output: Optional[OnOutput],
+    max_output_bytes: int,
+    cancel: Optional[CancelLike],
+    kill_grace: float,
+) -> tuple[StageOutcome, Optional[_Failure]]:
+    outcome = StageOutcome(name=stage.name, status="finished", comment=stage.comment)
+    failure = await _fetch_stage_data(stage, workdir, fetch_data, cancel)
+    if failure is not None:
+        outcome.status = "failed"
+        if failure.reason is None:
+            outcome.note = failure.error
+        return outcome, failure
+
+    gpu: Optional[GpuSampler] = None
+    if stage.track_gpu:
+        gpu = GpuSampler()
+        await asyncio.to_thread(gpu.start)
+        if not gpu.available:
+            outcome.note = NO_GPU_NOTE
+
+    commands: list[CommandOutcome] = []
+    cpu_time = 0.0
+    peak_ram = 0
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        for n, cmd in enumerate(stage.cmds, 1):
+            if cancel is not None and cancel.is_set():
+                failure = _cancelled(cancel)
+                break
+            try:
+                cmd_outcome, usage, wall, cancelled = await _run_command(
+                    cmd,
+                    workdir,
+                    max_output_bytes=max_output_bytes,
+                    on_output=on_output,
+                    cancel=cancel,
+                    kill_grace=kill_grace,
+                )
+            except Exception as exc:
+                failure = _Failure(
+                    f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
+                    f"{_describe_exc(exc)}"
+                )
+                commands.append(CommandOutcome(cmd=cmd, exit_code=None))
+                break
+            if stage.track_time:
+                cmd_outcome.duration = wall
+            if stage.track_cpu:
+                cmd_outcome.cpu_time = usage.cpu_time
+            if stage.track_ram:
+                cmd_outcome.peak_ram = usage.peak_ram
+            commands.append(cmd_outcome)
+            cpu_time += usage.cpu_time
+            peak_ram = max(peak_ram, usage.peak_ram)
+            if cancelled:
+                failure = _cancelled(cancel)  # type: ignore[arg-type]
+                break
+            if usage.exit_code != 0:
+                failure = _Failure(
+                    _exit_error(stage.name, n, cmd, usage.exit_code),
+                    exit_code=usage.exit_code,
+                )
+                break
+    finally:
+        duration = time.perf_counter() - t0
+        if gpu is not None:
+            util, mem = await asyncio.to_thread(gpu.stop)
+            outcome.gpu_util, outcome.gpu_mem = util, mem
+
+    outcome.commands = commands
+    if failure is not None:
+        outcome.status = "failed"
+    if stage.track_time:
+        outcome.started = started
+        outcome.duration = duration
+    if stage.track_cpu:
+        outcome.cpu_time = cpu_time
+        outcome.cpu_percent = 100.0 * cpu_time / duration if duration > 0 else 0.0
+    if stage.track_ram:
+        outcome.peak_ram = peak_ram
+    return outcome, failure
+
+
+async def _notify(on_stage: Optional[OnStage], index: int, stage: StageOutcome) -> None:
+    if on_stage is None:
+        return
+    try:
+        result = on_stage(index, stage)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # reporting progress must not break the task
+        log.exception("on_stage callback failed")
+
+
+# --------------------------------------------------------------- artifacts
+
+
+def _pattern_error(pattern: str) -> Optional[str]:
+    if not pattern or not pattern.strip():
+        return "empty artifact pattern"
+    if pattern.startswith(("/", "\\")) or PurePosixPath(pattern).is_absolute():
+        return f"artifact pattern {pattern!r} must be relative to the work directory"
+    if ".." in PurePosixPath(pattern.replace("\\", "/")).parts:
+        return f"artifact pattern {pattern!r} must not contain '..'"
+    return None
+
+
+def _match_files(root: Path, pattern: str) -> list[tuple[str, Path]]:
+    """Regular files under ``root`` matching ``pattern``: (posix name, path)."""
+    found = []
+    for path in root.glob(pattern):
+        try:
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                continue
+            if not stat.S_ISREG(path.stat().st_mode):
+                continue
+        except OSError:
+            continue
+        found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+async def _collect_artifacts(
+    patterns: list[str], workdir: Path, upload_artifact: UploadArtifact
+) -> list[ArtifactInfo]:
+    infos: list[ArtifactInfo] = []
+    root = workdir.resolve()
+    for pattern in patterns:
+        error = _pattern_error(pattern)
+        if error is not None:
+            infos.append(ArtifactInfo(pattern=pattern, error=error))
+            continue
+        try:
+            matches = await asyncio.to_thread(_match_files, root, pattern)
+        except (ValueError, OSError) as exc:
+            infos.append(
+                ArtifactInfo(pattern=pattern, error=f"bad pattern {pattern!r}: {exc}")
+            )
+            continue
+        if not matches:
+            infos.append(ArtifactInfo(pattern=pattern, error=f"no file matches {pattern!r}"))
+        for name, path in matches:
+            try:
+                sha, size = await upload_artifact(path)
+            except Exception as exc:
+                infos.append(
+                    ArtifactInfo(
+                        pattern=pattern,
+                        name=name,
+                        error=f"upload of {name!r} failed: {_describe_exc(exc)}",
+                    )
+                )
+            else:
+                infos.append(ArtifactInfo(pattern=pattern, name=name, sha256=sha, size=size))
+    return infos
+
+
+# -------------------------------------------------------------------- task
+
+
+async def run_task(
+    spec: TaskSpec,
+    workdir: Path,
+    *,
+    fetch_data: FetchData,
+    upload_artifact: UploadArtifact,
+    on_stage: Optional[OnStage] = None,
+    on_output: Optional[OnOutput] = None,
+    max_output_bytes: int = 65536,
+    cancel: Optional[CancelLike] = None,
+    kill_grace: float = 3.0,
+) -> TaskOutcome:
+    """Run every stage of ``spec`` in ``workdir`` and report how it went.
+
+    ``fetch_data(data, path)`` must write the data file to ``path``;
+    ``upload_artifact(path)`` returns the stored file's (sha256, size).
+    ``on_stage(index, outcome)`` (sync or async) is called once per stage,
+    skipped ones included; ``on_output(stream, text)`` receives all output
+    live, untruncated.  The first failing command fails the task and skips
+    the rest.  Never raises, except ``CancelledError`` when the calling
+    asyncio task itself is cancelled (the running command is killed first).
+    """
+    workdir = Path(workdir)
+    outcome = TaskOutcome(status="finished", exit_code=0, started=time.time())
+    failure: Optional[_Failure] = None
+    try:
+        for index, stage in enumerate(spec.stages):
+            if failure is None and cancel is not None and cancel.is_set():
+                failure = _cancelled(cancel)
+            if failure is not None:
+                stage_outcome = StageOutcome(
+                    name=stage.name, status="skipped", comment=stage.comment
+                )
+            else:
+                stage_outcome, failure = await _run_stage(
+                    stage,
+                    workdir,
+                    fetch_data=fetch_data,
+                    on_output=on_output,
+                    max_output_bytes=max_output_bytes,
+                    cancel=cancel,
+                    kill_grace=kill_grace,
+                )
+            outcome.stages.append(stage_outcome)
+            await _notify(on_stage, index, stage_outcome)
+    except Exception as exc:  # a bug or an environment problem in our own code
+        log.exception("run_task failed")
+        failure = _Failure(f"daemon error while running the task: {_describe_exc(exc)}")
+        done = len(outcome.stages)
+        for stage in spec.stages[done:]:
+            outcome.stages.append(
+                StageOutcome(name=stage.name, status="skipped", comment=stage.comment)
+            )
+
+    try:
+        outcome.artifacts = await _collect_artifacts(spec.artifacts, workdir, upload_artifact)
+    except Exception as exc:
+        log.exception("collecting artifacts failed")
+        outcome.artifacts = [
+            ArtifactInfo(pattern=p, error=f"artifact collection failed: {_describe_exc(exc)}")
+            for p in spec.artifacts
+        ]
+
+    if failure is not None:
+        outcome.status = "failed"
+        outcome.exit_code = failure.exit_code
+        outcome.error = failure.error
+        outcome.reason = failure.reason
+    outcome.finished = time.time()
+    return outcome

@@ -1,0 +1,73 @@
+"""The wire protocol alone: bytes in, typed messages out, clear errors."""
+
+import msgspec
+import pytest
+
+from hub_server import protocol as p
+
+
+def test_round_trip_submit():
+    spec = p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["true"])], hardware={"os": "linux"})
+    msg = p.Submit(id=7, tasks=[spec])
+    back = p.decode(p.encode(msg))
+    assert isinstance(back, p.Submit)
+    assert back.id == 7 and back.tasks[0].stages[0].cmds == ["true"]
+    assert back.tasks[0].hardware == {"os": "linux"}
+
+
+def test_unknown_type_is_named():
+    with pytest.raises(p.ProtocolError, match="unknown message type 'frobnicate'"):
+        p.decode(b'{"type": "frobnicate", "id": 1}')
+
+
+def test_missing_field_is_named():
+    with pytest.raises(p.ProtocolError, match="task_ids"):
+        p.decode(b'{"type": "get_results", "id": 1}')
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(p.ProtocolError, match="bogus"):
+        p.decode(b'{"type": "get_pool", "id": 1, "bogus": true}')
+
+
+def test_malformed_json():
+    with pytest.raises(p.ProtocolError, match="malformed JSON"):
+        p.decode(b'{"type": ')
+
+
+def test_wrong_type_of_value():
+    with pytest.raises(p.ProtocolError, match="Expected `int`"):
+        p.decode(b'{"type": "get_results", "id": "x", "task_ids": []}')
+
+
+def test_request_id_recovered_from_bad_frame():
+    assert p.request_id(b'{"type": "nope", "id": 42}') == 42
+    assert p.request_id(b"garbage") is None
+
+
+def test_chunk_frames():
+    frame = p.encode_chunk(123456, b"hello")
+    tid, payload = p.decode_chunk(frame)
+    assert tid == 123456 and bytes(payload) == b"hello"
+    with pytest.raises(p.ProtocolError):
+        p.decode_chunk(b"\x00\x01")
+
+
+def test_every_message_type_round_trips():
+    for cls in p.Message.__args__:
+        tag = cls.__struct_config__.tag
+        assert isinstance(tag, str) and tag
+    assert len({c.__struct_config__.tag for c in p.Message.__args__}) == len(p.Message.__args__)
+
+
+def test_roles_allowed():
+    assert p.Submit in p.ALLOWED["client"] and p.Register not in p.ALLOWED["client"]
+    assert p.Register in p.ALLOWED["daemon"] and p.Submit not in p.ALLOWED["daemon"]
+    assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"])
+
+
+def test_limits_are_sent_in_welcome():
+    w = p.Welcome(version=1, role="client", hub_id="h", limits=p.Limits(max_file_bytes=10), time=0.0)
+    back = p.decode(p.encode(w))
+    assert back.limits.max_file_bytes == 10
+    assert msgspec.to_builtins(back.limits)["chunk_bytes"] == p.Limits().chunk_bytes

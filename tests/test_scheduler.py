@@ -1,0 +1,97 @@
+"""The scheduler alone: no sockets, no clock."""
+
+from hub_server import hardware as hw
+from hub_server.scheduler import Scheduler
+
+LINUX = {"os": "linux", "arch": "x86_64", "cpu": "x", "cores": 4, "ram": 8 * 2**30, "gpus": []}
+GPU = dict(LINUX, gpus=[{"name": "NVIDIA A100", "memory": 1}])
+
+
+def test_priority_then_fifo():
+    s = Scheduler()
+    for i, prio in enumerate([0, 5, 0, 5]):
+        s.enqueue(f"t{i}", {}, prio)
+    s.add_machine("m", LINUX, slots=4)
+    assert [t for t, _ in s.schedule()] == ["t1", "t3", "t0", "t2"]
+
+
+def test_fills_slots_and_spreads_over_machines():
+    s = Scheduler()
+    s.add_machine("a", LINUX, slots=2)
+    s.add_machine("b", LINUX, slots=2)
+    for i in range(10):
+        s.enqueue(f"t{i}", {})
+    out = s.schedule()
+    assert len(out) == 4
+    assert sorted(m for _, m in out) == ["a", "a", "b", "b"]
+    assert s.schedule() == []  # no free slots
+    s.release("a")
+    assert s.schedule() == [("t4", "a")]
+
+
+def test_hardware_matching_and_wait_reason():
+    s = Scheduler()
+    s.add_machine("cpu", LINUX, slots=4)
+    s.enqueue("g", hw.normalize({"gpu": "a100"}))
+    s.enqueue("c", {})
+    assert s.schedule() == [("c", "cpu")]
+    assert "no connected daemon has gpu=a100" in s.wait_reason("g")
+    s.add_machine("gpu", GPU, slots=1)
+    assert s.schedule() == [("g", "gpu")]
+    assert s.wait_reason("g") is None
+
+
+def test_priority_across_groups():
+    s = Scheduler()
+    s.enqueue("low", {}, 0)
+    s.enqueue("high", hw.normalize({"os": "linux"}), 9)
+    s.add_machine("m", LINUX, slots=1)
+    assert s.schedule() == [("high", "m")]
+
+
+def test_pinned_daemon_and_exclusions():
+    s = Scheduler()
+    s.add_machine("a", LINUX, slots=4)
+    s.add_machine("b", LINUX, slots=4)
+    s.enqueue("pin", hw.normalize({"daemon": "b"}))
+    s.enqueue("retry", {}, exclude={"a"})
+    out = dict(s.schedule())
+    assert out == {"pin": "b", "retry": "b"}
+
+
+def test_excluded_everywhere_waits_with_reason():
+    s = Scheduler()
+    s.add_machine("a", LINUX, slots=1)
+    s.enqueue("t", {}, exclude={"a"})
+    assert s.schedule() == []
+    assert "excluding a" in s.wait_reason("t")
+
+
+def test_remove_and_machine_loss():
+    s = Scheduler()
+    s.enqueue("t1", {})
+    s.enqueue("t2", {})
+    assert s.remove("t1") and not s.remove("t1")
+    s.add_machine("a", LINUX, slots=2)
+    s.remove_machine("a")
+    assert s.schedule() == []
+    s.add_machine("a", LINUX, slots=2)
+    assert s.schedule() == [("t2", "a")]
+    assert s.queued_count() == 0
+
+
+def test_draining_machine_takes_nothing():
+    s = Scheduler()
+    s.add_machine("a", LINUX, slots=2)
+    s.set_accepting("a", False)
+    s.enqueue("t", {})
+    assert s.schedule() == []
+    assert "draining" in s.wait_reason("t")
+
+
+def test_many_tasks_scale():
+    s = Scheduler()
+    for i in range(20000):
+        s.enqueue(f"t{i}", {} if i % 2 else hw.normalize({"os": "linux"}))
+    s.add_machine("a", LINUX, slots=20000)
+    assert len(s.schedule()) == 20000
