@@ -25,7 +25,7 @@ import signal
 import stat
 import time
 from pathlib import Path, PurePosixPath
-from typing import Awaitable, Callable, Optional, Union
+from typing import IO, Awaitable, Callable, Optional, Union
 
 from daemon.gpu import GpuSampler
 from daemon.tracking import TrackedProcess, Usage
@@ -151,7 +151,8 @@ class _Capture:
             self.truncated = True
         else:
             self.data += chunk
-        self._forward(self._decoder.decode(chunk))
+        if self.on_output is not None:
+            self._forward(self._decoder.decode(chunk))
 
     def close(self) -> None:
         self._forward(self._decoder.decode(b"", final=True))
@@ -167,7 +168,7 @@ class _Capture:
         return bytes(self.data).decode("utf-8", errors="replace")
 
 
-async def _pump(pipe, capture: _Capture) -> None:  # type: ignore[no-untyped-def]
+async def _pump(pipe: IO[bytes], capture: _Capture) -> None:
     """Read a pipe to its end without blocking the event loop."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=4 * _READ_CHUNK)
@@ -229,6 +230,8 @@ async def _race(aw: Awaitable, cancel: Optional[CancelLike]) -> bool:
         return False
     task.cancel()
     await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("cancelled operation failed: %r", task.exception())
     return True
 
 

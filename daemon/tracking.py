@@ -166,10 +166,10 @@ class TrackedProcess:
         loop = asyncio.get_running_loop()
         self.cmd = cmd
         self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
+        self.started = time.perf_counter()
         self.popen = spawn(cmd, cwd, env)
         self.pid = self.popen.pid
         self.pgid = self.pid  # start_new_session: the leader's pid names the group
-        self.started = time.perf_counter()
         self.ended: Optional[float] = None  # perf_counter when reaped
         self._interval = sample_interval
         self._peak_tree = 0
