@@ -24,6 +24,8 @@ from hub_server import protocol as p
 from hub_server.blobs import BlobStore, file_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
 
+from . import tracking
+from .guardian import Guardian
 from .hardware import detect_hardware
 from .load import sample_load
 from .runner import Cancel, run_task
@@ -76,6 +78,8 @@ class Daemon:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self._stop.set)
         watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
+        guardian = Guardian().start()
+        tracking.set_guardian(guardian)
         delay = 0.2
         try:
             while not self._stop.is_set():
@@ -95,6 +99,8 @@ class Daemon:
             for w in watchers:
                 w.cancel()
             await self._shutdown()
+            tracking.set_guardian(None)
+            guardian.stop()
 
     async def _session(self) -> None:
         link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message)

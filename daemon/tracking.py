@@ -5,12 +5,9 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
 
 * Each command runs in a new session, so its process group holds the whole
   tree and one ``killpg`` stops all of it.
-* On Linux the command also gets ``PR_SET_PDEATHSIG=SIGKILL``: if the daemon
-  is killed outright, the command dies with it instead of running on
-  unsupervised.  (The kernel only sends this to the direct child, bash;
-  bash usually ``exec``s a single command, so that is the program itself.)
-  The signal fires when the *thread* that spawned the child exits, so spawn
-  from a long-lived thread - the event loop's.
+* If the daemon is killed outright, its ``Guardian`` (see guardian.py) kills
+  every command group still running, so commands never run on unsupervised.
+  No ``preexec_fn`` is used: it would force a full ``fork()`` of the daemon.
 * The child is reaped with ``os.wait4`` in a dedicated daemon thread: its
   ``rusage`` gives exact CPU time and peak RSS, including every descendant
   the command waited for.  A dedicated thread (not a bounded pool) means a
@@ -32,7 +29,6 @@ POSIX only: Windows has no ``os.wait4`` nor process groups.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -49,38 +45,18 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else (shutil.which("bash") or "/bin/sh")
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
-def _load_prctl() -> Optional[Callable[..., int]]:
-    """libc's ``prctl``, looked up once in the parent (not after fork)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
+_guardian: Any = None
 
 
-_prctl = _load_prctl()
-
-
-def _die_with_parent_hook() -> Optional[Callable[[], None]]:
-    """A ``preexec_fn`` asking the kernel to SIGKILL the child if we die."""
-    if _prctl is None:
-        return None
-    parent = os.getpid()
-    prctl = _prctl
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the daemon died before prctl took effect
-            os._exit(1)
-
-    return hook
+def set_guardian(guardian: Any) -> None:
+    """Register the process that kills command groups if the daemon dies."""
+    global _guardian
+    _guardian = guardian
 
 
 def spawn(
@@ -101,7 +77,6 @@ def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_die_with_parent_hook(),
     )
 
 
@@ -170,6 +145,8 @@ class TrackedProcess:
         self.popen = spawn(cmd, cwd, env)
         self.pid = self.popen.pid
         self.pgid = self.pid  # start_new_session: the leader's pid names the group
+        if _guardian is not None:
+            _guardian.watch(self.pgid)
         self.ended: Optional[float] = None  # perf_counter when reaped
         self._interval = sample_interval
         self._peak_tree = 0
@@ -234,6 +211,8 @@ class TrackedProcess:
                     f"the exit status of pid {self.pid} was collected by someone else"
                 ) from None
             self._signal_group(signal.SIGKILL)
+            if _guardian is not None:
+                _guardian.forget(self.pgid)
             await self._stop_sampler()
             self._usage = Usage(
                 exit_code=exit_code,

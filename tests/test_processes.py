@@ -90,7 +90,24 @@ def test_hwf_local_cli_ctrl_c(tmp_path):
     lines = [proc.stdout.readline() for _ in range(4)]
     assert lines[0].startswith("hub:    ws://127.0.0.1:")
     kids = _tree(proc.pid)
-    assert len(kids) == 2
+    assert len(kids) >= 3  # hub, daemon, the daemon's guardian
     proc.send_signal(signal.SIGINT)
     proc.wait(30)
     assert _gone(kids)
+
+
+def test_daemon_killed_9_takes_its_command_trees_with_it(tmp_path):
+    with LocalCluster(daemons=1, state_dir=tmp_path / "c") as c:
+        hub = c.hub()
+        dispatch_sync(Task(Stage("s", cmd="sleep 61 & sleep 62 & wait")), hub)
+        daemon = c.daemon_processes["daemon-1"]
+        deadline = time.monotonic() + 10
+        sleeps = []
+        while time.monotonic() < deadline and len(sleeps) < 2:
+            sleeps = [p for p in _tree(daemon.pid) if psutil.Process(p).name() == "sleep"]
+            time.sleep(0.1)
+        assert len(sleeps) == 2
+        daemon.kill()
+        daemon.wait()
+        assert _gone(sleeps, timeout=5)
+        hub.close_sync()
