@@ -452,7 +452,7 @@ class HubCore:
         except hw.HardwareError as exc:
             raise RequestError("bad_hardware", str(exc)) from None
         out = []
-        for m in self.machines.values():
+        for m in sorted(self.machines.values(), key=lambda m: m.name):
             if not m.connected and not msg.include_offline:
                 continue
             facts = dict(m.hardware, name=m.name, machine_id=m.machine_id, tags=m.tags)

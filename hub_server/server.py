@@ -314,6 +314,9 @@ class HubServer:
             await peer._send_quietly(p.Error(id=msg.id, code=exc.code, message=str(exc)))
         except websockets.ConnectionClosed:
             pass
+        except Exception as exc:
+            log.exception("error answering get_results")
+            await peer._send_quietly(p.Error(id=msg.id, code="internal", message=f"hub error: {exc!r}"))
 
     # -- blobs --------------------------------------------------------------
 

@@ -79,14 +79,16 @@ class Hub:
         self._link = link
         return link
 
-    async def _request(self, make: Any) -> Any:
-        """Send ``make(request_id)``; reconnect once if the link had dropped."""
+    async def _request(self, make: Any, *, idempotent: bool = True) -> Any:
+        """Send ``make(request_id)``; if the link had dropped, reconnect and
+        resend once -- only for requests that are safe to repeat (a submit
+        whose reply was lost may have been accepted)."""
         for attempt in (1, 2):
             link = await self._connected()
             try:
                 return await link.request(make(link.next_id()))
             except LinkClosed:
-                if attempt == 2:
+                if attempt == 2 or not idempotent:
                     raise
 
     @property
@@ -183,7 +185,9 @@ class Hub:
         ids: list[str] = []
         for i in range(0, len(specs), step):
             chunk = specs[i : i + step]
-            reply = await self._request(lambda rid, c=chunk: p.Submit(id=rid, tasks=c, session_id=session))
+            reply = await self._request(
+                lambda rid, c=chunk: p.Submit(id=rid, tasks=c, session_id=session), idempotent=False
+            )
             session = reply.session_id
             ids.extend(reply.task_ids)
         assert session is not None
