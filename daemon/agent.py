@@ -47,6 +47,36 @@ class DaemonConfig:
     kill_grace: float = 3.0
 
 
+class _OutputPump:
+    """Batches a task's live output into ``output`` messages (<= 10/s each)."""
+
+    def __init__(self, daemon: "Daemon", task_id: str, attempt: int, interval: float = 0.1) -> None:
+        self.daemon, self.task_id, self.attempt, self.interval = daemon, task_id, attempt, interval
+        self.buf: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.size = 0
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def __call__(self, stream: str, text: str) -> None:
+        self.buf[stream].append(text)
+        self.size += len(text)
+        if self.size >= 16384:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream, parts in self.buf.items():
+            if parts:
+                text = "".join(parts)
+                parts.clear()
+                asyncio.ensure_future(self.daemon._send_quietly(
+                    p.Output(task_id=self.task_id, attempt=self.attempt, stream=stream, text=text)))  # type: ignore[arg-type]
+        self.size = 0
+
+
 @dataclass
 class _Running:
     task_id: str
@@ -171,6 +201,7 @@ class Daemon:
         key = (msg.task_id, msg.attempt)
         taskdir = self.workdir / "tasks" / f"{msg.task_id}.{msg.attempt}"
         timer = None
+        pump: Optional[_OutputPump] = None
         try:
             if taskdir.exists():
                 shutil.rmtree(taskdir)
@@ -184,12 +215,14 @@ class Daemon:
                     p.StageDone(task_id=msg.task_id, attempt=msg.attempt, index=index, stage=stage)
                 )
 
+            pump = _OutputPump(self, msg.task_id, msg.attempt) if msg.spec.stream else None
             outcome = await run_task(
                 msg.spec,
                 taskdir,
                 fetch_data=self._fetch_data,
                 upload_artifact=self._upload_artifact,
                 on_stage=on_stage,
+                on_output=pump,
                 max_output_bytes=self.limits.max_output_bytes,
                 cancel=cancel,
                 kill_grace=self.config.kill_grace,
@@ -201,6 +234,8 @@ class Daemon:
         finally:
             if timer is not None:
                 timer.cancel()
+            if pump is not None:
+                pump.flush()
         self.running.pop(key, None)
         if not self.config.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, taskdir, True)

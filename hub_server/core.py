@@ -85,10 +85,17 @@ class HubCore:
         self.active: dict[str, ActiveTask] = {}
         self.machines: dict[str, MachineState] = {}
         self._waiters: dict[str, list[_Waiter]] = {}
+        # Called as listener(task_id, session_id, status, info) on every
+        # transition and finished stage; the server routes them to watchers.
+        self.listeners: list[Callable[[str, str, str, dict[str, Any]], None]] = []
         self._seq = store.max_seq()
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
         self._load_machines()
         self._load_active()
+
+    def _emit(self, t: ActiveTask, status: str, **info: Any) -> None:
+        for listener in self.listeners:
+            listener(t.task_id, t.session_id, status, info)
 
     # -- start-up -----------------------------------------------------------
 
@@ -177,6 +184,7 @@ class HubCore:
             t = ActiveTask(tid, session_id, first + i, spec, req, "queued")
             self.active[tid] = t
             self.scheduler.enqueue(tid, req, spec.priority, order=t.seq)
+            self._emit(t, "queued")
         return p.Submitted(id=msg.id, session_id=session_id, task_ids=ids)
 
     def _validate(self, index: int, spec: p.TaskSpec) -> dict[str, Any]:
@@ -229,6 +237,7 @@ class HubCore:
                 self.store.add_attempt(task_id, t.attempt, machine_id, now)
                 self.store.set_status(task_id, "assigned", now, attempt=t.attempt, machine=machine_id)
                 out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
+                self._emit(t, "assigned", machine=machine_id)
         return out
 
     def _requeue(self, t: ActiveTask, now: float, *, note_transition: bool = True) -> None:
@@ -236,6 +245,7 @@ class HubCore:
             task_state.check(t.status, "queued")
             t.status = "queued"
             self.store.set_status(t.task_id, "queued", now, attempt=t.attempt, queued=now, machine=None)
+            self._emit(t, "queued")
         t.machine = None
         self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq)
 
@@ -303,6 +313,7 @@ class HubCore:
                 task_state.check(t.status, "retrying")
                 t.status = "retrying"
                 self.store.set_status(tid, "retrying", now, attempt=t.attempt, reason=reason)
+                self._emit(t, "retrying", error=reason)
                 t.stages.clear()
                 self._requeue(t, now)
             else:
@@ -318,11 +329,13 @@ class HubCore:
             with self.store.transaction():
                 self.store.update_attempt(t.task_id, t.attempt, state="running", started=msg.time)
                 self.store.set_status(t.task_id, "running", msg.time, attempt=t.attempt, started=msg.time)
+            self._emit(t, "running", machine=machine_id)
 
     def stage_done(self, machine_id: str, msg: p.StageDone) -> None:
         t = self.active.get(msg.task_id)
         if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
             t.stages[msg.index] = msg.stage
+            self._emit(t, t.status, machine=machine_id, stage_index=msg.index, stage=msg.stage)
 
     def task_done(self, machine_id: str, msg: p.TaskDone, now: float) -> bool:
         """Record an attempt's outcome exactly once; False when it was stale."""
@@ -357,6 +370,7 @@ class HubCore:
         t.status = status
         self.scheduler.remove(t.task_id)
         del self.active[t.task_id]
+        self._emit(t, status, machine=t.machine, error=fields.get("error"))
         for w in self._waiters.pop(t.task_id, ()):
             w.remaining -= 1
             if w.remaining == 0 and not w.future.done():
@@ -445,6 +459,40 @@ class HubCore:
             stages=stages,
             artifacts=artifacts,
         )
+
+    def briefs(self, task_ids: list[str]) -> list[p.TaskBrief]:
+        """Current state of tasks, for a watch snapshot."""
+        out = []
+        rows = self.store.tasks(task_ids)
+        for tid in task_ids:
+            row = rows.get(tid)
+            if row is None:
+                raise RequestError("not_found", f"unknown task id: {tid}")
+            t = self.active.get(tid)
+            spec = loads(row["spec"])
+            if t is not None:
+                stages = [t.stages[i] for i in sorted(t.stages)]
+            elif row["result"]:
+                stages = p.convert(loads(row["result"]), p.TaskOutcome).stages
+            else:
+                stages = []
+            out.append(p.TaskBrief(task_id=tid, status=row["status"], machine=row["machine"],
+                                   error=row["error"], n_stages=len(spec["stages"]), stages=stages))
+        return out
+
+    def session(self, session_id: str, rid: int) -> p.SessionInfo:
+        row = self.store.db.execute(
+            "SELECT created FROM sessions WHERE session_id=?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise RequestError("not_found", f"unknown session {session_id!r}")
+        ids = self.store.session_task_ids(session_id)
+        counts: dict[str, int] = {}
+        for (status, n) in self.store.db.execute(
+            "SELECT status, count(*) FROM tasks WHERE session_id=? GROUP BY status", (session_id,)
+        ):
+            counts[status] = n
+        return p.SessionInfo(id=rid, session_id=session_id, created=row[0], task_ids=ids, counts=counts)
 
     def pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
         try:

@@ -77,6 +77,7 @@ class TaskSpec(msgspec.Struct, frozen=True):
     max_retries: int = 3
     timeout: Optional[float] = None
     label: str = ""
+    stream: bool = False  # send stdout/stderr live to watchers (costs messages)
 
 
 # ------------------------------------------------------------ task outcomes
@@ -162,6 +163,17 @@ class TaskRecord(msgspec.Struct):
     attempts: list[AttemptInfo] = []
     stages: list[StageOutcome] = []
     artifacts: list[ArtifactInfo] = []
+
+
+class TaskBrief(msgspec.Struct):
+    """A task's state in a watch snapshot."""
+
+    task_id: str
+    status: TaskStatus
+    machine: Optional[str] = None
+    error: Optional[str] = None
+    n_stages: int = 0
+    stages: list[StageOutcome] = []
 
 
 class Load(msgspec.Struct):
@@ -286,6 +298,61 @@ class BlobData(_Msg, tag="blob_data"):
     size: int
 
 
+class Watch(_Msg, tag="watch"):
+    """Subscribe to live events of tasks (or of a whole session, also of
+    tasks added to it later).  Replied with ``watching``; events then
+    arrive as ``task_event`` / ``output`` carrying ``watch=id``."""
+
+    id: int
+    task_ids: list[str] = []
+    session_id: Optional[str] = None
+    output: bool = False
+
+
+class Watching(_Msg, tag="watching"):
+    id: int
+    tasks: list[TaskBrief]
+
+
+class Unwatch(_Msg, tag="unwatch"):
+    id: int
+    watch: int
+
+
+class TaskEvent(_Msg, tag="task_event"):
+    watch: int
+    task_id: str
+    status: TaskStatus
+    time: float
+    machine: Optional[str] = None
+    error: Optional[str] = None
+    stage_index: Optional[int] = None
+    stage: Optional[StageOutcome] = None
+
+
+class Output(_Msg, tag="output"):
+    """Live stdout/stderr text: daemon -> hub (watch=None), hub -> watchers."""
+
+    task_id: str
+    attempt: int
+    stream: Literal["stdout", "stderr"]
+    text: str
+    watch: Optional[int] = None
+
+
+class GetSession(_Msg, tag="get_session"):
+    id: int
+    session_id: str
+
+
+class SessionInfo(_Msg, tag="session_info"):
+    id: int
+    session_id: str
+    created: float
+    task_ids: list[str]
+    counts: dict[str, int]
+
+
 # daemon <-> hub
 
 
@@ -360,16 +427,26 @@ Message = Union[
     TaskStarted,
     StageDone,
     TaskDone,
+    Watch,
+    Watching,
+    Unwatch,
+    TaskEvent,
+    Output,
+    GetSession,
+    SessionInfo,
 ]
 
 # What each role may send to the hub.
-CLIENT_REQUESTS = (Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet)
+CLIENT_REQUESTS = (
+    Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession,
+)
 DAEMON_REQUESTS = (
     Register,
     Heartbeat,
     TaskStarted,
     StageDone,
     TaskDone,
+    Output,
     BlobsMissing,
     BlobPut,
     BlobGet,

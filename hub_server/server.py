@@ -62,6 +62,16 @@ class _Peer:
             await self.send(msg)
 
 
+class _Sub:
+    """One client's watch: events for some tasks or a whole session."""
+
+    __slots__ = ("peer", "wid", "output", "task_ids", "session_id")
+
+    def __init__(self, peer: _Peer, wid: int, output: bool, task_ids: set[str], session_id: Optional[str]):
+        self.peer, self.wid, self.output = peer, wid, output
+        self.task_ids, self.session_id = task_ids, session_id
+
+
 class HubServer:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
@@ -69,6 +79,10 @@ class HubServer:
         self.blobs = BlobStore(Path(config.state_dir) / "blobs")
         self.core = HubCore(self.store, self.blobs, config.limits)
         self.daemons: dict[str, _Peer] = {}
+        self._subs_by_task: dict[str, set[_Sub]] = {}
+        self._subs_by_session: dict[str, set[_Sub]] = {}
+        self._subs_by_peer: dict[_Peer, dict[int, _Sub]] = {}
+        self.core.listeners.append(self._on_task_event)
         self._server: Any = None
         self._tasks: set[asyncio.Task] = set()
         self._schedule_pending = False
@@ -145,6 +159,8 @@ class HubServer:
         finally:
             for w in peer.uploads.values():
                 w.abort()
+            for sub in list(self._subs_by_peer.get(peer, {}).values()):
+                self._drop_sub(sub)
             if peer.machine_id is not None and self.daemons.get(peer.machine_id) is peer:
                 del self.daemons[peer.machine_id]
                 self.core.disconnect(peer.machine_id, time.time(), "daemon connection lost")
@@ -211,6 +227,18 @@ class HubServer:
             self._start_upload(peer, msg)
         elif isinstance(msg, p.BlobGet):
             self._spawn(self._stream_blob(peer, msg))
+        elif isinstance(msg, p.Watch):
+            await peer.send(self._watch(peer, msg))
+        elif isinstance(msg, p.Unwatch):
+            sub = self._subs_by_peer.get(peer, {}).get(msg.watch)
+            if sub is not None:
+                self._drop_sub(sub)
+            await peer.send(p.Ok(id=msg.id))
+        elif isinstance(msg, p.GetSession):
+            await peer.send(self.core.session(msg.session_id, msg.id))
+        elif isinstance(msg, p.Output):
+            if peer.machine_id is not None:
+                self._on_output(peer.machine_id, msg)
         elif isinstance(msg, p.Register):
             reply = self.core.register(msg, now)
             reply.heartbeat_interval = self.config.heartbeat_interval
@@ -245,6 +273,63 @@ class HubServer:
             return check_sha(s)
         except BlobError as exc:
             raise RequestError("bad_request", str(exc)) from None
+
+    # -- watches ------------------------------------------------------------
+
+    def _watch(self, peer: _Peer, msg: p.Watch) -> p.Watching:
+        if msg.session_id is not None:
+            ids = self.core.session(msg.session_id, msg.id).task_ids
+        else:
+            ids = list(dict.fromkeys(msg.task_ids))
+        limit = self.config.limits.max_results_per_request
+        if len(ids) > limit:
+            raise RequestError("limit", f"a watch covers at most {limit} tasks, got {len(ids)}")
+        briefs = self.core.briefs(ids)
+        sub = _Sub(peer, msg.id, msg.output, set(ids), msg.session_id)
+        self._subs_by_peer.setdefault(peer, {})[msg.id] = sub
+        if msg.session_id is not None:
+            self._subs_by_session.setdefault(msg.session_id, set()).add(sub)
+        else:
+            for b in briefs:
+                if b.status not in p.TERMINAL_STATES:
+                    self._subs_by_task.setdefault(b.task_id, set()).add(sub)
+        return p.Watching(id=msg.id, tasks=briefs)
+
+    def _drop_sub(self, sub: _Sub) -> None:
+        self._subs_by_peer.get(sub.peer, {}).pop(sub.wid, None)
+        if sub.session_id is not None:
+            self._subs_by_session.get(sub.session_id, set()).discard(sub)
+        for tid in sub.task_ids:
+            subs = self._subs_by_task.get(tid)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs_by_task[tid]
+
+    def _subs_for(self, task_id: str, session_id: Optional[str]) -> set[_Sub]:
+        subs = self._subs_by_task.get(task_id, set())
+        if session_id is not None and session_id in self._subs_by_session:
+            subs = subs | self._subs_by_session[session_id]
+        return subs
+
+    def _on_task_event(self, task_id: str, session_id: str, status: str, info: dict[str, Any]) -> None:
+        subs = self._subs_for(task_id, session_id)
+        if not subs:
+            return
+        now = time.time()
+        for sub in subs:
+            sub.peer.post(p.TaskEvent(watch=sub.wid, task_id=task_id, status=status, time=now, **info))
+        if status in p.TERMINAL_STATES:
+            self._subs_by_task.pop(task_id, None)
+
+    def _on_output(self, machine_id: str, msg: p.Output) -> None:
+        t = self.core.active.get(msg.task_id)
+        if t is None or t.attempt != msg.attempt or t.machine != machine_id:
+            return
+        for sub in self._subs_for(msg.task_id, t.session_id):
+            if sub.output:
+                sub.peer.post(p.Output(task_id=msg.task_id, attempt=msg.attempt, stream=msg.stream,
+                                       text=msg.text, watch=sub.wid))
 
     # -- scheduling ---------------------------------------------------------
 

@@ -7,7 +7,7 @@ from hub_server.link import ConnectError, HubError, RemoteError
 
 from .cluster import LocalCluster
 from .dispatch import Submission, dispatch, dispatch_sync
-from .hub import Hub
+from .hub import Hub, Session, Watcher
 from .results import (
     Artifact,
     CommandResult,
@@ -36,7 +36,9 @@ __all__ = [
     "ResultList",
     "Stage",
     "StageResult",
+    "Session",
     "Submission",
+    "Watcher",
     "Task",
     "TaskError",
     "TaskResult",

@@ -62,8 +62,12 @@ async def dispatch(
     max_retries: int = 3,
     timeout: Optional[float] = None,
     credits: Optional[int] = None,
+    stream: bool = False,
 ) -> Submission:
-    """Upload the tasks' Data files (once each) and queue the tasks on the hub."""
+    """Upload the tasks' Data files (once each) and queue the tasks on the hub.
+
+    ``stream=True`` makes daemons send stdout/stderr live to watchers.
+    """
     if credits is not None:
         raise NotImplementedError("credits= is not available yet: CreditPiggy slots are a later feature")
     if timeout is not None and timeout <= 0:
@@ -79,7 +83,10 @@ async def dispatch(
                 sha = await asyncio.to_thread(file_sha256, d.path)
                 paths[d.path] = (sha, d.path.stat().st_size)
     await hub._upload_missing(paths)
-    specs = [t.spec(paths, priority=priority, max_retries=max_retries, timeout=timeout) for t in items]
+    specs = [
+        t.spec(paths, priority=priority, max_retries=max_retries, timeout=timeout, stream=stream)
+        for t in items
+    ]
     session_id, ids = await hub._submit(specs, session)
     return Submission(ids, session_id, hub)
 

@@ -9,9 +9,10 @@ and reopened after a drop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from hub_server import protocol as p
@@ -21,6 +22,87 @@ from ._ioloop import on_io_loop, sync_twin
 from .results import HardwarePool, ResultList
 
 TaskIds = Union[str, Iterable[str]]
+log = logging.getLogger("hwf.client")
+EventCallback = Callable[[p.TaskEvent], None]
+OutputCallback = Callable[[p.Output], None]
+SnapshotCallback = Callable[[list[p.TaskBrief]], None]
+
+
+class Watcher:
+    """Live events for some tasks or a session; callbacks run on HWF's I/O thread.
+
+    After a dropped connection the watch is renewed and ``on_snapshot`` gets
+    the current state again, so nothing that happened meanwhile is missed.
+    """
+
+    def __init__(self, hub: "Hub", task_ids: list[str], session_id: Optional[str], output: bool,
+                 on_event: Optional[EventCallback], on_output: Optional[OutputCallback],
+                 on_snapshot: Optional[SnapshotCallback]) -> None:
+        self.hub, self.task_ids, self.session_id, self.output = hub, task_ids, session_id, output
+        self.on_event, self.on_output, self.on_snapshot = on_event, on_output, on_snapshot
+        self.snapshot: list[p.TaskBrief] = []
+        self.watch_id: Optional[int] = None
+        self.closed = False
+
+    def _call(self, fn: Optional[Callable[[Any], None]], arg: Any) -> None:
+        if fn is None:
+            return
+        try:
+            fn(arg)
+        except Exception:  # a widget bug must not kill the connection
+            log.exception("error in an HWF watch callback")
+
+    async def _subscribe(self, link: Link) -> None:
+        rid = link.next_id()
+        self.hub._watchers[rid] = self
+        try:
+            reply = await link.request(p.Watch(id=rid, task_ids=self.task_ids, session_id=self.session_id,
+                                               output=self.output))
+        except BaseException:
+            self.hub._watchers.pop(rid, None)
+            raise
+        self.watch_id = rid
+        self.snapshot = reply.tasks
+        self._call(self.on_snapshot, reply.tasks)
+
+    @on_io_loop
+    async def close(self) -> None:
+        self.closed = True
+        wid, self.watch_id = self.watch_id, None
+        if wid is not None and self.hub._watchers.pop(wid, None) is not None:
+            link = self.hub._link
+            if link is not None and link.is_open:
+                try:
+                    await link.request(p.Unwatch(id=link.next_id(), watch=wid))
+                except HubError:
+                    pass
+
+    close_sync = sync_twin(close)
+
+
+class Session:
+    """A session: every task dispatched into it, with counts per state."""
+
+    def __init__(self, hub: "Hub", info: p.SessionInfo) -> None:
+        self.hub = hub
+        self.session_id = info.session_id
+        self.created = info.created
+        self.task_ids = list(info.task_ids)
+        self.counts = dict(info.counts)
+
+    @property
+    def done(self) -> bool:
+        return sum(self.counts.get(s, 0) for s in p.TERMINAL_STATES) == len(self.task_ids)
+
+    async def results(self, wait: bool = False, timeout: Optional[float] = None) -> ResultList:
+        return await self.hub.get_result(self.task_ids, wait=wait, timeout=timeout)
+
+    def results_sync(self, wait: bool = False, timeout: Optional[float] = None) -> ResultList:
+        return self.hub.get_result_sync(self.task_ids, wait=wait, timeout=timeout)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        return f"<Session {self.session_id}: {len(self.task_ids)} task(s) {counts}>"
 
 
 def _id_list(ids: TaskIds) -> list[str]:
@@ -55,6 +137,7 @@ class Hub:
         self.connect_timeout = connect_timeout
         self._link: Optional[Link] = None
         self._connecting: Optional[asyncio.Future] = None
+        self._watchers: dict[int, Watcher] = {}
 
     def __repr__(self) -> str:
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
@@ -74,10 +157,20 @@ class Hub:
                 self._connecting = None
 
     async def _open(self) -> Link:
-        link = Link(self.url, self.token, agent="hwf-client")
+        link = Link(self.url, self.token, agent="hwf-client", on_message=self._on_push)
         await link.connect(timeout=self.connect_timeout)
         self._link = link
+        renew = [w for w in set(self._watchers.values()) if not w.closed]
+        self._watchers.clear()
+        for w in renew:
+            await w._subscribe(link)
         return link
+
+    def _on_push(self, msg: Any) -> None:
+        if isinstance(msg, (p.TaskEvent, p.Output)):
+            w = self._watchers.get(msg.watch) if msg.watch is not None else None
+            if w is not None:
+                w._call(w.on_event if isinstance(msg, p.TaskEvent) else w.on_output, msg)
 
     async def _request(self, make: Any, *, idempotent: bool = True) -> Any:
         """Send ``make(request_id)``; if the link had dropped, reconnect and
@@ -164,6 +257,34 @@ class Hub:
         )
         return HardwarePool.from_machines(reply.machines)
 
+    # -- live events and sessions ---------------------------------------------
+
+    @on_io_loop
+    async def watch(
+        self,
+        task_ids: Optional[TaskIds] = None,
+        *,
+        session: Optional[str] = None,
+        on_event: Optional[EventCallback] = None,
+        on_output: Optional[OutputCallback] = None,
+        on_snapshot: Optional[SnapshotCallback] = None,
+        output: bool = False,
+    ) -> Watcher:
+        """Subscribe to live task events (and output, for tasks dispatched with
+        ``stream=True``).  Callbacks run on HWF's I/O thread: keep them short."""
+        if (task_ids is None) == (session is None):
+            raise ValueError("watch takes task ids or session=, not both or neither")
+        w = Watcher(self, _id_list(task_ids) if task_ids is not None else [], session, output,
+                    on_event, on_output, on_snapshot)
+        await w._subscribe(await self._connected())
+        return w
+
+    @on_io_loop
+    async def session(self, session_id: str) -> Session:
+        """A session's tasks and their counts per state (e.g. after a kernel restart)."""
+        reply = await self._request(lambda rid: p.GetSession(id=rid, session_id=session_id))
+        return Session(self, reply)
+
     # -- submission (used by dispatch) --------------------------------------
 
     async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
@@ -197,6 +318,8 @@ class Hub:
     close_sync = sync_twin(close)
     get_result_sync = sync_twin(get_result)
     get_hardware_pool_sync = sync_twin(get_hardware_pool)
+    watch_sync = sync_twin(watch)
+    session_sync = sync_twin(session)
 
 
-__all__ = ["Hub", "HubError", "ConnectError", "RemoteError"]
+__all__ = ["Hub", "HubError", "ConnectError", "RemoteError", "Session", "Watcher"]

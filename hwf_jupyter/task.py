@@ -163,6 +163,7 @@ class Task:
         priority: int = 0,
         max_retries: int = 3,
         timeout: Optional[float] = None,
+        stream: bool = False,
     ) -> p.TaskSpec:
         return p.TaskSpec(
             stages=[s.spec(blobs) for s in self.stages],
@@ -172,6 +173,7 @@ class Task:
             max_retries=max_retries,
             timeout=timeout,
             label=self.label,
+            stream=stream,
         )
 
     def __repr__(self) -> str:
