@@ -194,6 +194,10 @@ class Daemon:
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
             self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
+        elif isinstance(msg, p.CancelTask):
+            r = self.running.get((msg.task_id, msg.attempt))
+            if r is not None:
+                r.cancel.set("cancelled")
         elif isinstance(msg, p.Error):
             log.warning("hub error %s: %s", msg.code, msg.message)
 

@@ -63,6 +63,9 @@ class MachineState:
     last_seen: float = 0.0
     first_seen: float = 0.0
     running: set[str] = field(default_factory=set)  # task ids
+    # Cancelled attempts still being killed: their slots stay busy until the
+    # daemon reports them ended.
+    cancelling: set[tuple[str, int]] = field(default_factory=set)
 
 
 class _Waiter:
@@ -272,9 +275,12 @@ class HubCore:
         still = {tid for tid, att in msg.running if self._is_current(tid, att, name)}
         lost = [tid for tid in running_before if tid not in still]
         m.running = set(still)
+        reported = {(tid, att) for tid, att in msg.running}
         if lost:
             self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it")
-        self.scheduler.add_machine(name, msg.hardware, msg.slots, name=name, tags=tags, busy=len(still))
+        m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
+        self.scheduler.add_machine(name, msg.hardware, msg.slots, name=name, tags=tags,
+                                   busy=len(still) + len(m.cancelling))
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=0.0)
 
     def _is_current(self, task_id: str, attempt: int, machine: str) -> bool:
@@ -339,6 +345,13 @@ class HubCore:
 
     def task_done(self, machine_id: str, msg: p.TaskDone, now: float) -> bool:
         """Record an attempt's outcome exactly once; False when it was stale."""
+        m = self.machines.get(machine_id)
+        if m is not None and (msg.task_id, msg.attempt) in m.cancelling:
+            m.cancelling.discard((msg.task_id, msg.attempt))
+            self.scheduler.release(machine_id)
+            self.store.update_attempt(msg.task_id, msg.attempt, state="cancelled", ended=now,
+                                      reason="cancelled")
+            return False
         t = self.active.get(msg.task_id)
         if t is None or not self._is_current(msg.task_id, msg.attempt, machine_id):
             return False
@@ -375,6 +388,38 @@ class HubCore:
             w.remaining -= 1
             if w.remaining == 0 and not w.future.done():
                 w.future.set_result(None)
+
+    # -- cancellation -------------------------------------------------------
+
+    def cancel(self, msg: p.Cancel, now: float) -> tuple[p.Cancelled, list[tuple[str, p.CancelTask]]]:
+        """Cancel unfinished tasks; returns the reply and kill orders for daemons."""
+        if msg.session_id is not None:
+            if not self.store.session_exists(msg.session_id):
+                raise RequestError("not_found", f"unknown session {msg.session_id!r}")
+            ids = self.store.session_task_ids(msg.session_id)
+        else:
+            ids = list(dict.fromkeys(msg.task_ids))
+            self.check_known(ids)
+        by_state: dict[str, int] = {}
+        done: list[str] = []
+        kills: list[tuple[str, p.CancelTask]] = []
+        with self.store.transaction():
+            for tid in ids:
+                t = self.active.get(tid)
+                if t is None:
+                    continue  # already ended: nothing to cancel
+                prior = "retrying" if t.status == "queued" and t.attempt > 0 else t.status
+                if t.status in ("assigned", "running") and t.machine in self.machines:
+                    m = self.machines[t.machine]
+                    m.running.discard(tid)
+                    if m.connected:
+                        m.cancelling.add((tid, t.attempt))
+                        kills.append((t.machine, p.CancelTask(task_id=tid, attempt=t.attempt)))
+                    self.store.update_attempt(tid, t.attempt, state="cancelling", ended=None)
+                self._finish(t, "cancelled", now, error="cancelled", reason="cancelled")
+                by_state[prior] = by_state.get(prior, 0) + 1
+                done.append(tid)
+        return p.Cancelled(id=msg.id, task_ids=done, by_state=by_state), kills
 
     # -- queries ------------------------------------------------------------
 

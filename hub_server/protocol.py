@@ -353,6 +353,23 @@ class SessionInfo(_Msg, tag="session_info"):
     counts: dict[str, int]
 
 
+class Cancel(_Msg, tag="cancel"):
+    """Cancel tasks (by id) or every unfinished task of a session."""
+
+    id: int
+    task_ids: list[str] = []
+    session_id: Optional[str] = None
+
+
+class Cancelled(_Msg, tag="cancelled"):
+    """``by_state`` counts the cancelled tasks by the state they were in:
+    queued, retrying (queued again after a lost daemon), assigned, running."""
+
+    id: int
+    task_ids: list[str]
+    by_state: dict[str, int]
+
+
 # daemon <-> hub
 
 
@@ -380,6 +397,13 @@ class Assign(_Msg, tag="assign"):
     task_id: str
     attempt: int
     spec: TaskSpec
+
+
+class CancelTask(_Msg, tag="cancel_task"):
+    """Hub -> daemon: kill this attempt's processes; report it as usual."""
+
+    task_id: str
+    attempt: int
 
 
 class TaskStarted(_Msg, tag="task_started"):
@@ -434,11 +458,14 @@ Message = Union[
     Output,
     GetSession,
     SessionInfo,
+    Cancel,
+    Cancelled,
+    CancelTask,
 ]
 
 # What each role may send to the hub.
 CLIENT_REQUESTS = (
-    Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession,
+    Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
 )
 DAEMON_REQUESTS = (
     Register,

@@ -234,6 +234,14 @@ class HubServer:
             if sub is not None:
                 self._drop_sub(sub)
             await peer.send(p.Ok(id=msg.id))
+        elif isinstance(msg, p.Cancel):
+            reply, kills = self.core.cancel(msg, now)
+            for machine_id, order in kills:
+                daemon = self.daemons.get(machine_id)
+                if daemon is not None:
+                    daemon.post(order)
+            await peer.send(reply)
+            self.schedule_soon()
         elif isinstance(msg, p.GetSession):
             await peer.send(self.core.session(msg.session_id, msg.id))
         elif isinstance(msg, p.Output):
@@ -245,6 +253,8 @@ class HubServer:
             peer.machine_id = reply.machine_id
             self.daemons[reply.machine_id] = peer
             await peer.send(reply)
+            for tid, attempt in self.core.machines[reply.machine_id].cancelling:
+                peer.post(p.CancelTask(task_id=tid, attempt=attempt))  # stale work: stop it
             self.schedule_soon()
         elif isinstance(msg, (p.Heartbeat, p.TaskStarted, p.StageDone, p.TaskDone)):
             if peer.machine_id is None:

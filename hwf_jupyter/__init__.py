@@ -45,3 +45,15 @@ __all__ = [
     "dispatch",
     "dispatch_sync",
 ]
+
+
+def load_ipython_extension(ipython):  # %load_ext hwf_jupyter
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)

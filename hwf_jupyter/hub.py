@@ -285,6 +285,19 @@ class Hub:
         reply = await self._request(lambda rid: p.GetSession(id=rid, session_id=session_id))
         return Session(self, reply)
 
+    @on_io_loop
+    async def cancel(self, task_ids: Optional[TaskIds] = None, *, session: Optional[str] = None) -> dict[str, Any]:
+        """Cancel unfinished tasks (by id, or a whole session).
+
+        Running tasks are killed on their daemon (SIGTERM, then SIGKILL after
+        a grace period) and never retried.  Returns the cancelled ids and
+        counts by the state each task was in."""
+        if (task_ids is None) == (session is None):
+            raise ValueError("cancel takes task ids or session=, not both or neither")
+        ids = _id_list(task_ids) if task_ids is not None else []
+        reply = await self._request(lambda rid: p.Cancel(id=rid, task_ids=ids, session_id=session))
+        return {"cancelled": reply.task_ids, "by_state": reply.by_state}
+
     # -- submission (used by dispatch) --------------------------------------
 
     async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
@@ -319,6 +332,7 @@ class Hub:
     get_result_sync = sync_twin(get_result)
     get_hardware_pool_sync = sync_twin(get_hardware_pool)
     watch_sync = sync_twin(watch)
+    cancel_sync = sync_twin(cancel)
     session_sync = sync_twin(session)
 
 

@@ -1,0 +1,310 @@
+"""IPython magics: ``%load_ext hwf_jupyter`` then ``%%hwf_stage``, ``%hwf_dispatch``...
+
+Misuse (an empty draft, no hub, a bad option or value, a hub that is down)
+raises ``UsageError``, which IPython shows as one line, not a traceback.
+Network work runs on HWF's I/O thread; a magic blocks its cell only when it
+waits for results (``--wait``), and live widgets keep updating meanwhile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+from typing import Any, Callable, Optional
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Bool, Unicode
+
+from hub_server.hardware import HardwareError
+from hub_server.link import HubError
+
+from .cluster import ClusterError, LocalCluster
+from .dispatch import Submission, dispatch_sync
+from .draft import Draft
+from .hub import Hub
+from .results import ResultList
+from .stream import CellStream
+from .task import Data, Stage, TaskError
+
+LEVELS = ("task", "stage", "command")
+_USER_ERRORS = (TaskError, HubError, HardwareError, ClusterError, ValueError, TypeError, NotImplementedError)
+
+
+def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a user's mistake into a one-line UsageError naming it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError:
+            raise
+        except _USER_ERRORS as exc:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise UsageError(f"hwf: {text}") from None
+
+    return wrapper
+
+
+def _key_values(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"hwf: expected KEY=VALUE, got {pair!r}")
+        key, value = key.strip(), value.strip()
+        if key == "tags":
+            out[key] = [t for t in value.split(",") if t]
+        elif key == "cores" and value.isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _data_arg(spec: str) -> Data:
+    src, sep, name = spec.partition(":")
+    return Data(src, name if sep and name else None)
+
+
+@magics_class
+class HWFMagics(Magics):
+    """HWF magics; ``%config HWFMagics.hub_url = 'ws://...'`` sets defaults."""
+
+    hub_url = Unicode("", help="hub to connect to on first use when %hwf_connect was not run").tag(config=True)
+    token = Unicode("", help="token for hub_url (default: $HWF_TOKEN)").tag(config=True)
+    progress = Bool(True, help="show a live progress widget on %hwf_dispatch").tag(config=True)
+    artifacts_dir = Unicode("hwf_artifacts", help="where artifacts are downloaded").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.hub: Optional[Hub] = None
+        self.cluster: Optional[LocalCluster] = None
+        self.draft = Draft()
+        self.submissions: list[Submission] = []
+        self.progress_views: list[Any] = []
+        self.streams: list[CellStream] = []
+
+    # -- connection ---------------------------------------------------------
+
+    def _require_hub(self) -> Hub:
+        if self.hub is None and self.hub_url:
+            self._connect(self.hub_url, self.token or None)
+        if self.hub is None:
+            raise UsageError("hwf: not connected to a hub: run %hwf_connect URL or %hwf_local first")
+        return self.hub
+
+    def _connect(self, url: str, token: Optional[str]) -> Hub:
+        hub = Hub(url, token=token, artifacts_dir=self.artifacts_dir)
+        hub.connect_sync()  # fail here, with the URL, rather than at first use
+        if self.hub is not None:
+            self.hub.close_sync()
+        self.hub = hub
+        return hub
+
+    @magic_arguments()
+    @argument("url", help="hub address: host, host:port or ws://host:port")
+    @argument("--token", default=None, help="access token (default: $HWF_TOKEN or HWFMagics.token)")
+    @line_magic
+    @_one_line_errors
+    def hwf_connect(self, line: str) -> Hub:
+        """Connect this notebook to a hub."""
+        args = parse_argstring(self.hwf_connect, line)
+        token = args.token or self.token or os.environ.get("HWF_TOKEN")
+        return self._connect(args.url, token)
+
+    @magic_arguments()
+    @argument("--daemons", type=int, default=2, help="daemon processes to start")
+    @argument("--slots", type=int, default=2, help="tasks each daemon runs at once")
+    @line_magic
+    @_one_line_errors
+    def hwf_local(self, line: str) -> LocalCluster:
+        """Start (or reuse) an embedded hub + daemons owned by this kernel."""
+        args = parse_argstring(self.hwf_local, line)
+        if self.cluster is None:
+            if args.daemons < 1:
+                raise UsageError("hwf: --daemons must be >= 1")
+            self.cluster = LocalCluster(daemons=args.daemons, slots=args.slots)
+        if self.hub is None or self.hub.url != self.cluster.address:
+            self.hub = self.cluster.hub(artifacts_dir=self.artifacts_dir)
+        return self.cluster
+
+    # -- the draft ----------------------------------------------------------
+
+    @magic_arguments()
+    @argument("name", help="stage name")
+    @argument("--data", action="append", default=[], metavar="SRC[:NAME]",
+              help="local file sent with the task, saved as NAME (repeatable)")
+    @argument("--track", default="time", help="measures to track: time,ram,cpu,gpu")
+    @argument("--comment", default="", help="a note kept with the stage's results")
+    @cell_magic
+    @_one_line_errors
+    def hwf_stage(self, line: str, cell: str) -> None:
+        """Add a stage to the draft task: each non-empty cell line is a command."""
+        args = parse_argstring(self.hwf_stage, line)
+        tracks = {t.strip() for t in args.track.split(",") if t.strip()}
+        unknown = tracks - {"time", "ram", "cpu", "gpu"}
+        if unknown:
+            raise UsageError(f"hwf: unknown --track value(s) {', '.join(sorted(unknown))} (use time,ram,cpu,gpu)")
+        cmds = [c for c in cell.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+        stage = Stage(
+            args.name, data=[_data_arg(d) for d in args.data], cmd=cmds,
+            track_time="time" in tracks, track_ram="ram" in tracks,
+            track_cpu="cpu" in tracks, track_gpu="gpu" in tracks, comment=args.comment,
+        )
+        for d in stage.data:
+            d.check()
+        self.draft.add_stage(stage)
+        display(self.draft)
+
+    @line_magic
+    @_one_line_errors
+    def hwf_artifacts(self, line: str) -> None:
+        """%hwf_artifacts FILE ... : files (globs allowed) to bring back."""
+        files = shlex.split(line)
+        if not files:
+            raise UsageError("hwf: name at least one file, e.g. %hwf_artifacts out.txt '*.csv'")
+        self.draft.add_artifacts(files)
+        display(self.draft)
+
+    @line_magic
+    @_one_line_errors
+    def hwf_hardware(self, line: str) -> None:
+        """%hwf_hardware KEY=VALUE ... : e.g. os=linux ram=16GB gpu=none tags=fast."""
+        pairs = shlex.split(line)
+        if pairs:
+            self.draft.set_hardware(_key_values(pairs))
+        display(self.draft)
+
+    @magic_arguments()
+    @argument("--clear", action="store_true", help="start a new, empty draft")
+    @line_magic
+    @_one_line_errors
+    def hwf_draft(self, line: str) -> Draft:
+        """Show (or clear) the draft task."""
+        args = parse_argstring(self.hwf_draft, line)
+        if args.clear:
+            self.draft.clear()
+        return self.draft
+
+    # -- dispatch -----------------------------------------------------------
+
+    @magic_arguments()
+    @argument("--repeat", type=int, default=1, help="copies of the task")
+    @argument("--priority", type=int, default=0, help="higher runs first")
+    @argument("--across", action="store_true", help="one copy on each machine matching the hardware")
+    @argument("--wait", action="store_true", help="block this cell until every task has ended")
+    @argument("--stream", action="store_true", help="show remote stdout/stderr under this cell, live")
+    @argument("--timeout", type=float, default=None, help="seconds before a task is killed and failed")
+    @argument("--session", default=None, help="add to an existing session")
+    @argument("--max-retries", type=int, default=3, help="retries after a lost daemon")
+    @argument("--label", default="", help="a label kept with the tasks")
+    @line_magic
+    @_one_line_errors
+    def hwf_dispatch(self, line: str) -> Submission:
+        """Dispatch the draft task; shows live progress and returns a Submission."""
+        args = parse_argstring(self.hwf_dispatch, line)
+        task = self.draft.build(label=args.label)
+        hub = self._require_hub()
+        across = None
+        if args.across:
+            across = hub.get_hardware_pool_sync({k: v for k, v in task.hardware.items() if k != "daemon"})
+            if len(across) == 0:
+                raise UsageError("hwf: --across: no connected machine matches the draft's hardware")
+        sub = dispatch_sync(task, hub, repeat=args.repeat, priority=args.priority, across=across,
+                            session=args.session, max_retries=args.max_retries, timeout=args.timeout,
+                            stream=args.stream)
+        self.submissions.append(sub)
+        view = self._show_progress(hub, list(sub), title=f"session {sub.session_id}")
+        if args.stream:
+            self.streams.append(CellStream.start(hub, list(sub), shell=self.shell))
+        if args.wait:
+            hub.get_result_sync(list(sub), wait=True, download=False)
+            self._settle(view)
+        return sub
+
+    def _show_progress(self, hub: Hub, ids: list[str] = (), *, session: Optional[str] = None,
+                       title: str = "") -> Any:
+        if not self.progress:
+            return None
+        from .widgets import watch_progress
+
+        view = watch_progress(hub, ids or None, session=session, title=title) if session else \
+            watch_progress(hub, ids, title=title)
+        self.progress_views.append(view)
+        display(view)
+        return view
+
+    def _settle(self, view: Any) -> None:
+        """After a wait: send the final widget state from this cell."""
+        if view is not None:
+            view.flush()
+
+    # -- results ------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("ids", nargs="*", help="task ids (default: the last dispatch)")
+    @argument("--level", default="task", choices=LEVELS, help="one row per task, stage or command")
+    @argument("--session", default=None, help="every task of a session (also after a kernel restart)")
+    @argument("--last", action="store_true", help="the last dispatch (the default)")
+    @argument("--wait", action="store_true", help="wait until every task has ended")
+    @line_magic
+    @_one_line_errors
+    def hwf_results(self, line: str) -> Any:
+        """Results as a DataFrame: ``df = %hwf_results --level stage``."""
+        args = parse_argstring(self.hwf_results, line)
+        hub = self._require_hub()
+        if args.session:
+            session = hub.session_sync(args.session)
+            ids = session.task_ids
+            if not session.done and not args.wait:
+                self._show_progress(hub, session=args.session, title=f"session {args.session}")
+        elif args.ids:
+            ids = args.ids
+        elif self.submissions:
+            ids = list(self.submissions[-1])
+        else:
+            raise UsageError("hwf: nothing to show: no dispatch yet in this kernel; pass task ids or --session S")
+        results: ResultList = hub.get_result_sync(ids, wait=args.wait)
+        if args.wait:
+            for view in self.progress_views:
+                view.flush()
+        return results.to_dataframe(level=args.level)
+
+    @line_magic
+    @_one_line_errors
+    def hwf_pool(self, line: str) -> Any:
+        """%hwf_pool [KEY=VALUE ...] : the machines (matching the hardware) as a DataFrame."""
+        hub = self._require_hub()
+        pairs = shlex.split(line)
+        hardware = [_key_values(pairs)] if pairs else []
+        return hub.get_hardware_pool_sync(*hardware).to_dataframe()
+
+    @magic_arguments()
+    @argument("ids", nargs="*", help="task ids")
+    @argument("--session", default=None, help="cancel every unfinished task of a session")
+    @line_magic
+    @_one_line_errors
+    def hwf_cancel(self, line: str) -> Any:
+        """Cancel tasks (running ones are killed on their daemon)."""
+        args = parse_argstring(self.hwf_cancel, line)
+        hub = self._require_hub()
+        if not args.ids and not args.session:
+            if not self.submissions:
+                raise UsageError("hwf: name task ids or --session S to cancel")
+            args.session = self.submissions[-1].session_id
+        return hub.cancel_sync(args.ids or None, session=args.session)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(HWFMagics(shell=ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("HWFMagics")
+    if magics is not None and magics.cluster is not None:
+        magics.cluster.close()

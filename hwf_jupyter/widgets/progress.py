@@ -1,0 +1,431 @@
+"""``Progress``: live progress of a set of tasks, as a widget or as text.
+
+Watch callbacks run on HWF's I/O thread and can come thousands a second, so
+they only update plain state under a lock; drawing happens at most
+``max_rate`` times a second, in one coalesced render scheduled on the I/O
+loop (a widget update per event would flood the browser).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+
+from hub_server import protocol as p
+from hub_server.protocol import TERMINAL_STATES
+
+from .._ioloop import io_loop
+from ._common import esc, fmt_seconds, resolve_interactive
+
+if TYPE_CHECKING:
+    import ipywidgets
+
+    from ..hub import Hub, Watcher
+
+# Buckets shown to the user, in display order; "assigned" counts as queued.
+STATES = ("finished", "failed", "cancelled", "running", "retrying", "queued")
+_BUCKET = {"assigned": "queued"}
+_COLORS = {"finished": "#2e7d32", "failed": "#c62828", "cancelled": "#757575",
+           "running": "#1565c0", "retrying": "#ef6c00", "queued": "#616161"}
+MAX_FAILED_SHOWN = 20
+
+
+def _bucket(status: str) -> str:
+    return _BUCKET.get(status, status)
+
+
+class _StageStats:
+    """Durations of one stage index, keyed by task so a retry replaces, not adds."""
+
+    __slots__ = ("name", "by_task", "failed", "total", "timed", "max")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.by_task: dict[str, tuple[str, Optional[float]]] = {}
+        self.failed = 0
+        self.total = 0.0
+        self.timed = 0
+        self.max: Optional[float] = None
+
+    def put(self, task_id: str, status: str, duration: Optional[float]) -> None:
+        self.drop(task_id)
+        self.by_task[task_id] = (status, duration)
+        self.failed += status == "failed"
+        if duration is not None:
+            self.total += duration
+            self.timed += 1
+            self.max = duration if self.max is None else max(self.max, duration)
+
+    def drop(self, task_id: str) -> None:
+        old = self.by_task.pop(task_id, None)
+        if old is None:
+            return
+        status, duration = old
+        self.failed -= status == "failed"
+        if duration is not None:
+            self.total -= duration
+            self.timed -= 1
+            if self.max is not None and duration >= self.max:
+                durations = [d for _, d in self.by_task.values() if d is not None]
+                self.max = max(durations) if durations else None
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.total / self.timed if self.timed else None
+
+
+class Progress:
+    """Counts per state, failures and stage timings of tasks, updated live.
+
+    Feed it with :meth:`apply_snapshot` / :meth:`apply_event` (usually via
+    :func:`watch_progress`).  In a notebook it shows a progress bar; elsewhere
+    (or with ``interactive=False``) its repr is a short text summary.
+    """
+
+    def __init__(
+        self,
+        task_ids: Iterable[str] = (),
+        *,
+        title: str = "",
+        interactive: Optional[bool] = None,
+        max_rate: float = 10.0,
+    ) -> None:
+        if max_rate <= 0:
+            raise ValueError(f"max_rate must be > 0 renders per second, got {max_rate!r}")
+        self.title = title
+        self.interactive = resolve_interactive(interactive)
+        self.max_rate = float(max_rate)
+        self.watcher: Optional["Watcher"] = None
+        self.auto_close = True  # close the watcher once every task is done
+        self.renders = 0  # how many times the widgets were updated (for tests and curiosity)
+
+        self._lock = threading.Lock()  # guards the plain state below
+        self._render_lock = threading.Lock()  # one render at a time (timer vs flush)
+        self._status: dict[str, str] = {}
+        self._counts = dict.fromkeys(STATES, 0)
+        self._errors: dict[str, str] = {}
+        self._stages: dict[int, _StageStats] = {}
+        self._t0 = time.monotonic()
+        self._t_done: Optional[float] = None
+        self._scheduled = False
+        self._last_render = float("-inf")
+        self._closing_watch = False
+        for tid in dict.fromkeys(task_ids):
+            self._set_status(tid, "queued")
+        self._check_done()
+
+        self._box: Optional["ipywidgets.VBox"] = None
+        if self.interactive:
+            self._build_widgets()
+            self.flush()
+
+    # -- feeding (any thread; normally HWF's I/O thread) ----------------------
+
+    def apply_snapshot(self, briefs: list[p.TaskBrief]) -> None:
+        """The current state of the watched tasks (at subscribe and after a reconnect)."""
+        with self._lock:
+            for b in briefs:
+                self._set_status(b.task_id, b.status, b.error)
+                for i, st in enumerate(b.stages):
+                    self._set_stage(b.task_id, i, st)
+            self._changed()
+
+    def apply_event(self, ev: p.TaskEvent) -> None:
+        """One task transition or finished stage."""
+        with self._lock:
+            if ev.status == "retrying":
+                for stats in self._stages.values():  # the hub starts the stages over
+                    stats.drop(ev.task_id)
+            self._set_status(ev.task_id, ev.status, ev.error)
+            if ev.stage is not None and ev.stage_index is not None:
+                self._set_stage(ev.task_id, ev.stage_index, ev.stage)
+            self._changed()
+
+    def _set_status(self, task_id: str, status: str, error: Optional[str] = None) -> None:
+        old = self._status.get(task_id)
+        if old in TERMINAL_STATES and status not in TERMINAL_STATES:
+            # Terminal is final: this is an older snapshot that lost a race with an event.
+            return
+        if old is not None:
+            self._counts[_bucket(old)] -= 1
+        elif status not in TERMINAL_STATES:
+            self._t_done = None  # a new task (session watch): not done any more
+        self._status[task_id] = status
+        self._counts[_bucket(status)] = self._counts.get(_bucket(status), 0) + 1
+        if status == "failed":
+            self._errors[task_id] = error or "failed (no error text)"
+        else:
+            self._errors.pop(task_id, None)
+
+    def _set_stage(self, task_id: str, index: int, st: p.StageOutcome) -> None:
+        if st.status == "skipped":
+            return
+        stats = self._stages.get(index)
+        if stats is None:
+            stats = self._stages[index] = _StageStats(st.name)
+        stats.put(task_id, st.status, st.duration)
+
+    def _changed(self) -> None:
+        """Called with the lock held after every update."""
+        self._check_done()
+        if self.interactive and not self._scheduled:
+            self._scheduled = True
+            delay = max(0.0, self._last_render + 1.0 / self.max_rate - time.monotonic())
+            loop = io_loop()
+            if loop.in_loop_thread():
+                loop.loop.call_later(delay, self._timed_render)
+            else:
+                loop.loop.call_soon_threadsafe(loop.loop.call_later, delay, self._timed_render)
+
+    def _check_done(self) -> None:
+        if self._t_done is None and self._is_done():
+            self._t_done = time.monotonic()
+        self._maybe_close_watch()
+
+    def _maybe_close_watch(self) -> None:
+        w = self.watcher
+        if w is not None and self.auto_close and not self._closing_watch and self._is_done():
+            self._closing_watch = True
+            io_loop().submit(w.close())  # never close_sync: this may be the I/O thread
+
+    # -- reading --------------------------------------------------------------
+
+    def _is_done(self) -> bool:
+        n = len(self._status)
+        return n > 0 and sum(self._counts[s] for s in TERMINAL_STATES) == n
+
+    @property
+    def done(self) -> bool:
+        """Every task is finished, failed or cancelled (False while there are none)."""
+        with self._lock:
+            return self._is_done()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return len(self._status)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Tasks per state: finished, failed, cancelled, running, retrying, queued."""
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Failed task ids and their error text."""
+        with self._lock:
+            return dict(self._errors)
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._status)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since creation, frozen when the last task ended."""
+        with self._lock:
+            return self._elapsed()
+
+    def _elapsed(self) -> float:
+        end = self._t_done if self._t_done is not None else time.monotonic()
+        return end - self._t0
+
+    def stage_stats(self) -> list[dict[str, Any]]:
+        """Per stage index: name, tasks done (finished or failed), failed, mean and max seconds."""
+        with self._lock:
+            return self._stage_rows()
+
+    def _stage_rows(self) -> list[dict[str, Any]]:
+        return [
+            {"index": i, "stage": s.name, "done": len(s.by_task), "failed": s.failed,
+             "mean": s.mean, "max": s.max}
+            for i, s in sorted(self._stages.items())
+        ]
+
+    def text(self) -> str:
+        """One to three lines: counts and elapsed time, then the failures."""
+        with self._lock:
+            return self._text()
+
+    def _text(self) -> str:
+        n = len(self._status)
+        ended = sum(self._counts[s] for s in TERMINAL_STATES)
+        parts = ", ".join(f"{s} {self._counts[s]}" for s in STATES if self._counts[s])
+        lines = [f"{self.title or 'hwf'}: {ended}/{n} done [{parts}] {self._elapsed():.1f}s"]
+        if self._errors:
+            tid, err = next(iter(self._errors.items()))
+            lines.append(f"  failed {tid}: {_one_line(err, 160)}")
+            if len(self._errors) > 1:
+                others = list(self._errors)[1:]
+                shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                lines.append(f"  +{len(others)} more failed: {shown}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    # -- widgets ----------------------------------------------------------------
+
+    @property
+    def widget(self) -> Optional["ipywidgets.VBox"]:
+        """The VBox shown in a notebook (None in text mode)."""
+        return self._box
+
+    def _build_widgets(self) -> None:
+        import ipywidgets as w
+
+        self._bar = w.IntProgress(min=0, max=0, value=0, layout=w.Layout(width="100%"))
+        self._summary = w.HTML()
+        self._stage_html = w.HTML()
+        self._failed_html = w.HTML()
+        self._box = w.VBox([self._bar, self._summary, self._stage_html, self._failed_html])
+
+    def _timed_render(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        self._render()
+
+    def flush(self) -> None:
+        """Render now, on the calling thread (e.g. when a cell stops waiting)."""
+        self._render()
+
+    def _render(self) -> None:
+        if self._box is None:
+            return
+        with self._render_lock:
+            with self._lock:  # read everything at once, then draw without the lock
+                self._last_render = time.monotonic()
+                self.renders += 1
+                view = self._view()
+            with contextlib.ExitStack() as stack:
+                for widget in (self._box, *self._box.children):
+                    stack.enter_context(widget.hold_sync())
+                if view["max"] >= self._bar.max:
+                    self._bar.max = view["max"]
+                    self._bar.value = view["value"]
+                else:
+                    self._bar.value = view["value"]
+                    self._bar.max = view["max"]
+                self._bar.bar_style = view["bar_style"]
+                self._summary.value = view["summary"]
+                self._stage_html.value = view["stages"]
+                self._failed_html.value = view["failed"]
+
+    def _view(self) -> dict[str, Any]:
+        n = len(self._status)
+        ended = sum(self._counts[s] for s in TERMINAL_STATES)
+        if self._counts["failed"]:
+            style = "danger"
+        elif n and self._counts["finished"] == n:
+            style = "success"
+        else:
+            style = ""
+        return {"max": n, "value": ended, "bar_style": style, "summary": self._summary_html(n, ended),
+                "stages": self._stages_html(), "failed": self._failed_block()}
+
+    def _summary_html(self, n: int, ended: int) -> str:
+        title = f"<b>{esc(self.title)}</b> &nbsp;" if self.title else ""
+        parts = " &middot; ".join(
+            f'<span style="color:{_COLORS[s]}">{s} {self._counts[s]}</span>'
+            for s in STATES if self._counts[s]
+        )
+        return f"{title}{ended}/{n} done &nbsp; {parts} &nbsp; <i>{fmt_seconds(self._elapsed())}</i>"
+
+    def _stages_html(self) -> str:
+        rows = self._stage_rows()
+        if not rows:
+            return ""
+        cell = 'style="padding:1px 8px;text-align:{}"'
+        head = "".join(f"<th {cell.format('left')}>{h}</th>" for h in ("#", "stage", "done", "failed", "mean", "max"))
+        body = "".join(
+            "<tr>"
+            f"<td {cell.format('right')}>{r['index']}</td><td {cell.format('left')}>{esc(r['stage'])}</td>"
+            f"<td {cell.format('right')}>{r['done']}</td><td {cell.format('right')}>{r['failed'] or ''}</td>"
+            f"<td {cell.format('right')}>{fmt_seconds(r['mean'])}</td>"
+            f"<td {cell.format('right')}>{fmt_seconds(r['max'])}</td></tr>"
+            for r in rows
+        )
+        return f'<table style="font-size:90%"><tr>{head}</tr>{body}</table>'
+
+    def _failed_block(self) -> str:
+        if not self._errors:
+            return ""
+        items = list(self._errors.items())
+        lines = [
+            f"<div><b>{esc(tid)}</b>: {esc(_one_line(err, 500))}</div>" for tid, err in items[:MAX_FAILED_SHOWN]
+        ]
+        if len(items) > MAX_FAILED_SHOWN:
+            lines.append(f"<div>+{len(items) - MAX_FAILED_SHOWN} more</div>")
+        return f'<div style="color:#c62828;font-family:monospace;font-size:90%">{"".join(lines)}</div>'
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """The widget in a notebook, the text everywhere else."""
+        if self._box is None:
+            return {"text/plain": self.text()}
+        self.flush()
+        bundle = dict(self._box._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = self.text()
+        return bundle
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop watching (without waiting); the last state stays on screen."""
+        with self._lock:
+            w, self._closing_watch = self.watcher, True
+        if w is not None:
+            io_loop().submit(w.close())
+
+    @classmethod
+    def attach(
+        cls,
+        hub: "Hub",
+        task_ids: Union[str, Iterable[str], None] = None,
+        *,
+        session: Optional[str] = None,
+        title: str = "",
+        interactive: Optional[bool] = None,
+        max_rate: float = 10.0,
+    ) -> "Progress":
+        """Same as :func:`watch_progress`."""
+        return watch_progress(hub, task_ids, session=session, title=title,
+                              interactive=interactive, max_rate=max_rate)
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def watch_progress(
+    hub: "Hub",
+    task_ids: Union[str, Iterable[str], None] = None,
+    *,
+    session: Optional[str] = None,
+    title: str = "",
+    interactive: Optional[bool] = None,
+    max_rate: float = 10.0,
+) -> Progress:
+    """A Progress kept up to date by a hub watch; the watch ends when all tasks have.
+
+    ``task_ids`` may be a list of ids or a ``Submission``; with ``session=`` the
+    whole session is watched (tasks added later grow the total) and the watch
+    stays open until :meth:`Progress.close`.
+    """
+    if (task_ids is None) == (session is None):
+        raise ValueError("watch_progress takes task ids or session=, not both or neither")
+    ids = [task_ids] if isinstance(task_ids, str) else list(task_ids or [])
+    prog = Progress(ids, title=title, interactive=interactive, max_rate=max_rate)
+    prog.auto_close = session is None
+    if session is not None:
+        watcher = hub.watch_sync(session=session, on_event=prog.apply_event, on_snapshot=prog.apply_snapshot)
+    else:
+        watcher = hub.watch_sync(ids, on_event=prog.apply_event, on_snapshot=prog.apply_snapshot)
+    with prog._lock:
+        prog.watcher = watcher
+        prog._maybe_close_watch()  # everything may have ended before the watch began
+    return prog
