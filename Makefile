@@ -16,6 +16,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+	$(PY) -m hwf_jupyter.cli run-notebook notebooks/quickstart.ipynb
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lab]'
+	$(PY) -m jupyter lab --ip 127.0.0.1 --notebook-dir notebooks
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -106,6 +106,14 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_notebook(args: argparse.Namespace) -> int:
+    from .notebook_runner import execute_notebook
+
+    dest, _ = execute_notebook(args.notebook, args.output, timeout=args.timeout)
+    print(f"executed notebook written to {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwf", description="HWF: run compute work on a hub of daemons.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--label", default="")
     tok.add_argument("--state-dir", default="hwf-state")
     tok.set_defaults(func=_token)
+    nb = sub.add_parser("run-notebook", help="execute a notebook headlessly (widget state kept)")
+    nb.add_argument("notebook")
+    nb.add_argument("--output", default=None, help="default: NAME.executed.ipynb beside it")
+    nb.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    nb.set_defaults(func=_run_notebook)
     return parser
 
 

@@ -179,7 +179,7 @@ class PoolView:
     def text(self) -> str:
         with self._lock:
             df, error = self._df, self.error
-        out = display_frame(df).to_string(index=False) if len(df) else "(no machines)"
+        out = display_frame(df).map(_fmt).to_string(index=False) if len(df) else "(no machines)"
         return out + (f"\nerror: {error}" if error else "")
 
     def __repr__(self) -> str:

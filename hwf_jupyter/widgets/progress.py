@@ -340,7 +340,8 @@ class Progress:
         if not rows:
             return ""
         cell = 'style="padding:1px 8px;text-align:{}"'
-        head = "".join(f"<th {cell.format('left')}>{h}</th>" for h in ("#", "stage", "done", "failed", "mean", "max"))
+        head = "".join(f"<th {cell.format('left' if h == 'stage' else 'right')}>{h}</th>"
+                       for h in ("#", "stage", "done", "failed", "mean", "max"))
         body = "".join(
             "<tr>"
             f"<td {cell.format('right')}>{r['index']}</td><td {cell.format('left')}>{esc(r['stage'])}</td>"

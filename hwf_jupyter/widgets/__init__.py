@@ -1,0 +1,10 @@
+"""Jupyter widgets for HWF: live task progress, the hardware pool, a task form.
+
+Each also works without a notebook: its repr is plain text.
+"""
+
+from .builder import TaskBuilder
+from .pool import PoolView
+from .progress import Progress, watch_progress
+
+__all__ = ["PoolView", "Progress", "TaskBuilder", "watch_progress"]
