@@ -219,7 +219,7 @@ class HWFMagics(Magics):
                             session=args.session, max_retries=args.max_retries, timeout=args.timeout,
                             stream=args.stream)
         self.submissions.append(sub)
-        view = self._show_progress(hub, list(sub), title=f"session {sub.session_id}")
+        view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:
             self.streams.append(CellStream.start(hub, list(sub), shell=self.shell))
         if args.wait:
@@ -243,6 +243,8 @@ class HWFMagics(Magics):
         """After a wait: send the final widget state from this cell."""
         if view is not None:
             view.flush()
+            if view.widget is None:  # text mode: show where it ended
+                display(view)
 
     # -- results ------------------------------------------------------------
 
@@ -262,7 +264,7 @@ class HWFMagics(Magics):
             session = hub.session_sync(args.session)
             ids = session.task_ids
             if not session.done and not args.wait:
-                self._show_progress(hub, session=args.session, title=f"session {args.session}")
+                self._show_progress(hub, session=args.session, title=f"hwf session {args.session}")
         elif args.ids:
             ids = args.ids
         elif self.submissions:

@@ -23,8 +23,13 @@ def execute_notebook(
     *,
     timeout: int = 600,
     cwd: Optional[Union[str, os.PathLike]] = None,
+    widgets: bool = True,
 ) -> tuple[Path, nbformat.NotebookNode]:
-    """Run every cell (stopping at the first error) and write the executed copy."""
+    """Run every cell (stopping at the first error) and write the executed copy.
+
+    ``widgets=True`` runs the kernel with live widgets on (HWF_NONINTERACTIVE=0)
+    so the executed copy keeps their final state, as a browser would show it.
+    """
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -34,7 +39,8 @@ def execute_notebook(
         store_widget_state=True,
         resources={"metadata": {"path": str(cwd or path.parent)}},
     )
-    client.execute()
+    env = dict(os.environ, HWF_NONINTERACTIVE="0" if widgets else "1")
+    client.execute(env=env)
     dest = Path(out) if out else executed_path(path)
     nbformat.write(nb, dest)
     return dest, nb

@@ -37,7 +37,7 @@ def test_the_seed_example_through_magics(kernel):
     kernel.run(
         "%%hwf_stage run --track time,ram,cpu --comment 'the real work'\n"
         "tr a-z A-Z < copy.txt > out.txt\n"
-        "python3 -c 'b = bytearray(50 * 2**20)'\n"
+        "python3 -c 'b = b\"x\" * (60 * 2**20)'\n"
     )
     kernel.run("%hwf_artifacts out.txt")
     kernel.run("%hwf_hardware os=linux ram=1GB")
@@ -129,6 +129,17 @@ def test_kernel_stays_responsive_with_200_tasks_and_a_live_widget(kernel):
     assert done.strip() == "200 ['finished']"
 
 
+def test_noninteractive_env_gives_text_progress(fresh_kernel):
+    k = fresh_kernel  # started with HWF_NONINTERACTIVE=1 (see conftest)
+    k.run("%hwf_local --daemons 1")
+    k.run("%%hwf_stage s\ntrue\n")
+    r = k.run("sub = %hwf_dispatch --repeat 3 --wait")
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in r.outputs)
+    texts = r.data()
+    assert texts and "hwf session" in texts[0] and "0/3 done" in texts[0] or "done" in texts[0]
+    assert "3/3 done [finished 3]" in texts[-1]
+
+
 def test_nest_asyncio_applied_magics_still_work(fresh_kernel):
     k = fresh_kernel
     k.run("import nest_asyncio; nest_asyncio.apply()")
@@ -172,7 +183,7 @@ def test_misuse_gets_one_line_errors(fresh_kernel):
 
 
 def test_config_traitlets_and_reattach_after_kernel_restart(cluster, tmp_path):
-    k = Kernel(str(tmp_path))
+    k = Kernel(str(tmp_path), env=dict(os.environ, HWF_NONINTERACTIVE="0"))
     try:
         k.run("%load_ext hwf_jupyter")
         k.run(f"%config HWFMagics.hub_url = {cluster.address!r}\n%config HWFMagics.token = {cluster.token!r}")

@@ -290,8 +290,19 @@ class Progress:
         self._render()
 
     def flush(self) -> None:
-        """Render now, on the calling thread (e.g. when a cell stops waiting)."""
+        """Render now and resend the full state, on the calling thread.
+
+        Called when a cell stops waiting: the front-end (and nbclient, which
+        keeps only messages of the running cell) then gets the final state
+        under that cell, even if earlier updates from the I/O thread were
+        attributed elsewhere.  ipywidgets skips traits it believes are in
+        sync, hence the explicit ``send_state``.
+        """
         self._render()
+        if self._box is not None:
+            with self._render_lock:
+                for widget in self._box.children:
+                    widget.send_state()
 
     def _render(self) -> None:
         if self._box is None:
