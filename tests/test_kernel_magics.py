@@ -207,3 +207,20 @@ def test_config_traitlets_and_reattach_after_kernel_restart(cluster, tmp_path):
         assert out.strip() == "2 ['late', 'late']"
     finally:
         k.close()
+
+
+def test_kernel_shutdown_stops_its_local_cluster(tmp_path):
+    import psutil
+
+    k = Kernel(str(tmp_path))
+    k.run("%load_ext hwf_jupyter")
+    pids = k.run("c = %hwf_local --daemons 2\nprint(' '.join(map(str, c.pids)))").stdout.split()
+    pids = [int(p) for p in pids]
+    assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)
+    k.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    ):
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
