@@ -28,6 +28,7 @@ def _hub(args: argparse.Namespace) -> int:
         limits=limits,
         heartbeat_timeout=args.heartbeat_timeout,
         reconnect_grace=args.reconnect_grace,
+        trust_loopback=args.trust_loopback,
     )
     return _run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--max-file-bytes", type=int, default=None, help="largest Data/artifact file accepted")
     hub.add_argument("--heartbeat-timeout", type=float, default=10.0)
     hub.add_argument("--reconnect-grace", type=float, default=15.0)
+    hub.add_argument("--trust-loopback", action="store_true",
+                     help="let callers on 127.0.0.1 in as clients without a token (like HTC-Grid's INTRA_VPC)")
     hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=_hub)

@@ -64,6 +64,7 @@ class LocalCluster:
         max_file_bytes: Optional[int] = None,
         start_timeout: float = 60.0,
         log_dir: Optional[str | os.PathLike] = None,
+        trust_loopback: bool = False,
     ) -> None:
         if daemons < 0:
             raise ValueError("daemons must be >= 0")
@@ -81,6 +82,8 @@ class LocalCluster:
         ]
         if max_file_bytes is not None:
             self._hub_args += ["--max-file-bytes", str(max_file_bytes)]
+        if trust_loopback:
+            self._hub_args.append("--trust-loopback")
         store = auth.open_state_dir(self.state_dir)
         try:
             self.token = auth.create_token(store, "client", "LocalCluster client")
