@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,8 @@ class DaemonConfig:
     parent_pid: Optional[int] = None
     max_backoff: float = 10.0
     kill_grace: float = 3.0
+    # SIGTERM: take no new tasks, let running ones finish for up to this long.
+    drain_timeout: float = 300.0
 
 
 class _OutputPump:
@@ -98,15 +101,17 @@ class Daemon:
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
+        self.draining = False
+        self.instance = secrets.token_hex(6)
         self.heartbeat_interval = 2.0
 
     # -- main loop ----------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, self._stop.set)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGTERM, self.drain)
         watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
         guardian = Guardian().start()
         tracking.set_guardian(guardian)
@@ -144,12 +149,15 @@ class Daemon:
                     slots=self.config.slots,
                     tags=self.config.tags,
                     running=[*self.running.keys(), *self.outbox.keys()],
+                    instance=self.instance,
                 )
             )
             self.heartbeat_interval = reply.heartbeat_interval or 2.0
             self.link = link
             self.connected.set()
             log.info("registered with %s as %s", link.url, reply.machine_id)
+            if self.draining:
+                await link.send(p.Draining())
             for key in list(self.outbox):
                 asyncio.ensure_future(self._deliver(key))
             beat = asyncio.ensure_future(self._heartbeats(link))
@@ -169,6 +177,28 @@ class Daemon:
             with contextlib.suppress(LinkClosed):
                 await link.send(p.Heartbeat(load=load, running=len(self.running)))
             await asyncio.sleep(self.heartbeat_interval)
+
+    def drain(self) -> None:
+        """Stop taking tasks; exit once running ones end (or drain_timeout passes)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d running task(s), up to %.0fs", len(self.running), self.config.drain_timeout)
+        asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        if self.link is not None:
+            with contextlib.suppress(HubError):
+                await self.link.send(p.Draining())
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        # Results of finished work go out before we leave (briefly: the hub
+        # may be away; whatever stays undelivered is retried by the hub).
+        deliver_by = time.monotonic() + 10
+        while self.outbox and self.link is not None and time.monotonic() < deliver_by:
+            await asyncio.sleep(0.05)
+        self._stop.set()
 
     async def _watch_parent(self) -> None:
         while True:

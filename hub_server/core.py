@@ -30,6 +30,11 @@ class RequestError(Exception):
         self.code = code
 
 
+def instance_key(machine_id: str, instance: Optional[str]) -> str:
+    """What a lost attempt excludes: this daemon process, not the name forever."""
+    return f"{machine_id}#{instance}" if instance else machine_id
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(8)}"
 
@@ -63,6 +68,7 @@ class MachineState:
     last_seen: float = 0.0
     first_seen: float = 0.0
     running: set[str] = field(default_factory=set)  # task ids
+    instance: str = ""  # the daemon process: a restart is a new instance
     # Cancelled attempts still being killed: their slots stay busy until the
     # daemon reports them ended.
     cancelling: set[tuple[str, int]] = field(default_factory=set)
@@ -119,15 +125,16 @@ class HubCore:
                 last_seen=row["last_seen"],
                 first_seen=row["first_seen"],
                 load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
+                instance=row["instance"] or "",
             )
 
     def _load_active(self) -> None:
         """Rebuild the queue after a restart; running attempts wait for their daemon."""
         excluded: dict[str, set[str]] = {}
         for row in self.store.db.execute(
-            "SELECT task_id, machine FROM attempts WHERE state='lost'"
+            "SELECT task_id, machine, instance FROM attempts WHERE state='lost' AND reason NOT LIKE 'not delivered%'"
         ):
-            excluded.setdefault(row[0], set()).add(row[1])
+            excluded.setdefault(row[0], set()).add(instance_key(row[1], row[2]))
         for row in self.store.active_tasks():
             spec = p.convert(loads(row["spec"]), p.TaskSpec)
             t = ActiveTask(
@@ -150,6 +157,10 @@ class HubCore:
     # -- submission ---------------------------------------------------------
 
     def submit(self, msg: p.Submit) -> p.Submitted:
+        if msg.key is not None:
+            before = self.store.submitted_before(msg.key)
+            if before is not None:  # a resend: the first one was accepted
+                return p.Submitted(id=msg.id, session_id=before[0], task_ids=before[1])
         if not msg.tasks:
             raise RequestError("bad_request", "submit carries no tasks")
         if len(msg.tasks) > self.limits.max_tasks_per_submit:
@@ -183,6 +194,8 @@ class HubCore:
         with self.store.transaction():
             self.store.add_session(session_id, now)
             self.store.insert_tasks(rows)
+            if msg.key is not None:
+                self.store.remember_submit(msg.key, session_id, ids, now)
         for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
             t = ActiveTask(tid, session_id, first + i, spec, req, "queued")
             self.active[tid] = t
@@ -237,7 +250,7 @@ class HubCore:
                 t.status = "assigned"
                 t.machine = machine_id
                 self.machines[machine_id].running.add(task_id)
-                self.store.add_attempt(task_id, t.attempt, machine_id, now)
+                self.store.add_attempt(task_id, t.attempt, machine_id, self.machines[machine_id].instance, now)
                 self.store.set_status(task_id, "assigned", now, attempt=t.attempt, machine=machine_id)
                 out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
                 self._emit(t, "assigned", machine=machine_id)
@@ -264,11 +277,13 @@ class HubCore:
         if m is not None and m.connected:
             raise RequestError("conflict", f"a daemon named {name!r} is already connected")
         tags = sorted({t.lower() for t in msg.tags})
-        self.store.upsert_machine(name, name, msg.hardware, msg.slots, tags, now)
+        self.store.upsert_machine(name, name, msg.hardware, msg.slots, tags, now, msg.instance)
         running_before = m.running if m else set()
+        same_process = m is not None and bool(msg.instance) and m.instance == msg.instance
+        previous = m
         m = MachineState(name, name, dict(msg.hardware), msg.slots, tags, connected=True,
                          last_seen=now, first_seen=m.first_seen if m else now,
-                         running=set())
+                         running=set(), instance=msg.instance)
         self.machines[name] = m
         # Attempts the hub believed were on this machine but the daemon no
         # longer has (and did not finish) were lost with its previous life.
@@ -276,11 +291,17 @@ class HubCore:
         lost = [tid for tid in running_before if tid not in still]
         m.running = set(still)
         reported = {(tid, att) for tid, att in msg.running}
-        if lost:
-            self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it")
+        if lost and same_process:
+            # The same daemon process never got these (the hub went down
+            # before sending them): not the machine's fault, no exclusion.
+            self.lose_attempts(name, lost, now, reason="not delivered (hub restart)", exclude=False)
+        elif lost:
+            self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
+                               instance=previous.instance if previous else "")
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
         self.scheduler.add_machine(name, msg.hardware, msg.slots, name=name, tags=tags,
-                                   busy=len(still) + len(m.cancelling))
+                                   busy=len(still) + len(m.cancelling),
+                                   instance_key=instance_key(name, msg.instance))
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=0.0)
 
     def _is_current(self, task_id: str, attempt: int, machine: str) -> bool:
@@ -295,6 +316,13 @@ class HubCore:
         m.last_seen = now
         self.store.set_machine_state(machine_id, "draining" if m.draining else "online", now, msg.load)
 
+    def set_draining(self, machine_id: str, now: float) -> None:
+        m = self.machines.get(machine_id)
+        if m is not None:
+            m.draining = True
+            self.scheduler.set_accepting(machine_id, False)
+            self.store.set_machine_state(machine_id, "draining", now)
+
     def disconnect(self, machine_id: str, now: float, reason: str) -> None:
         """The daemon's connection is gone: its attempts are lost."""
         m = self.machines.get(machine_id)
@@ -307,13 +335,20 @@ class HubCore:
             self.lose_attempts(machine_id, list(m.running), now, reason=reason)
         m.running.clear()
 
-    def lose_attempts(self, machine_id: str, task_ids: Iterable[str], now: float, reason: str) -> None:
+    def lose_attempts(self, machine_id: str, task_ids: Iterable[str], now: float, reason: str,
+                      *, exclude: bool = True, instance: Optional[str] = None) -> None:
+        """Attempts died with their daemon: retry them (elsewhere) or fail them."""
+        m = self.machines.get(machine_id)
+        inst = instance if instance is not None else (m.instance if m else "")
+        key = instance_key(machine_id, inst)
+        exclude = exclude and bool(inst)  # unknown process: no lasting exclusion
         for tid in task_ids:
             t = self.active.get(tid)
             if t is None or t.machine != machine_id or task_state.is_terminal(t.status):
                 continue
             self.store.update_attempt(tid, t.attempt, state="lost", ended=now, reason=reason)
-            t.excluded.add(machine_id)
+            if exclude:
+                t.excluded.add(key)
             nxt = task_state.after_loss(t.attempt, t.spec.max_retries)
             if nxt == "retrying":
                 task_state.check(t.status, "retrying")

@@ -232,9 +232,13 @@ class Ok(_Msg, tag="ok"):
 
 
 class Submit(_Msg, tag="submit"):
+    """``key`` (client-chosen, unique) makes a resent submit return the
+    original reply instead of queueing the tasks twice."""
+
     id: int
     tasks: list[TaskSpec]
     session_id: Optional[str] = None
+    key: Optional[str] = None
 
 
 class Submitted(_Msg, tag="submitted"):
@@ -380,6 +384,7 @@ class Register(_Msg, tag="register"):
     slots: int
     tags: list[str] = []
     running: list[tuple[str, int]] = []
+    instance: str = ""  # new for every daemon process start
 
 
 class Registered(_Msg, tag="registered"):
@@ -397,6 +402,10 @@ class Assign(_Msg, tag="assign"):
     task_id: str
     attempt: int
     spec: TaskSpec
+
+
+class Draining(_Msg, tag="draining"):
+    """Daemon -> hub: finishing its running tasks, take no new ones."""
 
 
 class CancelTask(_Msg, tag="cancel_task"):
@@ -461,6 +470,7 @@ Message = Union[
     Cancel,
     Cancelled,
     CancelTask,
+    Draining,
 ]
 
 # What each role may send to the hub.
@@ -474,6 +484,7 @@ DAEMON_REQUESTS = (
     StageDone,
     TaskDone,
     Output,
+    Draining,
     BlobsMissing,
     BlobPut,
     BlobGet,

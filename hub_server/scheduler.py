@@ -59,9 +59,11 @@ class Scheduler:
         name: str = "",
         tags: list[str] | None = None,
         busy: int = 0,
+        instance_key: str | None = None,
     ) -> None:
         facts = dict(hardware)
-        facts.update(machine_id=machine_id, name=name or machine_id, tags=list(tags or []))
+        facts.update(machine_id=machine_id, name=name or machine_id, tags=list(tags or []),
+                     instance_key=instance_key or machine_id)
         self._machines[machine_id] = _Machine(machine_id, facts, slots, busy)
         self._forget_matches(machine_id)
 
@@ -127,7 +129,7 @@ class Scheduler:
         ck = (gkey, m.machine_id)
         hit = self._match_cache.get(ck)
         if hit is None:
-            hit = m.machine_id not in group.excluded and hw.matches(group.req, m.facts)
+            hit = m.facts["instance_key"] not in group.excluded and hw.matches(group.req, m.facts)
             self._match_cache[ck] = hit
         return hit
 

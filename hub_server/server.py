@@ -250,6 +250,9 @@ class HubServer:
             self.schedule_soon()
         elif isinstance(msg, p.GetSession):
             await peer.send(self.core.session(msg.session_id, msg.id))
+        elif isinstance(msg, p.Draining):
+            if peer.machine_id is not None:
+                self.core.set_draining(peer.machine_id, now)
         elif isinstance(msg, p.Output):
             if peer.machine_id is not None:
                 self._on_output(peer.machine_id, msg)

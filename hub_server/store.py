@@ -47,7 +47,9 @@ CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE TABLE IF NOT EXISTS attempts (
     task_id TEXT NOT NULL, attempt INTEGER NOT NULL, machine TEXT NOT NULL,
     state TEXT NOT NULL, assigned REAL, started REAL, ended REAL, reason TEXT,
-    PRIMARY KEY (task_id, attempt));
+    instance TEXT, PRIMARY KEY (task_id, attempt));
+CREATE TABLE IF NOT EXISTS submits (
+    key TEXT PRIMARY KEY, session_id TEXT NOT NULL, task_ids BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS transitions (
     task_id TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
     attempt INTEGER, reason TEXT);
@@ -55,7 +57,7 @@ CREATE INDEX IF NOT EXISTS transitions_task ON transitions(task_id);
 CREATE TABLE IF NOT EXISTS machines (
     machine_id TEXT PRIMARY KEY, name TEXT NOT NULL, hardware BLOB NOT NULL,
     slots INTEGER NOT NULL, tags BLOB NOT NULL, state TEXT NOT NULL,
-    first_seen REAL NOT NULL, last_seen REAL NOT NULL, load BLOB);
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, load BLOB, instance TEXT);
 """
 
 TASK_COLUMNS = (
@@ -167,10 +169,21 @@ class Store:
             (task_id, status, at, attempt, reason),
         )
 
-    def add_attempt(self, task_id: str, attempt: int, machine: str, at: float) -> None:
+    def add_attempt(self, task_id: str, attempt: int, machine: str, instance: str, at: float) -> None:
         self.db.execute(
-            "INSERT INTO attempts(task_id, attempt, machine, state, assigned) VALUES (?, ?, ?, 'assigned', ?)",
-            (task_id, attempt, machine, at),
+            "INSERT INTO attempts(task_id, attempt, machine, instance, state, assigned) "
+            "VALUES (?, ?, ?, ?, 'assigned', ?)",
+            (task_id, attempt, machine, instance, at),
+        )
+
+    def submitted_before(self, key: str) -> Optional[tuple[str, list[str]]]:
+        row = self.db.execute("SELECT session_id, task_ids FROM submits WHERE key=?", (key,)).fetchone()
+        return (row[0], loads(row[1])) if row else None
+
+    def remember_submit(self, key: str, session_id: str, task_ids: list[str], at: float) -> None:
+        self.db.execute(
+            "INSERT INTO submits(key, session_id, task_ids, created) VALUES (?, ?, ?, ?)",
+            (key, session_id, dumps(task_ids), at),
         )
 
     def update_attempt(self, task_id: str, attempt: int, **fields: Any) -> None:
@@ -220,14 +233,15 @@ class Store:
     # -- machines -----------------------------------------------------------
 
     def upsert_machine(
-        self, machine_id: str, name: str, hardware: dict, slots: int, tags: list[str], at: float
+        self, machine_id: str, name: str, hardware: dict, slots: int, tags: list[str], at: float,
+        instance: str = "",
     ) -> None:
         self.db.execute(
-            "INSERT INTO machines(machine_id, name, hardware, slots, tags, state, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, 'online', ?, ?) ON CONFLICT(machine_id) DO UPDATE SET "
+            "INSERT INTO machines(machine_id, name, hardware, slots, tags, state, first_seen, last_seen, instance) "
+            "VALUES (?, ?, ?, ?, ?, 'online', ?, ?, ?) ON CONFLICT(machine_id) DO UPDATE SET "
             "name=excluded.name, hardware=excluded.hardware, slots=excluded.slots, "
-            "tags=excluded.tags, state='online', last_seen=excluded.last_seen",
-            (machine_id, name, dumps(hardware), slots, dumps(tags), at, at),
+            "tags=excluded.tags, state='online', last_seen=excluded.last_seen, instance=excluded.instance",
+            (machine_id, name, dumps(hardware), slots, dumps(tags), at, at, instance),
         )
 
     def set_machine_state(self, machine_id: str, state: str, at: float, load: Any = None) -> None:

@@ -46,6 +46,7 @@ def _daemon(args: argparse.Namespace) -> int:
         tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
         keep_workdirs=args.keep_workdirs,
         parent_pid=args.parent_pid,
+        drain_timeout=args.drain_timeout,
     )
     asyncio.run(Daemon(config).run())
     return 0
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="hwf-daemon", help="task working dirs and the blob cache")
     d.add_argument("--name", default=None, help="machine name (default: hostname)")
     d.add_argument("--tags", default="", help="comma-separated tags tasks can require")
+    d.add_argument("--drain-timeout", type=float, default=300.0,
+                   help="on SIGTERM, let running tasks finish for up to this many seconds (SIGINT: stop now)")
     d.add_argument("--keep-workdirs", action="store_true", help="keep each task's working dir")
     d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=_daemon)

@@ -30,9 +30,10 @@ class ClusterError(RuntimeError):
 
 
 def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    # SIGINT: daemons stop at once (SIGTERM would drain their running tasks).
     for proc in procs:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace
     for proc in procs:
         try:
@@ -167,7 +168,8 @@ class LocalCluster:
             self.wait_for_daemons(names=[name])
         return name
 
-    def stop_daemon(self, name: str, sig: int = signal.SIGTERM, wait: bool = True) -> None:
+    def stop_daemon(self, name: str, sig: int = signal.SIGINT, wait: bool = True) -> None:
+        """SIGINT stops now; SIGTERM drains (running tasks finish first); SIGKILL kills."""
         proc = self.daemon_processes[name]
         if proc.poll() is None:
             proc.send_signal(sig)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from urllib.parse import urlsplit
@@ -129,12 +131,17 @@ class Hub:
         *,
         artifacts_dir: Union[str, os.PathLike] = "hwf_artifacts",
         connect_timeout: float = 10.0,
+        reconnect_timeout: float = 120.0,
     ) -> None:
         self.url = normalize_url(address)
         self.ip_address = urlsplit(self.url).hostname or ""
         self.token = token if token is not None else os.environ.get("HWF_TOKEN")
         self.artifacts_dir = Path(artifacts_dir)
         self.connect_timeout = connect_timeout
+        # After a connection that worked drops, keep retrying (with backoff)
+        # this long: a hub restart should not fail a waiting get_result.
+        self.reconnect_timeout = reconnect_timeout
+        self._ever_connected = False
         self._link: Optional[Link] = None
         self._connecting: Optional[asyncio.Future] = None
         self._watchers: dict[int, Watcher] = {}
@@ -160,6 +167,7 @@ class Hub:
         link = Link(self.url, self.token, agent="hwf-client", on_message=self._on_push)
         await link.connect(timeout=self.connect_timeout)
         self._link = link
+        self._ever_connected = True
         renew = [w for w in set(self._watchers.values()) if not w.closed]
         self._watchers.clear()
         for w in renew:
@@ -173,16 +181,28 @@ class Hub:
                 w._call(w.on_event if isinstance(msg, p.TaskEvent) else w.on_output, msg)
 
     async def _request(self, make: Any, *, idempotent: bool = True) -> Any:
-        """Send ``make(request_id)``; if the link had dropped, reconnect and
-        resend once -- only for requests that are safe to repeat (a submit
-        whose reply was lost may have been accepted)."""
-        for attempt in (1, 2):
-            link = await self._connected()
+        """Send ``make(request_id)`` and return the reply.
+
+        If a connection that worked drops (hub restart, network blip), reconnect
+        with backoff for up to ``reconnect_timeout`` s and send again -- only for
+        requests that are safe to repeat.  ``make`` is called per try, so it can
+        recompute what depends on time (a wait's remaining timeout)."""
+        deadline: Optional[float] = None
+        delay = 0.1
+        while True:
             try:
+                link = await self._connected()
                 return await link.request(make(link.next_id()))
-            except LinkClosed:
-                if attempt == 2 or not idempotent:
+            except (LinkClosed, ConnectError):
+                if not (idempotent and self._ever_connected):
                     raise
+                now = time.monotonic()
+                deadline = deadline or now + self.reconnect_timeout
+                if now >= deadline:
+                    raise
+                log.warning("hub %s unreachable; retrying in %.1fs", self.url, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @property
     def limits(self) -> p.Limits:
@@ -221,10 +241,15 @@ class Hub:
             return ResultList()
         records: list[p.TaskRecord] = []
         batch = max(1, self.limits.max_results_per_request)
+        until = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> Optional[float]:
+            return None if until is None else max(0.0, until - time.monotonic())
+
         for i in range(0, len(ids), batch):
             chunk = ids[i : i + batch]
             reply = await self._request(
-                lambda rid, chunk=chunk: p.GetResults(id=rid, task_ids=chunk, wait=wait, timeout=timeout)
+                lambda rid, chunk=chunk: p.GetResults(id=rid, task_ids=chunk, wait=wait, timeout=left())
             )
             records.extend(reply.tasks)
         results = ResultList.from_records(records)
@@ -319,8 +344,9 @@ class Hub:
         ids: list[str] = []
         for i in range(0, len(specs), step):
             chunk = specs[i : i + step]
+            key = uuid.uuid4().hex  # a resend after a dropped link returns the same ids
             reply = await self._request(
-                lambda rid, c=chunk: p.Submit(id=rid, tasks=c, session_id=session), idempotent=False
+                lambda rid, c=chunk, k=key, s=session: p.Submit(id=rid, tasks=c, session_id=s, key=k)
             )
             session = reply.session_id
             ids.extend(reply.task_ids)
