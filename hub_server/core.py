@@ -236,24 +236,38 @@ class HubCore:
     # -- scheduling ---------------------------------------------------------
 
     def schedule(self) -> list[tuple[str, p.Assign]]:
-        """Assign queued tasks to free slots; store it; return messages to send."""
+        """Assign queued tasks to free slots; store it; return messages to send.
+
+        Memory changes only after the commit: if the write fails, the tasks go
+        back to the queue untouched and the slots are freed again.
+        """
         pairs = self.scheduler.schedule()
         if not pairs:
             return []
         now = time.time()
-        out = []
-        with self.store.transaction():
+        try:
+            with self.store.transaction():
+                for task_id, machine_id in pairs:
+                    t = self.active[task_id]
+                    task_state.check(t.status, "assigned")
+                    self.store.add_attempt(task_id, t.attempt + 1, machine_id,
+                                           self.machines[machine_id].instance, now)
+                    self.store.set_status(task_id, "assigned", now, attempt=t.attempt + 1, machine=machine_id)
+        except Exception:
             for task_id, machine_id in pairs:
+                self.scheduler.release(machine_id)
                 t = self.active[task_id]
-                task_state.check(t.status, "assigned")
-                t.attempt += 1
-                t.status = "assigned"
-                t.machine = machine_id
-                self.machines[machine_id].running.add(task_id)
-                self.store.add_attempt(task_id, t.attempt, machine_id, self.machines[machine_id].instance, now)
-                self.store.set_status(task_id, "assigned", now, attempt=t.attempt, machine=machine_id)
-                out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
-                self._emit(t, "assigned", machine=machine_id)
+                self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq)
+            raise
+        out = []
+        for task_id, machine_id in pairs:
+            t = self.active[task_id]
+            t.attempt += 1
+            t.status = "assigned"
+            t.machine = machine_id
+            self.machines[machine_id].running.add(task_id)
+            out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
+            self._emit(t, "assigned", machine=machine_id)
         return out
 
     def _requeue(self, t: ActiveTask, now: float, *, note_transition: bool = True) -> None:

@@ -159,6 +159,9 @@ class Store:
     ) -> None:
         cols = ["status=?"]
         vals: list[Any] = [status]
+        if attempt is not None:
+            cols.append("attempt=?")
+            vals.append(attempt)
         for k, v in fields.items():
             cols.append(f"{k}=?")
             vals.append(v)

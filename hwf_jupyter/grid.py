@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +22,6 @@ from hub_server.link import ConnectError
 
 from .dispatch import dispatch_sync
 from .hub import Hub
-from .results import ResultList
 from .task import Data, Stage, Task
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -210,7 +208,9 @@ class GridConnector:
         if timeout_sec is not None and (isinstance(timeout_sec, bool) or not isinstance(timeout_sec, (int, float))
                                         or math.isnan(timeout_sec) or timeout_sec < 0):
             raise GridError(f"timeout_sec must be a number >= 0 or None, got {timeout_sec!r}")
-        results = self._fetch(hub, task_ids, timeout_sec)
+        # Hub.get_result keeps one deadline across its request chunks and reconnects.
+        wait = timeout_sec != 0
+        results = hub.get_result_sync(task_ids, wait=wait, timeout=timeout_sec if wait else None, download=False)
         by_id = {r.task_id: r for r in results}
         out: dict[str, Any] = {}
         for state in ("finished", "failed", "cancelled"):
@@ -224,27 +224,6 @@ class GridConnector:
                 out[f"{state}_OUTPUT"] = [_error_text(by_id[tid]) for tid in ids]
         out["metadata"] = {"tasks_in_response": sum(len(out.get(s, [])) for s in ("finished", "failed", "cancelled"))}
         return out
-
-    def _fetch(self, hub: Hub, task_ids: list[str], timeout_sec: Optional[float]) -> ResultList:
-        """Results in chunks the hub accepts, with one deadline for all of them
-        (``Hub.get_result`` would give each chunk the full timeout)."""
-        if not task_ids:
-            return ResultList()
-        if timeout_sec == 0:
-            return hub.get_result_sync(task_ids, wait=False, download=False)
-        hub.connect_sync()  # so hub.limits is the hub's, not the default
-        step = max(1, hub.limits.max_results_per_request)
-        deadline = None if timeout_sec is None else time.monotonic() + timeout_sec
-        results = ResultList()
-        for i in range(0, len(task_ids), step):
-            chunk = task_ids[i : i + step]
-            if deadline is None:
-                part = hub.get_result_sync(chunk, wait=True, timeout=None, download=False)
-            else:
-                left = deadline - time.monotonic()
-                part = hub.get_result_sync(chunk, wait=left > 0, timeout=max(left, 0.0), download=False)
-            results.extend(part)
-        return results
 
     def cancel_sessions(self, session_ids: list[str]) -> dict:
         """Cancel every unfinished task of each session.
