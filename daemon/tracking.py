@@ -51,6 +51,8 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 _guardian: Any = None
+FAST_SAMPLING_SECONDS = 1.0
+FAST_SAMPLE_INTERVAL = 0.01
 
 
 def set_guardian(guardian: Any) -> None:
@@ -231,11 +233,16 @@ class TrackedProcess:
     async def _sample_loop(self) -> None:
         if self._proc is None:
             return
+        start = time.monotonic()
         while not self._reaped.done():
             # /proc scanning is blocking work: keep it off the event loop.
             rss = await asyncio.to_thread(_tree_rss, self._proc)
             self._peak_tree = max(self._peak_tree, rss)
-            await asyncio.sleep(self._interval)
+            # Short commands are where a peak hides between samples (and
+            # ru_maxrss cannot help below the daemon's own RSS): sample
+            # densely during the first second, then at the normal pace.
+            fast = time.monotonic() - start < FAST_SAMPLING_SECONDS
+            await asyncio.sleep(min(self._interval, FAST_SAMPLE_INTERVAL) if fast else self._interval)
 
     async def _stop_sampler(self) -> None:
         self._sampler.cancel()

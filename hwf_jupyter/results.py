@@ -187,6 +187,7 @@ class TaskResult:
     hardware: dict[str, Any] = field(default_factory=dict)
     requested_hardware: dict[str, Any] = field(default_factory=dict)
     submitted: Optional[float] = None
+    queued: Optional[float] = None  # last time it entered the queue (later than submitted after a retry)
     started: Optional[float] = None
     finished: Optional[float] = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -210,6 +211,7 @@ class TaskResult:
             hardware=dict(rec.machine_hardware or {}),
             requested_hardware=dict(rec.hardware),
             submitted=rec.submitted,
+            queued=rec.queued,
             started=rec.started,
             finished=rec.finished,
             attempts=[Attempt.from_info(a) for a in rec.attempts],
@@ -292,6 +294,7 @@ _TASK_COLUMNS: dict[str, str] = {
     "cores": "Int64",
     "ram": "Int64",
     "submitted": "time",
+    "queued": "time",
     "started": "time",
     "finished": "time",
     "queue_time": "float64",
@@ -388,6 +391,7 @@ def _task_row(t: TaskResult) -> dict[str, Any]:
         "cores": hw.get("cores"),
         "ram": hw.get("ram"),
         "submitted": t.submitted,
+        "queued": t.queued,
         "started": t.started,
         "finished": t.finished,
         "queue_time": t.queue_time,

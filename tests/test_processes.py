@@ -64,7 +64,9 @@ SCRIPT = textwrap.dedent("""
 def _start_script(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "c")], stdout=subprocess.PIPE,
                             text=True)
-    assert proc.stdout.readline().strip() == "READY"
+    if proc.stdout.readline().strip() != "READY":
+        proc.kill()
+        raise AssertionError("the script did not start its cluster")
     kids = _tree(proc.pid)
     assert len(kids) >= 3  # hub, 2 daemons (and their sleeps)
     return proc, kids
@@ -87,12 +89,14 @@ def test_ctrl_c_leaves_no_orphans(tmp_path):
 def test_hwf_local_cli_ctrl_c(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "hwf_jupyter.cli", "local", "--daemons", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
-    lines = [proc.stdout.readline() for _ in range(4)]
-    assert lines[0].startswith("hub:    ws://127.0.0.1:")
-    kids = _tree(proc.pid)
-    assert len(kids) >= 3  # hub, daemon, the daemon's guardian
-    proc.send_signal(signal.SIGINT)
-    proc.wait(30)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]
+        assert lines[0].startswith("hub:    ws://127.0.0.1:")
+        kids = _tree(proc.pid)
+        assert len(kids) >= 3  # hub, daemon, the daemon's guardian
+    finally:
+        proc.send_signal(signal.SIGINT)  # also when an assertion failed: leave nothing behind
+        proc.wait(30)
     assert _gone(kids)
 
 

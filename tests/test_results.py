@@ -216,10 +216,10 @@ def test_result_list_summaries(results: ResultList) -> None:
 
 def test_task_dataframe(results: ResultList) -> None:
     df = results.to_dataframe()
-    assert df.shape == (2, 21)
+    assert df.shape == (2, 22)
     assert list(df.columns) == [
         "task_id", "session_id", "status", "exit_code", "machine", "os", "cpu", "cores",
-        "ram", "submitted", "started", "finished", "queue_time", "duration", "attempts",
+        "ram", "submitted", "queued", "started", "finished", "queue_time", "duration", "attempts",
         "error", "wait_reason", "label", "priority", "n_stages", "artifacts",
     ]
     assert list(df["machine"]) == ["daemon-1", "daemon-2"]
@@ -299,7 +299,7 @@ def test_command_dataframe(results: ResultList) -> None:
 
 
 @pytest.mark.parametrize(
-    ("level", "n_columns"), [("task", 21), ("stage", 15), ("command", 13)]
+    ("level", "n_columns"), [("task", 22), ("stage", 15), ("command", 13)]
 )
 def test_empty_result_list_has_columns(level: str, n_columns: int) -> None:
     full = ResultList.from_records([finished_record()]).to_dataframe(level)

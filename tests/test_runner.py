@@ -232,6 +232,15 @@ def test_peak_ram_of_a_200mb_command(workdir: Path) -> None:
     assert stage.commands[0].cpu_time is None and stage.cpu_time is None
 
 
+def test_peak_ram_of_a_short_command_below_the_daemons_rss(workdir: Path) -> None:
+    # 40 MB touched and freed at once: below this process's RSS, so only the
+    # dense early sampling can see it (ru_maxrss carries the parent's peak).
+    cmd = py("b = b'x' * (40 * 2**20)")
+    out = run(TaskSpec(stages=[StageSpec(name="s", cmds=[cmd], track_ram=True)]), workdir)
+    assert out.status == "finished", out.error
+    assert out.stages[0].peak_ram >= 40 * 2**20
+
+
 def test_peak_ram_of_a_tiny_command_is_not_the_daemons(workdir: Path) -> None:
     ballast = bytearray(300 * 2**20)  # ru_maxrss of a fork would include this
     out = run(TaskSpec(stages=[StageSpec(name="s", cmds=["sleep 0.2"], track_ram=True)]), workdir)
