@@ -320,30 +320,29 @@ class Daemon:
         # corrupt the cache for the next task.
         await asyncio.to_thread(shutil.copyfile, self.cache.path(data.sha256), dest)
 
-    async def _download(self, sha256: str) -> None:
-        for attempt in range(5):
+    async def _with_link(self, op: Any, tries: int = 5) -> Any:
+        """Run ``op(link)``, waiting out short hub outages (a reconnect)."""
+        for attempt in range(tries):
             link = await self._connected_link()
             try:
-                await link.download(sha256, self.cache.path(sha256))
-                return
+                return await op(link)
             except LinkClosed:
-                if attempt == 4:
+                if attempt == tries - 1:
                     raise
                 await asyncio.sleep(0.5)
 
+    async def _download(self, sha256: str) -> None:
+        await self._with_link(lambda link: link.download(sha256, self.cache.path(sha256)))
+
     async def _upload_artifact(self, path: Path) -> tuple[str, int]:
         sha = await asyncio.to_thread(file_sha256, path)
-        for attempt in range(5):
-            link = await self._connected_link()
-            try:
-                if await link.missing_blobs([sha]):
-                    return await link.upload(path, sha)
-                return sha, path.stat().st_size
-            except LinkClosed:
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.5)
-        raise AssertionError("unreachable")
+
+        async def upload(link: Link) -> tuple[str, int]:
+            if await link.missing_blobs([sha]):
+                return await link.upload(path, sha)
+            return sha, path.stat().st_size
+
+        return await self._with_link(upload)
 
 
 def run_daemon(config: DaemonConfig) -> None:

@@ -21,7 +21,9 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
   and at ``exec`` the kernel records the forked copy's RSS as the child's
   peak, so even ``true`` would "use" as much RAM as the daemon.  It is
   therefore only trusted when it exceeds the daemon's RSS at spawn time;
-  below that, the sampled peak is the answer.
+  below that, the sampled peak is the answer.  Each sample also reads every
+  process's own ``VmHWM`` (peak RSS since its exec, Linux), so a process
+  seen alive once reports its true peak even if it came between samples.
 
 POSIX only: Windows has no ``os.wait4`` nor process groups.
 """
@@ -99,14 +101,33 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _own_peak(pid: int) -> int:
+    """A process's own peak RSS since its exec (Linux ``VmHWM``; 0 elsewhere).
+
+    Unlike ``ru_maxrss`` it does not inherit the forking daemon's size, and
+    one sample while the process lives gives its true peak, even a peak
+    that came and went between samples.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+    """The tree's RSS now, or its largest single process's peak if larger."""
+    total = peak = 0
     for p in _tree(proc):
         try:
             total += p.memory_info().rss
         except psutil.Error:  # exited meanwhile, zombie, or not ours to see
-            pass
-    return total
+            continue
+        peak = max(peak, _own_peak(p.pid))
+    return max(total, peak)
 
 
 def _own_rss() -> int:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def _daemon(args: argparse.Namespace) -> int:
         token=token,
         workdir=Path(args.workdir),
         slots=args.slots,
-        name=args.name or DaemonConfig.__dataclass_fields__["name"].default_factory(),  # type: ignore[misc]
+        name=args.name or socket.gethostname(),
         tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
         keep_workdirs=args.keep_workdirs,
         parent_pid=args.parent_pid,

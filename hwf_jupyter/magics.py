@@ -233,8 +233,7 @@ class HWFMagics(Magics):
             return None
         from .widgets import watch_progress
 
-        view = watch_progress(hub, ids or None, session=session, title=title) if session else \
-            watch_progress(hub, ids, title=title)
+        view = watch_progress(hub, None if session else list(ids), session=session, title=title)
         self.progress_views.append(view)
         display(view)
         return view

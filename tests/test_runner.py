@@ -233,8 +233,8 @@ def test_peak_ram_of_a_200mb_command(workdir: Path) -> None:
 
 
 def test_peak_ram_of_a_short_command_below_the_daemons_rss(workdir: Path) -> None:
-    # 40 MB touched and freed at once: below this process's RSS, so only the
-    # dense early sampling can see it (ru_maxrss carries the parent's peak).
+    # 40 MB touched and freed at once, below this process's RSS: ru_maxrss
+    # cannot tell (it carries the parent's peak); the sampled VmHWM can.
     cmd = py("b = b'x' * (40 * 2**20)")
     out = run(TaskSpec(stages=[StageSpec(name="s", cmds=[cmd], track_ram=True)]), workdir)
     assert out.status == "finished", out.error
