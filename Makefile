@@ -18,9 +18,14 @@ demo: $(STAMP)
 	$(PY) examples/quickstart.py
 	$(PY) -m hwf_jupyter.cli run-notebook notebooks/quickstart.ipynb
 
+# JupyterLab on 127.0.0.1 whose kernels load the extension at start
+# (a project-local IPython profile; your own ~/.ipython is not touched).
+LAB_IPYTHONDIR := $(VENV)/ipython
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lab]'
-	$(PY) -m jupyter lab --ip 127.0.0.1 --notebook-dir notebooks
+	mkdir -p $(LAB_IPYTHONDIR)/profile_default
+	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
+	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
