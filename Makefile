@@ -20,12 +20,13 @@ demo: $(STAMP)
 
 # JupyterLab on 127.0.0.1 whose kernels load the extension at start
 # (a project-local IPython profile; your own ~/.ipython is not touched).
-LAB_IPYTHONDIR := $(VENV)/ipython
+LAB_IPYTHONDIR := $(abspath $(VENV)/ipython)
+LAB_DIR ?= notebooks
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lab]'
 	mkdir -p $(LAB_IPYTHONDIR)/profile_default
 	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
-	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -169,7 +169,7 @@ class HWFMagics(Magics):
         if not files:
             raise UsageError("hwf: name at least one file, e.g. %hwf_artifacts out.txt '*.csv'")
         self.draft.add_artifacts(files)
-        display(self.draft)
+        print(f"hwf draft: artifacts {', '.join(self.draft.artifacts)}")
 
     @line_magic
     @_one_line_errors
@@ -178,7 +178,8 @@ class HWFMagics(Magics):
         pairs = shlex.split(line)
         if pairs:
             self.draft.set_hardware(_key_values(pairs))
-        display(self.draft)
+        shown = ", ".join(f"{k}={v}" for k, v in self.draft.hardware.items()) or "any machine"
+        print(f"hwf draft: hardware {shown}")
 
     @magic_arguments()
     @argument("--clear", action="store_true", help="start a new, empty draft")

@@ -39,8 +39,8 @@ def test_the_seed_example_through_magics(kernel):
         "tr a-z A-Z < copy.txt > out.txt\n"
         "python3 -c 'b = b\"x\" * (60 * 2**20)'\n"
     )
-    kernel.run("%hwf_artifacts out.txt")
-    kernel.run("%hwf_hardware os=linux ram=1GB")
+    assert kernel.run("%hwf_artifacts out.txt").stdout.strip() == "hwf draft: artifacts out.txt"
+    assert kernel.run("%hwf_hardware os=linux ram=1GB").stdout.strip() == "hwf draft: hardware os=linux, ram=1GB"
     draft = kernel.run("%hwf_draft").data()[0]
     assert "2 stage(s)" in draft and "artifacts: out.txt" in draft and "ram=1GB" in draft
     r = kernel.run("sub = %hwf_dispatch --wait --repeat 2")
