@@ -571,7 +571,8 @@ class HubCore:
             else:
                 stages = []
             out.append(p.TaskBrief(task_id=tid, status=row["status"], machine=row["machine"],
-                                   error=row["error"], n_stages=len(spec["stages"]), stages=stages))
+                                   error=row["error"], n_stages=len(spec["stages"]), stages=stages,
+                                   submitted=row["submitted"]))
         return out
 
     def session(self, session_id: str, rid: int) -> p.SessionInfo:

@@ -174,6 +174,7 @@ class TaskBrief(msgspec.Struct):
     error: Optional[str] = None
     n_stages: int = 0
     stages: list[StageOutcome] = []
+    submitted: Optional[float] = None
 
 
 class Load(msgspec.Struct):

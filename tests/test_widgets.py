@@ -302,3 +302,14 @@ def test_task_builder_upload(hub):
     sub = b.click_dispatch()
     assert b.error is None
     assert sub.results_sync()[0].output == "up\n"
+
+
+def test_elapsed_counts_from_submission_not_from_the_view():
+    import time as _time
+
+    from hub_server import protocol as _p
+    from hwf_jupyter.widgets import Progress
+
+    prog = Progress(["t1"], interactive=False)
+    prog.apply_snapshot([_p.TaskBrief(task_id="t1", status="running", submitted=_time.time() - 5.0)])
+    assert 4.5 < prog.elapsed < 7.0

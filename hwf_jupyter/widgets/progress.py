@@ -126,6 +126,10 @@ class Progress:
     def apply_snapshot(self, briefs: list[p.TaskBrief]) -> None:
         """The current state of the watched tasks (at subscribe and after a reconnect)."""
         with self._lock:
+            submitted = [b.submitted for b in briefs if b.submitted is not None]
+            if submitted:  # time from submission, not from when the view appeared
+                since = max(0.0, time.time() - min(submitted))
+                self._t0 = min(self._t0, time.monotonic() - since)
             for b in briefs:
                 self._set_status(b.task_id, b.status, b.error)
                 for i, st in enumerate(b.stages):
