@@ -273,7 +273,8 @@ class Daemon:
         self.running.pop(key, None)
         if not self.config.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, taskdir, True)
-        self.outbox[key] = p.TaskDone(id=0, task_id=msg.task_id, attempt=msg.attempt, outcome=outcome)
+        done = p.TaskDone(id=0, task_id=msg.task_id, attempt=msg.attempt, outcome=outcome)
+        self.outbox[key] = fit_message(done, self.limits.max_message_bytes)
         await self._deliver(key)
 
     @property
@@ -343,6 +344,24 @@ class Daemon:
             return sha, path.stat().st_size
 
         return await self._with_link(upload)
+
+
+def fit_message(done: p.TaskDone, limit: int) -> p.TaskDone:
+    """Trim command output until the result fits the hub's message limit.
+
+    A result the hub must refuse would be resent forever; a shorter one,
+    flagged as truncated, is what the user gets instead.
+    """
+    budget = 1 << 16
+    while len(p.encode(done)) > limit * 0.9 and budget >= 64:
+        budget //= 4
+        for stage in done.outcome.stages:
+            for c in stage.commands:
+                if len(c.stdout) > budget:
+                    c.stdout, c.stdout_truncated = c.stdout[:budget], True
+                if len(c.stderr) > budget:
+                    c.stderr, c.stderr_truncated = c.stderr[:budget], True
+    return done
 
 
 def run_daemon(config: DaemonConfig) -> None:

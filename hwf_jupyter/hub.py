@@ -117,6 +117,24 @@ def _id_list(ids: TaskIds) -> list[str]:
     return out
 
 
+def _submit_chunks(specs: list[p.TaskSpec], limits: p.Limits) -> list[list[p.TaskSpec]]:
+    """Split a submission so each message stays under the hub's count and size limits."""
+    budget = int(limits.max_message_bytes * 0.8)
+    chunks: list[list[p.TaskSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        n = len(p.encode(spec)) + 1
+        if n > budget:
+            raise RemoteError("too_large", f"one task encodes to {n} bytes, above the hub's message limit "
+                                           f"({limits.max_message_bytes} bytes): send big inputs as Data files")
+        if chunks[-1] and (size + n > budget or len(chunks[-1]) >= limits.max_tasks_per_submit):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(spec)
+        size += n
+    return chunks
+
+
 class Hub:
     """A connection to an HWF hub.
 
@@ -240,7 +258,8 @@ class Hub:
         if not ids:
             return ResultList()
         records: list[p.TaskRecord] = []
-        batch = max(1, self.limits.max_results_per_request)
+        # Results carry command output: ask in modest batches to keep replies small.
+        batch = max(1, min(self.limits.max_results_per_request, 500))
         until = None if timeout is None else time.monotonic() + timeout
 
         def left() -> Optional[float]:
@@ -340,10 +359,8 @@ class Hub:
 
     async def _submit(self, specs: list[p.TaskSpec], session: Optional[str]) -> tuple[str, list[str]]:
         link = await self._connected()
-        step = link.limits.max_tasks_per_submit
         ids: list[str] = []
-        for i in range(0, len(specs), step):
-            chunk = specs[i : i + step]
+        for chunk in _submit_chunks(specs, link.limits):
             key = uuid.uuid4().hex  # a resend after a dropped link returns the same ids
             reply = await self._request(
                 lambda rid, c=chunk, k=key, s=session: p.Submit(id=rid, tasks=c, session_id=s, key=k)

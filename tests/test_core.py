@@ -90,3 +90,27 @@ def test_cancel_counts_by_prior_state_and_frees_slot_only_when_killed(tmp_path):
     core.task_done("d1", p.TaskDone(id=9, task_id=t, attempt=attempt,
                                     outcome=p.TaskOutcome(status="failed", reason="cancelled")), time.time())
     assert [a.task_id for _, a in core.schedule()] == [new]
+
+
+def test_oversized_result_is_trimmed_to_fit_the_message_limit():
+    from daemon.agent import fit_message
+
+    cmds = [p.CommandOutcome(cmd=f"c{i}", exit_code=0, stdout="x" * 65536, stderr="y" * 65536) for i in range(300)]
+    done = p.TaskDone(id=1, task_id="t", attempt=1, outcome=p.TaskOutcome(
+        status="finished", stages=[p.StageOutcome(name="s", status="finished", commands=cmds)]))
+    limit = p.Limits().max_message_bytes
+    assert len(p.encode(done)) > limit
+    fitted = fit_message(done, limit)
+    assert len(p.encode(fitted)) <= limit
+    c = fitted.outcome.stages[0].commands[0]
+    assert c.stdout_truncated and c.stderr_truncated and c.stdout.startswith("x")
+
+
+def test_submit_is_split_by_size_and_count():
+    from hwf_jupyter.hub import _submit_chunks
+
+    big = p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["echo " + "z" * 100_000])])
+    limits = p.Limits(max_message_bytes=1_000_000, max_tasks_per_submit=7)
+    chunks = _submit_chunks([big] * 30, limits)
+    assert sum(map(len, chunks)) == 30
+    assert all(len(p.encode(p.Submit(id=1, tasks=c))) < 1_000_000 and len(c) <= 7 for c in chunks)
