@@ -280,6 +280,15 @@ def test_track_gpu_without_gpu(workdir: Path) -> None:
     assert s.note == NO_GPU_NOTE
 
 
+@pytest.mark.skipif(not list_gpus(), reason="no GPU on this machine (runs where NVML or nvidia-smi sees one)")
+def test_track_gpu_with_a_gpu(workdir: Path) -> None:
+    stage = StageSpec(name="s", cmds=["sleep 0.5"], track_gpu=True)
+    s = run(TaskSpec(stages=[stage]), workdir).stages[0]
+    assert s.gpu_mem is not None and s.gpu_mem >= 0
+    assert s.gpu_util is not None and 0 <= s.gpu_util <= 100
+    assert s.note == ""
+
+
 # ------------------------------------------------------------------ cancel
 
 
