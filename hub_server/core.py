@@ -427,8 +427,6 @@ class HubCore:
         self.store.set_status(
             t.task_id, status, now, attempt=t.attempt, reason=reason, finished=now, **fields
         )
-        if reason is not None:
-            self.store.db.execute("UPDATE tasks SET reason=? WHERE task_id=?", (reason, t.task_id))
         t.status = status
         self.scheduler.remove(t.task_id)
         del self.active[t.task_id]

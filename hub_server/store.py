@@ -162,6 +162,9 @@ class Store:
         if attempt is not None:
             cols.append("attempt=?")
             vals.append(attempt)
+        if status in ("finished", "failed", "cancelled"):
+            cols.append("reason=?")  # on the task row: why it ended
+            vals.append(reason)
         for k, v in fields.items():
             cols.append(f"{k}=?")
             vals.append(v)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, SupportsIndex, Union, overload
 
+import msgspec
 import pandas as pd
 
 from hub_server import protocol
@@ -164,15 +165,7 @@ class Attempt:
 
     @classmethod
     def from_info(cls, info: protocol.AttemptInfo) -> Attempt:
-        return cls(
-            attempt=info.attempt,
-            machine=info.machine,
-            state=info.state,
-            assigned=info.assigned,
-            started=info.started,
-            ended=info.ended,
-            reason=info.reason,
-        )
+        return cls(**msgspec.structs.asdict(info))
 
 
 @dataclass(slots=True, repr=False)
