@@ -2,7 +2,10 @@
 
 A file sent twice is stored once.  Writes go to a temporary file that is
 renamed into place only after its sha256 and size check out, so a crash or
-a lying peer never leaves a wrong blob under a real hash.
+a lying peer never leaves a wrong blob under a real hash.  The temporary
+file is opened at the first byte, not at the announcement, so announcing
+uploads costs no file descriptors.  ``max_bytes`` bounds the whole store:
+announced sizes are reserved until the upload ends.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -38,11 +41,33 @@ def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 class BlobStore:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, max_bytes: Optional[int] = None) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(exist_ok=True)
+        for stale in self._tmp.iterdir():  # uploads cut off by a crash
+            stale.unlink(missing_ok=True)
+        self.max_bytes = max_bytes
+        self.reserved = 0
+        self.stored_bytes = self._scan_size()
+
+    def _scan_size(self) -> int:
+        total = 0
+        for shard in os.scandir(self.root):
+            if shard.is_dir() and len(shard.name) == 2:
+                total += sum(e.stat().st_size for e in os.scandir(shard.path) if e.is_file())
+        return total
+
+    def reserve(self, size: int) -> None:
+        """Book room for an upload; BlobError when the store would overflow."""
+        if self.max_bytes is not None and self.stored_bytes + self.reserved + size > self.max_bytes:
+            raise BlobError(
+                f"blob store is full: {self.stored_bytes + self.reserved} of max_blob_store_bytes="
+                f"{self.max_bytes} used; a file of {size} bytes does not fit"
+            )
+        self.reserved += size
 
     def path(self, sha256: str) -> Path:
         check_sha(sha256)
@@ -55,7 +80,10 @@ class BlobStore:
         return self.path(sha256).stat().st_size
 
     def writer(self, sha256: str, size: int) -> "BlobWriter":
-        return BlobWriter(self, check_sha(sha256), size)
+        """A writer for one upload; reserves ``size`` bytes until it ends."""
+        check_sha(sha256)
+        self.reserve(size)
+        return BlobWriter(self, sha256, size)
 
     def read_chunks(self, sha256: str, chunk: int) -> Iterator[bytes]:
         with open(self.path(sha256), "rb") as f:
@@ -85,13 +113,18 @@ class BlobWriter:
         self.store, self.sha256, self.size = store, sha256, size
         self.received = 0
         self._hash = hashlib.sha256()
-        fd, name = tempfile.mkstemp(dir=store._tmp, prefix=sha256[:12] + ".")
-        self._file = os.fdopen(fd, "wb")
-        self._tmpname = name
+        self._file: Any = None
+        self._tmpname: Optional[str] = None
+        self._ended = False
 
     @property
     def complete(self) -> bool:
         return self.received >= self.size
+
+    def _open(self) -> None:
+        fd, name = tempfile.mkstemp(dir=self.store._tmp, prefix=self.sha256[:12] + ".")
+        self._file = os.fdopen(fd, "wb")
+        self._tmpname = name
 
     def write(self, data: bytes | memoryview) -> None:
         if self.received + len(data) > self.size:
@@ -99,11 +132,15 @@ class BlobWriter:
             raise BlobError(
                 f"blob {self.sha256[:12]}: got more than the announced {self.size} bytes"
             )
+        if self._file is None:
+            self._open()
         self._file.write(data)
         self._hash.update(data)
         self.received += len(data)
 
     def finish(self) -> Path:
+        if self._file is None:
+            self._open()  # a zero-byte blob
         self._file.close()
         if self.received != self.size:
             self.abort()
@@ -113,13 +150,23 @@ class BlobWriter:
             raise BlobError(f"blob {self.sha256[:12]}: content does not match its sha256")
         dest = self.store.path(self.sha256)
         dest.parent.mkdir(exist_ok=True)
-        os.replace(self._tmpname, dest)
+        existed = dest.exists()
+        os.replace(self._tmpname, dest)  # type: ignore[arg-type]
+        self._end(stored=0 if existed else self.size)
         return dest
 
     def abort(self, reason: Optional[str] = None) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
-        try:
-            os.unlink(self._tmpname)
-        except FileNotFoundError:
-            pass
+        if self._tmpname is not None:
+            try:
+                os.unlink(self._tmpname)
+            except FileNotFoundError:
+                pass
+        self._end(stored=0)
+
+    def _end(self, stored: int) -> None:
+        if not self._ended:
+            self._ended = True
+            self.store.reserved -= self.size
+            self.store.stored_bytes += stored

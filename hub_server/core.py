@@ -3,6 +3,12 @@
 No sockets here: the websocket layer (``server.py``) calls these methods with
 decoded messages and sends whatever they return.  Every state change is
 written to the store in the same call, before anyone is told about it.
+
+Tenancy lives here too: every request carries the caller's ``Principal``.
+A client sees only its own user's sessions, tasks and blobs; another user's
+ids are answered exactly as unknown ids are, so nothing leaks whether they
+exist.  Admins see everything.  A daemon is bound to its token's owner: a
+machine name belongs to the owner that first registered it.
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from . import hardware as hw
 from . import protocol as p
 from . import task_state
+from .auth import Principal
 from .blobs import BlobStore
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
@@ -49,6 +57,7 @@ class ActiveTask:
     spec: p.TaskSpec
     requirements: dict[str, Any]
     status: str
+    user: str = ""
     attempt: int = 0
     machine: Optional[str] = None
     excluded: set[str] = field(default_factory=set)
@@ -69,6 +78,7 @@ class MachineState:
     first_seen: float = 0.0
     running: set[str] = field(default_factory=set)  # task ids
     instance: str = ""  # the daemon process: a restart is a new instance
+    owner: str = ""  # the daemon token's owner: the name is bound to it
     # Cancelled attempts still being killed: their slots stay busy until the
     # daemon reports them ended.
     cancelling: set[tuple[str, int]] = field(default_factory=set)
@@ -98,6 +108,7 @@ class HubCore:
         # transition and finished stage; the server routes them to watchers.
         self.listeners: list[Callable[[str, str, str, dict[str, Any]], None]] = []
         self._seq = store.max_seq()
+        self.active_by_user: Counter[str] = Counter()  # unfinished tasks per user
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
         self._load_machines()
         self._load_active()
@@ -126,14 +137,13 @@ class HubCore:
                 first_seen=row["first_seen"],
                 load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
                 instance=row["instance"] or "",
+                owner=row["owner"] or "",
             )
 
     def _load_active(self) -> None:
         """Rebuild the queue after a restart; running attempts wait for their daemon."""
         excluded: dict[str, set[str]] = {}
-        for row in self.store.db.execute(
-            "SELECT task_id, machine, instance FROM attempts WHERE state='lost' AND reason NOT LIKE 'not delivered%'"
-        ):
+        for row in self.store.lost_attempt_exclusions():
             excluded.setdefault(row[0], set()).add(instance_key(row[1], row[2]))
         for row in self.store.active_tasks():
             spec = p.convert(loads(row["spec"]), p.TaskSpec)
@@ -144,11 +154,13 @@ class HubCore:
                 spec=spec,
                 requirements=loads(row["requirements"]),
                 status=row["status"],
+                user=row["user"],
                 attempt=row["attempt"],
                 machine=row["machine"],
                 excluded=excluded.get(row["task_id"], set()),
             )
             self.active[t.task_id] = t
+            self.active_by_user[t.user] += 1
             if t.status in ("queued", "retrying"):
                 self._requeue(t, time.time(), note_transition=t.status == "retrying")
             elif t.machine in self.machines:
@@ -156,9 +168,12 @@ class HubCore:
 
     # -- submission ---------------------------------------------------------
 
-    def submit(self, msg: p.Submit) -> p.Submitted:
+    def submit(self, msg: p.Submit, who: Principal) -> p.Submitted:
+        user = who.user
         if msg.key is not None:
-            before = self.store.submitted_before(msg.key)
+            # Keys are per user: another user's key is just a new key.
+            key = f"{user}\x00{msg.key}"
+            before = self.store.submitted_before(key)
             if before is not None:  # a resend: the first one was accepted
                 return p.Submitted(id=msg.id, session_id=before[0], task_ids=before[1])
         if not msg.tasks:
@@ -169,6 +184,13 @@ class HubCore:
                 f"{len(msg.tasks)} tasks in one submit exceeds max_tasks_per_submit="
                 f"{self.limits.max_tasks_per_submit}",
             )
+        mine = self.active_by_user[user]
+        if mine + len(msg.tasks) > self.limits.max_queued_per_user:
+            raise RequestError(
+                "queue_full",
+                f"user {user!r} has {mine} unfinished tasks; {len(msg.tasks)} more would exceed "
+                f"max_queued_per_user={self.limits.max_queued_per_user}",
+            )
         queued = self.scheduler.queued_count()
         if queued + len(msg.tasks) > self.limits.max_queued_tasks:
             raise RequestError(
@@ -176,11 +198,10 @@ class HubCore:
                 f"queue holds {queued} tasks; {len(msg.tasks)} more would exceed "
                 f"max_queued_tasks={self.limits.max_queued_tasks}",
             )
-        reqs = [self._validate(i, spec) for i, spec in enumerate(msg.tasks)]
+        reqs = [self._validate(i, spec, who) for i, spec in enumerate(msg.tasks)]
         now = time.time()
         if msg.session_id is not None:
-            if not self.store.session_exists(msg.session_id):
-                raise RequestError("not_found", f"unknown session {msg.session_id!r}")
+            self._own_session(msg.session_id, who)
             session_id = msg.session_id
         else:
             session_id = new_id("s-")
@@ -188,22 +209,30 @@ class HubCore:
         first = self._seq + 1
         self._seq += len(ids)
         rows = [
-            (first + i, tid, session_id, dumps(spec), dumps(req), spec.priority, spec.max_retries, now)
+            (first + i, tid, session_id, dumps(spec), dumps(req), spec.priority, spec.max_retries, user, now)
             for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs))
         ]
         with self.store.transaction():
-            self.store.add_session(session_id, now)
+            self.store.add_session(session_id, now, user)
             self.store.insert_tasks(rows)
             if msg.key is not None:
-                self.store.remember_submit(msg.key, session_id, ids, now)
+                self.store.remember_submit(key, session_id, ids, now)
         for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
-            t = ActiveTask(tid, session_id, first + i, spec, req, "queued")
+            t = ActiveTask(tid, session_id, first + i, spec, req, "queued", user=user)
             self.active[tid] = t
-            self.scheduler.enqueue(tid, req, spec.priority, order=t.seq)
+            self.scheduler.enqueue(tid, req, spec.priority, order=t.seq, user=user)
             self._emit(t, "queued")
+        self.active_by_user[user] += len(ids)
         return p.Submitted(id=msg.id, session_id=session_id, task_ids=ids)
 
-    def _validate(self, index: int, spec: p.TaskSpec) -> dict[str, Any]:
+    def _own_session(self, session_id: str, who: Principal) -> Any:
+        """The session's row if ``who`` may see it; else exactly 'unknown session'."""
+        row = self.store.session(session_id)
+        if row is None or not (who.is_admin or row["user"] == who.user):
+            raise RequestError("not_found", f"unknown session {session_id!r}")
+        return row
+
+    def _validate(self, index: int, spec: p.TaskSpec, who: Principal) -> dict[str, Any]:
         where = f"task {index}"
         try:
             req = hw.normalize(spec.hardware)
@@ -222,7 +251,7 @@ class HubCore:
                 problem = unsafe_relative_path(d.filename)
                 if problem:
                     raise RequestError("bad_path", f"{where}: data filename {d.filename!r} {problem}")
-                if not self.blobs.has(d.sha256):
+                if not (self.blobs.has(d.sha256) and self.blob_readable(who, d.sha256)):
                     raise RequestError(
                         "missing_blob",
                         f"{where}: data {d.filename!r} (sha256 {d.sha256[:12]}…) was not uploaded",
@@ -257,7 +286,8 @@ class HubCore:
             for task_id, machine_id in pairs:
                 self.scheduler.release(machine_id)
                 t = self.active[task_id]
-                self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq)
+                self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
+                                       user=t.user)
             raise
         out = []
         for task_id, machine_id in pairs:
@@ -277,34 +307,41 @@ class HubCore:
             self.store.set_status(t.task_id, "queued", now, attempt=t.attempt, queued=now, machine=None)
             self._emit(t, "queued")
         t.machine = None
-        self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq)
+        self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
+                               user=t.user)
 
     # -- daemons ------------------------------------------------------------
 
-    def register(self, msg: p.Register, now: float) -> p.Registered:
-        if msg.slots < 1:
-            raise RequestError("bad_request", f"slots must be >= 1, got {msg.slots}")
+    def register(self, msg: p.Register, now: float, who: Principal) -> p.Registered:
         name = msg.name.strip()
         if not name:
             raise RequestError("bad_request", "a daemon needs a name")
         m = self.machines.get(name)
+        if m is not None and m.owner and m.owner != who.user:
+            # A name is bound to its owner: nobody else can squat it while
+            # the real machine is briefly away.
+            raise RequestError("conflict", f"machine name {name!r} is registered to another owner")
         if m is not None and m.connected:
             raise RequestError("conflict", f"a daemon named {name!r} is already connected")
         tags = sorted({t.lower() for t in msg.tags})
-        self.store.upsert_machine(name, name, msg.hardware, msg.slots, tags, now, msg.instance)
+        hardware = p.to_builtins(msg.hardware)
+        self.store.upsert_machine(name, name, hardware, msg.slots, tags, now, msg.instance, who.user)
         running_before = m.running if m else set()
         same_process = m is not None and bool(msg.instance) and m.instance == msg.instance
         previous = m
-        m = MachineState(name, name, dict(msg.hardware), msg.slots, tags, connected=True,
+        m = MachineState(name, name, hardware, msg.slots, tags, connected=True,
                          last_seen=now, first_seen=m.first_seen if m else now,
-                         running=set(), instance=msg.instance)
+                         running=set(), instance=msg.instance, owner=who.user)
         self.machines[name] = m
         # Attempts the hub believed were on this machine but the daemon no
         # longer has (and did not finish) were lost with its previous life.
         still = {tid for tid, att in msg.running if self._is_current(tid, att, name)}
         lost = [tid for tid in running_before if tid not in still]
         m.running = set(still)
-        reported = {(tid, att) for tid, att in msg.running}
+        # A daemon can only claim attempts the hub gave to this machine: the
+        # rest of what it reports is ignored, not cancelled on its word.
+        reported = {(tid, att) for tid, att in msg.running
+                    if (tid, att) in self._own_attempts(name, msg.running)}
         if lost and same_process:
             # The same daemon process never got these (the hub went down
             # before sending them): not the machine's fault, no exclusion.
@@ -313,10 +350,13 @@ class HubCore:
             self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
                                instance=previous.instance if previous else "")
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
-        self.scheduler.add_machine(name, msg.hardware, msg.slots, name=name, tags=tags,
+        self.scheduler.add_machine(name, hardware, msg.slots, name=name, tags=tags,
                                    busy=len(still) + len(m.cancelling),
                                    instance_key=instance_key(name, msg.instance))
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=0.0)
+
+    def _own_attempts(self, machine: str, reported: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        return {(tid, att) for tid, att in reported if self.store.attempt_machine(tid, att) == machine}
 
     def _is_current(self, task_id: str, attempt: int, machine: str) -> bool:
         t = self.active.get(task_id)
@@ -380,6 +420,7 @@ class HubCore:
         if t is None or not self._is_current(msg.task_id, msg.attempt, machine_id):
             return
         if t.status == "assigned":
+            task_state.check(t.status, "running")
             t.status = "running"
             with self.store.transaction():
                 self.store.update_attempt(t.task_id, t.attempt, state="running", started=msg.time)
@@ -430,6 +471,9 @@ class HubCore:
         t.status = status
         self.scheduler.remove(t.task_id)
         del self.active[t.task_id]
+        self.active_by_user[t.user] -= 1
+        if self.active_by_user[t.user] <= 0:
+            del self.active_by_user[t.user]
         self._emit(t, status, machine=t.machine, error=fields.get("error"))
         for w in self._waiters.pop(t.task_id, ()):
             w.remaining -= 1
@@ -438,15 +482,20 @@ class HubCore:
 
     # -- cancellation -------------------------------------------------------
 
-    def cancel(self, msg: p.Cancel, now: float) -> tuple[p.Cancelled, list[tuple[str, p.CancelTask]]]:
-        """Cancel unfinished tasks; returns the reply and kill orders for daemons."""
+    def cancel_targets(self, msg: p.Cancel, who: Principal) -> list[str]:
+        """The unfinished tasks a cancel request names (checked: the caller's own)."""
         if msg.session_id is not None:
-            if not self.store.session_exists(msg.session_id):
-                raise RequestError("not_found", f"unknown session {msg.session_id!r}")
-            ids = self.store.session_task_ids(msg.session_id)
-        else:
-            ids = list(dict.fromkeys(msg.task_ids))
-            self.check_known(ids)
+            self._own_session(msg.session_id, who)
+            return [tid for tid in self.store.session_task_ids(msg.session_id) if tid in self.active]
+        ids = list(dict.fromkeys(msg.task_ids))
+        self.check_known(ids, who)
+        return [tid for tid in ids if tid in self.active]
+
+    def cancel_tasks(self, ids: list[str], now: float) -> tuple[dict[str, int], list[str], list[tuple[str, p.CancelTask]]]:
+        """Cancel these tasks in one transaction: (counts by prior state, ids, kill orders).
+
+        The server calls this in chunks, so cancelling 200,000 tasks never
+        holds the event loop for long."""
         by_state: dict[str, int] = {}
         done: list[str] = []
         kills: list[tuple[str, p.CancelTask]] = []
@@ -466,9 +515,17 @@ class HubCore:
                 self._finish(t, "cancelled", now, error="cancelled", reason="cancelled")
                 by_state[prior] = by_state.get(prior, 0) + 1
                 done.append(tid)
+        return by_state, done, kills
+
+    def cancel(self, msg: p.Cancel, now: float, who: Principal) -> tuple[p.Cancelled, list[tuple[str, p.CancelTask]]]:
+        """Cancel in one go (tests and small requests); returns the reply and kill orders."""
+        by_state, done, kills = self.cancel_tasks(self.cancel_targets(msg, who), now)
         return p.Cancelled(id=msg.id, task_ids=done, by_state=by_state), kills
 
     # -- queries ------------------------------------------------------------
+
+    def _visible(self, task_id: str, row_user: Optional[str], who: Principal) -> bool:
+        return who.is_admin or row_user == who.user
 
     def wait_for(self, task_ids: list[str]) -> Optional[asyncio.Future]:
         """A future done when all of ``task_ids`` are terminal (None if they are)."""
@@ -489,25 +546,40 @@ class HubCore:
             else:
                 del self._waiters[tid]
 
-    def check_known(self, task_ids: list[str]) -> None:
-        """Refuse oversized requests and unknown ids before any waiting."""
+    def check_known(self, task_ids: list[str], who: Principal) -> None:
+        """Refuse oversized requests and unknown ids before any waiting.
+
+        Another user's ids are unknown ids: same error, same text."""
         if len(task_ids) > self.limits.max_results_per_request:
             raise RequestError(
                 "limit",
                 f"{len(task_ids)} ids exceed max_results_per_request={self.limits.max_results_per_request}",
             )
-        unknown = [t for t in task_ids if t not in self.active]
-        if unknown:
-            known = self.store.tasks(unknown)
-            missing = [t for t in unknown if t not in known]
-            if missing:
-                raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
+        missing = []
+        stored: list[str] = []
+        for tid in task_ids:
+            t = self.active.get(tid)
+            if t is None:
+                stored.append(tid)
+            elif not self._visible(tid, t.user, who):
+                missing.append(tid)
+        if stored:
+            rows = self.store.tasks(stored)
+            missing += [tid for tid in stored
+                        if tid not in rows or not self._visible(tid, rows[tid]["user"], who)]
+        if missing:
+            missing.sort(key=task_ids.index)
+            raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
 
-    def records(self, task_ids: list[str]) -> list[p.TaskRecord]:
+    def _visible_rows(self, task_ids: list[str], who: Principal) -> dict[str, Any]:
         rows = self.store.tasks(task_ids)
-        missing = [tid for tid in task_ids if tid not in rows]
+        missing = [tid for tid in task_ids if tid not in rows or not self._visible(tid, rows[tid]["user"], who)]
         if missing:
             raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
+        return rows
+
+    def records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
+        rows = self._visible_rows(task_ids, who)
         attempts = self.store.attempts(task_ids)
         return [self._record(rows[tid], attempts.get(tid, [])) for tid in task_ids]
 
@@ -552,14 +624,12 @@ class HubCore:
             artifacts=artifacts,
         )
 
-    def briefs(self, task_ids: list[str]) -> list[p.TaskBrief]:
+    def briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:
         """Current state of tasks, for a watch snapshot."""
         out = []
-        rows = self.store.tasks(task_ids)
+        rows = self._visible_rows(task_ids, who)
         for tid in task_ids:
-            row = rows.get(tid)
-            if row is None:
-                raise RequestError("not_found", f"unknown task id: {tid}")
+            row = rows[tid]
             t = self.active.get(tid)
             spec = loads(row["spec"])
             if t is not None:
@@ -573,19 +643,57 @@ class HubCore:
                                    submitted=row["submitted"]))
         return out
 
-    def session(self, session_id: str, rid: int) -> p.SessionInfo:
-        row = self.store.db.execute(
-            "SELECT created FROM sessions WHERE session_id=?", (session_id,)
-        ).fetchone()
-        if row is None:
-            raise RequestError("not_found", f"unknown session {session_id!r}")
+    def session(self, session_id: str, rid: int, who: Principal) -> p.SessionInfo:
+        row = self._own_session(session_id, who)
         ids = self.store.session_task_ids(session_id)
-        counts: dict[str, int] = {}
-        for (status, n) in self.store.db.execute(
-            "SELECT status, count(*) FROM tasks WHERE session_id=? GROUP BY status", (session_id,)
-        ):
-            counts[status] = n
-        return p.SessionInfo(id=rid, session_id=session_id, created=row[0], task_ids=ids, counts=counts)
+        counts = self.store.session_counts(session_id)
+        return p.SessionInfo(id=rid, session_id=session_id, created=row["created"], task_ids=ids, counts=counts)
+
+    # -- blobs --------------------------------------------------------------
+
+    def blob_readable(self, who: Principal, sha256: str, machine_id: Optional[str] = None) -> bool:
+        """May ``who`` read (or build on) this blob?  Its own uploads and its
+        tasks' artifacts; for a daemon also the Data of tasks running on it.
+        Existence of anyone else's blob is not revealed."""
+        if who.is_admin or self.store.blob_ref_exists(sha256, who.blob_scope):
+            return True
+        m = self.machines.get(machine_id) if machine_id else None
+        if who.role == "daemon" and m is not None:
+            for tid in m.running:
+                t = self.active.get(tid)
+                if t is not None and any(d.sha256 == sha256 for st in t.spec.stages for d in st.data):
+                    return True
+        return False
+
+    def grant_blob(self, who: Principal, sha256: str) -> None:
+        """``who`` uploaded this blob: it may use and read it from now on."""
+        self.store.add_blob_refs([(sha256, who.blob_scope)])
+
+    def accept_artifacts(self, machine_id: str, who: Principal, msg: p.TaskDone) -> None:
+        """Check what a daemon says it collected before anyone downloads it:
+        a safe relative name, and a blob this daemon's owner uploaded.  The
+        task's user may then download it."""
+        t = self.active.get(msg.task_id)
+        grants = []
+        for a in msg.outcome.artifacts:
+            if a.name is not None:
+                problem = unsafe_relative_path(a.name)
+                if problem:
+                    a.error = f"refused artifact name {a.name[:200]!r}: it {problem}"
+                    a.name, a.sha256, a.size = None, None, None
+                    continue
+            if a.sha256 is None:
+                continue
+            # The daemon must hold the blob: its owner uploaded it, or it is the
+            # Data of a task it runs (a copy it already has the bytes of).
+            if not (self.blobs.has(a.sha256) and self.blob_readable(who, a.sha256, machine_id)):
+                a.error = a.error or "artifact was not uploaded to the hub"
+                a.sha256 = None
+                continue
+            if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
+                grants.append((a.sha256, f"u:{t.user}"))
+        if grants:
+            self.store.add_blob_refs(grants)
 
     def pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
         try:
@@ -604,7 +712,7 @@ class HubCore:
                 p.MachineInfo(
                     machine_id=m.machine_id, name=m.name, state=state, hardware=m.hardware,
                     slots=m.slots, running=len(m.running), tags=m.tags, load=m.load,
-                    first_seen=m.first_seen, last_seen=m.last_seen,
+                    first_seen=m.first_seen, last_seen=m.last_seen, owner=m.owner,
                 )
             )
         return out

@@ -37,7 +37,9 @@ _UNITS = {
     "tb": 2**40,
     "tib": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE = 2**60  # one exbibyte: no machine has more, and it fits SQLite's integers
+MAX_CORES = 1_000_000
 
 _OS_FAMILIES = {
     "linux": "linux",
@@ -76,16 +78,21 @@ def parse_size(value: Any, *, key: str = "ram") -> int:
     """
     if isinstance(value, bool):
         raise HardwareError(f"hardware {key!r}: expected a size like '16GB', got {value!r}")
+    size: Any = None
     if isinstance(value, int):
         if value < 0:
             raise HardwareError(f"hardware {key!r}: size must not be negative, got {value}")
-        return value
-    if isinstance(value, float) and value >= 0:
-        return int(value)
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, float) and 0 <= value <= MAX_SIZE:  # also refuses nan and inf
+        size = int(value)
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size is not None:
+        if size > MAX_SIZE:
+            raise HardwareError(f"hardware {key!r}: {str(value)[:40]!r} is more than the largest size, 1 EiB")
+        return size
     raise HardwareError(
         f"hardware {key!r}: cannot parse {value!r} as a size (use e.g. '16GB', '512MB' or bytes)"
     )
@@ -119,10 +126,12 @@ def normalize(hardware: Mapping[str, Any] | None) -> dict[str, Any]:
         elif key == "cores":
             try:
                 cores = int(value)
-            except (TypeError, ValueError):
-                raise HardwareError(f"hardware 'cores': expected a whole number, got {value!r}") from None
-            if isinstance(value, bool) or cores < 1 or (isinstance(value, float) and value != cores):
-                raise HardwareError(f"hardware 'cores': expected a whole number >= 1, got {value!r}")
+            except (TypeError, ValueError, OverflowError):
+                raise HardwareError(f"hardware 'cores': expected a whole number, got {str(value)[:40]!r}") from None
+            if (isinstance(value, bool) or not 1 <= cores <= MAX_CORES
+                    or (isinstance(value, float) and value != cores)):
+                raise HardwareError(
+                    f"hardware 'cores': expected a whole number from 1 to {MAX_CORES}, got {str(value)[:40]!r}")
             out["cores"] = cores
         elif key == "tags":
             tags = [t.strip() for t in value.split(",")] if isinstance(value, str) else value
@@ -176,20 +185,27 @@ def _match_cpu(want: str, m: Mapping[str, Any]) -> bool:
 
 def _match_gpu(want: str, m: Mapping[str, Any]) -> bool:
     gpus = m.get("gpus") or []
+    if not isinstance(gpus, list):
+        gpus = []
     if want == "none":
         return not gpus
-    names = [str(g.get("name", "")).lower() for g in gpus]
+    names = [str(g.get("name", "")).lower() for g in gpus if isinstance(g, Mapping)]
     if want in ("yes", "true", "some", "gpu"):
         return bool(names)
     return any(want in n for n in names)
 
 
+def _number(value: Any) -> float:
+    """A machine fact as a number; anything else counts as 0 (never raises)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 def _match_ram(want: int, m: Mapping[str, Any]) -> bool:
-    return int(m.get("ram") or 0) >= want * RAM_TOLERANCE
+    return _number(m.get("ram")) >= want * RAM_TOLERANCE
 
 
 def _match_cores(want: int, m: Mapping[str, Any]) -> bool:
-    return int(m.get("cores") or 0) >= want
+    return _number(m.get("cores")) >= want
 
 
 def _match_tags(want: list[str], m: Mapping[str, Any]) -> bool:

@@ -13,9 +13,10 @@ request they belong to) followed by up to ``Limits.chunk_bytes`` of payload.
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import msgspec
+from msgspec import Meta
 
 PROTOCOL_VERSION = 1
 DEFAULT_PORT = 8765
@@ -40,9 +41,63 @@ class Limits(msgspec.Struct, frozen=True):
     chunk_bytes: int = 1 * 2**20
     max_file_bytes: int = 1 * 2**30
     max_queued_tasks: int = 200_000
+    # Unfinished tasks one user may have at once: one user cannot fill the farm.
+    max_queued_per_user: int = 50_000
     max_tasks_per_submit: int = 20_000
     max_output_bytes: int = 64 * 2**10
     max_results_per_request: int = 5_000
+    # Blob uploads open at once on one connection, and on the whole hub.
+    max_uploads_per_connection: int = 4
+    max_uploads: int = 256
+    # Every blob stored on the hub together (Data files and artifacts).
+    max_blob_store_bytes: int = 100 * 2**30
+    # Bytes queued for one slow reader: above the first, live output to it is
+    # dropped (with a marker); above the second it is disconnected.
+    send_queue_bytes: int = 8 * 2**20
+    send_queue_hard_bytes: int = 64 * 2**20
+
+
+# ------------------------------------------------------------ bounded values
+#
+# Every number and string a peer sends has a range; msgspec refuses a value
+# outside it while decoding, with an error naming the field.
+
+Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
+Retries = Annotated[int, Meta(ge=0, le=100)]
+Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
+Bytes = Annotated[int, Meta(ge=0, le=2**50)]
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+RequestId = Annotated[int, Meta(ge=0, le=2**32 - 1)]  # also a binary frame's 4-byte transfer id
+Name = Annotated[str, Meta(max_length=256)]
+Text = Annotated[str, Meta(max_length=4096)]
+Id = Annotated[str, Meta(max_length=128)]
+Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+# A task's hardware requirement: flat values only (no nesting to recurse into).
+HardwareValue = Union[str, int, float, bool, None, list[Name]]
+Requirements = Annotated[dict[Name, HardwareValue], Meta(max_length=32)]
+
+
+class GpuInfo(msgspec.Struct):
+    name: Name = ""
+    memory: Optional[Bytes] = None
+    index: Optional[Count] = None
+
+
+class MachineHardware(msgspec.Struct):
+    """What a daemon reports about its machine, typed: a daemon is untrusted
+    input, and the scheduler compares these values on every pass."""
+
+    os: Name = ""
+    distro: Name = ""
+    os_version: Name = ""
+    arch: Name = ""
+    cpu: Name = ""
+    cores: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    physical_cores: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
+    ram: Annotated[int, Meta(ge=0, le=2**60)] = 0
+    gpus: Annotated[list[GpuInfo], Meta(max_length=256)] = []
+    hostname: Name = ""
+    python: Name = ""
 
 
 # ---------------------------------------------------------------- task specs
@@ -51,32 +106,32 @@ class Limits(msgspec.Struct, frozen=True):
 class DataSpec(msgspec.Struct, frozen=True):
     """An input file, already in the hub's blob store, saved as ``filename``."""
 
-    filename: str
-    sha256: str
-    size: int
+    filename: Text
+    sha256: Sha256
+    size: Bytes
 
 
 class StageSpec(msgspec.Struct, frozen=True):
-    name: str
+    name: Name
     cmds: list[str]
     data: list[DataSpec] = []
     track_time: bool = True
     track_ram: bool = False
     track_cpu: bool = False
     track_gpu: bool = False
-    comment: str = ""
+    comment: Text = ""
 
 
 class TaskSpec(msgspec.Struct, frozen=True):
     """What a client submits: the task as the daemon will run it."""
 
     stages: list[StageSpec]
-    artifacts: list[str] = []
-    hardware: dict[str, Any] = {}
-    priority: int = 0
-    max_retries: int = 3
-    timeout: Optional[float] = None
-    label: str = ""
+    artifacts: list[Text] = []
+    hardware: Requirements = {}
+    priority: Priority = 0
+    max_retries: Retries = 3
+    timeout: Optional[Seconds] = None
+    label: Text = ""
     stream: bool = False  # send stdout/stderr live to watchers (costs messages)
 
 
@@ -111,11 +166,11 @@ class StageOutcome(msgspec.Struct):
 
 
 class ArtifactInfo(msgspec.Struct):
-    pattern: str
-    name: Optional[str] = None
-    sha256: Optional[str] = None
-    size: Optional[int] = None
-    error: Optional[str] = None
+    pattern: Text
+    name: Optional[Text] = None
+    sha256: Optional[Sha256] = None
+    size: Optional[Bytes] = None
+    error: Optional[Text] = None
 
 
 class TaskOutcome(msgspec.Struct):
@@ -195,6 +250,7 @@ class MachineInfo(msgspec.Struct):
     load: Optional[Load] = None
     first_seen: Optional[float] = None
     last_seen: Optional[float] = None
+    owner: str = ""
 
 
 # ----------------------------------------------------------------- messages
@@ -236,10 +292,10 @@ class Submit(_Msg, tag="submit"):
     """``key`` (client-chosen, unique) makes a resent submit return the
     original reply instead of queueing the tasks twice."""
 
-    id: int
+    id: RequestId
     tasks: list[TaskSpec]
-    session_id: Optional[str] = None
-    key: Optional[str] = None
+    session_id: Optional[Id] = None
+    key: Optional[Id] = None
 
 
 class Submitted(_Msg, tag="submitted"):
@@ -249,10 +305,10 @@ class Submitted(_Msg, tag="submitted"):
 
 
 class GetResults(_Msg, tag="get_results"):
-    id: int
-    task_ids: list[str]
+    id: RequestId
+    task_ids: list[Id]
     wait: bool = False
-    timeout: Optional[float] = None
+    timeout: Optional[Annotated[float, Meta(ge=0, le=30 * 86400)]] = None
 
 
 class Results(_Msg, tag="results"):
@@ -262,8 +318,8 @@ class Results(_Msg, tag="results"):
 
 
 class GetPool(_Msg, tag="get_pool"):
-    id: int
-    hardware: list[dict[str, Any]] = []
+    id: RequestId
+    hardware: Annotated[list[Requirements], Meta(max_length=1000)] = []
     include_offline: bool = False
 
 
@@ -273,8 +329,8 @@ class Pool(_Msg, tag="pool"):
 
 
 class BlobsMissing(_Msg, tag="blobs_missing"):
-    id: int
-    sha256: list[str]
+    id: RequestId
+    sha256: Annotated[list[Sha256], Meta(max_length=10_000)]
 
 
 class BlobsMissingReply(_Msg, tag="blobs_missing_reply"):
@@ -285,14 +341,14 @@ class BlobsMissingReply(_Msg, tag="blobs_missing_reply"):
 class BlobPut(_Msg, tag="blob_put"):
     """Announces ``size`` bytes in binary frames tagged with this ``id``."""
 
-    id: int
-    sha256: str
-    size: int
+    id: RequestId
+    sha256: Sha256
+    size: Bytes
 
 
 class BlobGet(_Msg, tag="blob_get"):
-    id: int
-    sha256: str
+    id: RequestId
+    sha256: Sha256
 
 
 class BlobData(_Msg, tag="blob_data"):
@@ -308,9 +364,9 @@ class Watch(_Msg, tag="watch"):
     tasks added to it later).  Replied with ``watching``; events then
     arrive as ``task_event`` / ``output`` carrying ``watch=id``."""
 
-    id: int
-    task_ids: list[str] = []
-    session_id: Optional[str] = None
+    id: RequestId
+    task_ids: list[Id] = []
+    session_id: Optional[Id] = None
     output: bool = False
 
 
@@ -320,8 +376,8 @@ class Watching(_Msg, tag="watching"):
 
 
 class Unwatch(_Msg, tag="unwatch"):
-    id: int
-    watch: int
+    id: RequestId
+    watch: RequestId
 
 
 class TaskEvent(_Msg, tag="task_event"):
@@ -338,16 +394,16 @@ class TaskEvent(_Msg, tag="task_event"):
 class Output(_Msg, tag="output"):
     """Live stdout/stderr text: daemon -> hub (watch=None), hub -> watchers."""
 
-    task_id: str
-    attempt: int
+    task_id: Id
+    attempt: Count
     stream: Literal["stdout", "stderr"]
     text: str
     watch: Optional[int] = None
 
 
 class GetSession(_Msg, tag="get_session"):
-    id: int
-    session_id: str
+    id: RequestId
+    session_id: Id
 
 
 class SessionInfo(_Msg, tag="session_info"):
@@ -361,9 +417,9 @@ class SessionInfo(_Msg, tag="session_info"):
 class Cancel(_Msg, tag="cancel"):
     """Cancel tasks (by id) or every unfinished task of a session."""
 
-    id: int
-    task_ids: list[str] = []
-    session_id: Optional[str] = None
+    id: RequestId
+    task_ids: list[Id] = []
+    session_id: Optional[Id] = None
 
 
 class Cancelled(_Msg, tag="cancelled"):
@@ -379,13 +435,13 @@ class Cancelled(_Msg, tag="cancelled"):
 
 
 class Register(_Msg, tag="register"):
-    id: int
-    name: str
-    hardware: dict[str, Any]
-    slots: int
-    tags: list[str] = []
-    running: list[tuple[str, int]] = []
-    instance: str = ""  # new for every daemon process start
+    id: RequestId
+    name: Name
+    hardware: MachineHardware
+    slots: Annotated[int, Meta(ge=1, le=1024)]
+    tags: Annotated[list[Name], Meta(max_length=64)] = []
+    running: Annotated[list[tuple[Id, Count]], Meta(max_length=4096)] = []
+    instance: Id = ""  # new for every daemon process start
 
 
 class Registered(_Msg, tag="registered"):
@@ -417,24 +473,24 @@ class CancelTask(_Msg, tag="cancel_task"):
 
 
 class TaskStarted(_Msg, tag="task_started"):
-    task_id: str
-    attempt: int
+    task_id: Id
+    attempt: Count
     time: float
 
 
 class StageDone(_Msg, tag="stage_done"):
-    task_id: str
-    attempt: int
-    index: int
+    task_id: Id
+    attempt: Count
+    index: Count
     stage: StageOutcome
 
 
 class TaskDone(_Msg, tag="task_done"):
     """Acked with ``ok``; a daemon resends it until acked."""
 
-    id: int
-    task_id: str
-    attempt: int
+    id: RequestId
+    task_id: Id
+    attempt: Count
     outcome: TaskOutcome
 
 
@@ -511,6 +567,8 @@ def decode(data: Union[str, bytes]) -> Message:
     """Parse one text frame; raise ProtocolError that names what is wrong."""
     try:
         return _decoder.decode(data)
+    except RecursionError:
+        raise ProtocolError("invalid message: JSON nested too deeply") from None
     except msgspec.ValidationError as exc:
         text = str(exc)
         if "Invalid value" in text and "type" in text:
@@ -525,7 +583,7 @@ def decode(data: Union[str, bytes]) -> Message:
 def _peek_type(data: Union[str, bytes]) -> Optional[str]:
     try:
         obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     kind = obj.get("type") if isinstance(obj, dict) else None
     return kind if isinstance(kind, str) else None
@@ -535,7 +593,7 @@ def request_id(data: Union[str, bytes]) -> Optional[int]:
     """Best-effort ``id`` of a frame that failed to decode, for the error reply."""
     try:
         obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, int) else None

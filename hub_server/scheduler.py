@@ -1,22 +1,34 @@
 """Matches queued tasks to free daemon slots.  Sans-I/O: no sockets, no clock.
 
 Queued tasks are grouped by requirement (equal hardware dicts and equal
-excluded machines share a group); each group is a heap ordered by priority
-(high first) then submission order.  ``schedule()`` repeatedly takes the
-machine with the most free slots and gives it the best head among the groups
-it matches, so work spreads over daemons and priority is honoured across
-groups.  Matching is cached per (group, machine), so the cost per assignment
-is the number of distinct requirement groups, not the queue length.
+excluded machines share a group); inside a group each user has a heap
+ordered by priority (high first) then submission order.  ``schedule()``
+repeatedly takes the machine with the most free slots and gives it the best
+task among the groups it matches, so work spreads over daemons.
+
+"Best" is: higher priority first; at equal priority, the user with the
+fewest tasks running now (fair share, as HTCondor's user priorities do over
+time), then submission order.  So one user's 10,000 queued tasks do not keep
+another user's single task waiting: it takes the next free slot.
+
+Matching is cached per (group, machine), so the cost per assignment is the
+number of (group, user) heads, not the queue length.  A pass is
+all-or-nothing: if anything in it fails, every task taken goes back and every
+slot is freed before the error propagates.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from . import hardware as hw
+
+log = logging.getLogger("hwf.scheduler")
 
 
 @dataclass
@@ -36,7 +48,7 @@ class _Machine:
 class _Group:
     req: dict[str, Any]
     excluded: frozenset[str]
-    heap: list[tuple[int, int, str]] = field(default_factory=list)
+    heaps: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)  # by user
     live: int = 0
 
 
@@ -47,6 +59,8 @@ class Scheduler:
         self._task_group: dict[str, tuple] = {}
         self._match_cache: dict[tuple[tuple, str], bool] = {}
         self._seq = itertools.count()
+        self._user_of: dict[str, str] = {}  # queued or assigned task -> user
+        self._running: Counter[str] = Counter()  # user -> tasks assigned and not done
 
     # -- machines -----------------------------------------------------------
 
@@ -85,6 +99,18 @@ class Scheduler:
     def machines(self) -> list[str]:
         return list(self._machines)
 
+    def done(self, task_id: str) -> None:
+        """An assigned task left its slot (ended, lost or cancelled): its
+        user's fair-share count drops.  Freeing the slot is ``release``."""
+        user = self._user_of.pop(task_id, None)
+        if user is not None and task_id not in self._task_group:
+            self._running[user] -= 1
+            if self._running[user] <= 0:
+                del self._running[user]
+
+    def running_by_user(self) -> dict[str, int]:
+        return dict(self._running)
+
     def _forget_matches(self, machine_id: str) -> None:
         for key in [k for k in self._match_cache if k[1] == machine_id]:
             del self._match_cache[key]
@@ -99,23 +125,29 @@ class Scheduler:
         *,
         exclude: frozenset[str] | set[str] = frozenset(),
         order: Optional[int] = None,
+        user: str = "",
     ) -> None:
         """Queue a task. ``requirements`` must already be hw.normalize()d."""
+        self.done(task_id)  # a requeued task no longer counts as running
         excluded = frozenset(exclude)
         gkey = (hw.canonical_key(requirements), excluded)
         group = self._groups.get(gkey)
         if group is None:
             group = self._groups[gkey] = _Group(dict(requirements), excluded)
         seq = next(self._seq) if order is None else order
-        heapq.heappush(group.heap, (-priority, seq, task_id))
+        heapq.heappush(group.heaps.setdefault(user, []), (-priority, seq, task_id))
         group.live += 1
         self._task_group[task_id] = gkey
+        self._user_of[task_id] = user
 
     def remove(self, task_id: str) -> bool:
-        """Take a queued task out (cancelled); False if it was not queued."""
+        """Take a task out: a queued one leaves the queue (False if it was not
+        queued); an assigned one stops counting for its user's fair share."""
         gkey = self._task_group.pop(task_id, None)
         if gkey is None:
+            self.done(task_id)
             return False
+        self._user_of.pop(task_id, None)
         self._groups[gkey].live -= 1  # its heap entry is skipped lazily
         return True
 
@@ -129,19 +161,40 @@ class Scheduler:
         ck = (gkey, m.machine_id)
         hit = self._match_cache.get(ck)
         if hit is None:
-            hit = m.facts["instance_key"] not in group.excluded and hw.matches(group.req, m.facts)
+            try:
+                hit = m.facts["instance_key"] not in group.excluded and hw.matches(group.req, m.facts)
+            except Exception:  # odd facts from a daemon: it matches nothing, others go on
+                log.exception("matching %s against machine %s failed", group.req, m.machine_id)
+                hit = False
             self._match_cache[ck] = hit
         return hit
 
-    def _head(self, gkey: tuple, group: _Group) -> Optional[tuple[int, int, str]]:
-        heap = group.heap
-        while heap and self._task_group.get(heap[0][2]) != gkey:
-            heapq.heappop(heap)  # removed or re-queued elsewhere
-        return heap[0] if heap else None
+    def _best_head(self, gkey: tuple, group: _Group) -> Optional[tuple[tuple[int, int, int], str]]:
+        """The group's next task: ((-priority, user's running count, seq), user)."""
+        best = None
+        for user, heap in list(group.heaps.items()):
+            while heap and self._task_group.get(heap[0][2]) != gkey:
+                heapq.heappop(heap)  # removed or re-queued elsewhere
+            if not heap:
+                del group.heaps[user]
+                continue
+            prio, seq, _ = heap[0]
+            key = (prio, self._running.get(user, 0), seq)
+            if best is None or key < best[0]:
+                best = (key, user)
+        return best
 
     def schedule(self) -> list[tuple[str, str]]:
         """Assign as many queued tasks as free slots allow: [(task_id, machine_id)]."""
-        out: list[tuple[str, str]] = []
+        taken: list[tuple[tuple, _Group, str, tuple[int, int, str], str]] = []
+        try:
+            self._schedule_into(taken)
+        except BaseException:
+            self._undo(taken)
+            raise
+        return [(entry[2], mid) for _, _, _, entry, mid in taken]
+
+    def _schedule_into(self, taken: list) -> None:
         machines = [(-m.free, m.machine_id) for m in self._machines.values() if m.free > 0]
         heapq.heapify(machines)
         self._drop_empty_groups()
@@ -152,22 +205,34 @@ class Scheduler:
             for gkey, group in self._groups.items():
                 if not self._matches(gkey, group, m):
                     continue
-                head = self._head(gkey, group)
-                if head is not None and (best is None or head < best[0]):
+                head = self._best_head(gkey, group)
+                if head is not None and (best is None or head[0] < best[0][0]):
                     best = (head, gkey, group)
             if best is None:
                 continue  # nothing this machine can run; drop it this round
-            head, gkey, group = best
-            heapq.heappop(group.heap)
-            del self._task_group[head[2]]
+            (_, user), gkey, group = best
+            entry = heapq.heappop(group.heaps[user])
+            del self._task_group[entry[2]]
             group.live -= 1
             if group.live == 0:
                 del self._groups[gkey]
             m.busy += 1
-            out.append((head[2], mid))
+            self._running[user] += 1
+            taken.append((gkey, group, user, entry, mid))
             if m.free > 0:
                 heapq.heappush(machines, (-m.free, mid))
-        return out
+
+    def _undo(self, taken: list) -> None:
+        """Put a failed pass's tasks back in their queues, their slots freed."""
+        for gkey, group, user, entry, mid in reversed(taken):
+            self.release(mid)
+            self._running[user] -= 1
+            if self._running[user] <= 0:
+                del self._running[user]
+            self._groups.setdefault(gkey, group)
+            heapq.heappush(group.heaps.setdefault(user, []), entry)
+            group.live += 1
+            self._task_group[entry[2]] = gkey
 
     def _drop_empty_groups(self) -> None:
         for gkey in [k for k, g in self._groups.items() if g.live <= 0]:
@@ -182,7 +247,9 @@ class Scheduler:
         gkey = self._task_group.get(task_id)
         if gkey is None:
             return None
-        group = self._groups[gkey]
+        group = self._groups.get(gkey)
+        if group is None:
+            return None
         fits = [m for m in self._machines.values() if self._matches(gkey, group, m)]
         if not fits:
             what = hw.describe(group.req)

@@ -8,6 +8,7 @@ nothing it had acknowledged.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, role TEXT NOT NULL, label TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL);
+    created REAL NOT NULL, token_id TEXT, user TEXT NOT NULL DEFAULT '', revoked REAL);
 CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY, created REAL NOT NULL);
+    session_id TEXT PRIMARY KEY, created REAL NOT NULL, user TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS tasks (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     task_id TEXT UNIQUE NOT NULL,
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     reason TEXT,
     result BLOB,
-    result_attempt INTEGER);
+    result_attempt INTEGER,
+    user TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS tasks_session ON tasks(session_id);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -57,13 +59,35 @@ CREATE INDEX IF NOT EXISTS transitions_task ON transitions(task_id);
 CREATE TABLE IF NOT EXISTS machines (
     machine_id TEXT PRIMARY KEY, name TEXT NOT NULL, hardware BLOB NOT NULL,
     slots INTEGER NOT NULL, tags BLOB NOT NULL, state TEXT NOT NULL,
-    first_seen REAL NOT NULL, last_seen REAL NOT NULL, load BLOB, instance TEXT);
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, load BLOB, instance TEXT,
+    owner TEXT NOT NULL DEFAULT '');
+-- Who may read a blob: 'u:<user>' for a user's uploads and artifacts,
+-- 'd:<owner>' for blobs a daemon owner's machines uploaded.
+CREATE TABLE IF NOT EXISTS blob_refs (
+    sha256 TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (sha256, principal)) WITHOUT ROWID;
+"""
+
+# Columns added after the first release: (table, column, declaration).
+# Stores made before them get the column on open, with its default.
+ADDED_COLUMNS = (
+    ("tokens", "token_id", "TEXT"),
+    ("tokens", "user", "TEXT NOT NULL DEFAULT ''"),
+    ("tokens", "revoked", "REAL"),
+    ("sessions", "user", "TEXT NOT NULL DEFAULT ''"),
+    ("tasks", "user", "TEXT NOT NULL DEFAULT ''"),
+    ("machines", "owner", "TEXT NOT NULL DEFAULT ''"),
+)
+POST_MIGRATION = """
+CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user, status);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_id ON tokens(token_id);
+UPDATE tokens SET token_id = 'tok-' || substr(hash, 1, 10) WHERE token_id IS NULL;
+UPDATE tokens SET user = CASE role WHEN 'admin' THEN 'admin' ELSE 'default' END WHERE user = '';
 """
 
 TASK_COLUMNS = (
     "task_id, session_id, spec, requirements, priority, max_retries, status, submitted, "
     "queued, started, finished, machine, attempt, exit_code, error, reason, result, "
-    "result_attempt, seq"
+    "result_attempt, seq, user"
 )
 
 _json = msgspec.json.Encoder()
@@ -83,14 +107,36 @@ class Store:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a committed transaction survives a process
-        # crash (SIGKILL); only an OS crash can lose the latest commits.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(SCHEMA)
+        # Private from the first byte: SQLite creates the -wal and -shm files
+        # with the database file's mode.
+        old_umask = os.umask(0o077)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed transaction survives a process
+            # crash (SIGKILL); only an OS crash can lose the latest commits.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(SCHEMA)
+            self._migrate()
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            f = Path(f"{self.path}{suffix}")
+            if f.exists():
+                os.chmod(f, 0o600)  # whatever mode an older version left
+
+    def _migrate(self) -> None:
+        for table, column, decl in ADDED_COLUMNS:
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self.db.executescript(POST_MIGRATION)
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (e.g. ``hwf token``) commits."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
@@ -107,36 +153,78 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def add_token(self, token_hash: str, role: str, label: str = "") -> None:
+    def add_token(self, token_hash: str, token_id: str, role: str, user: str, label: str = "") -> None:
         self.db.execute(
-            "INSERT INTO tokens(hash, role, label, created) VALUES (?, ?, ?, ?)",
-            (token_hash, role, label, time.time()),
+            "INSERT INTO tokens(hash, token_id, role, user, label, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (token_hash, token_id, role, user, label, time.time()),
         )
 
-    def token_role(self, token_hash: str) -> Optional[str]:
-        row = self.db.execute("SELECT role FROM tokens WHERE hash=?", (token_hash,)).fetchone()
-        return row[0] if row else None
+    def token(self, token_hash: str) -> Optional[sqlite3.Row]:
+        q = "SELECT token_id, role, user, revoked FROM tokens WHERE hash=?"
+        return self.db.execute(q, (token_hash,)).fetchone()
 
     def tokens(self) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT role, label, created FROM tokens ORDER BY created").fetchall()
+        q = "SELECT token_id, role, user, label, created, revoked FROM tokens ORDER BY created"
+        return self.db.execute(q).fetchall()
+
+    def revoke_tokens(self, *, token_ids: Sequence[str] = (), user: Optional[str] = None) -> list[str]:
+        """Mark tokens revoked (by id, or all of a user's); returns the ids revoked now."""
+        now = time.time()
+        if user is None and not token_ids:
+            return []
+        with self.transaction():
+            if user is not None:
+                rows = self.db.execute(
+                    "SELECT token_id FROM tokens WHERE user=? AND revoked IS NULL", (user,)).fetchall()
+            else:
+                marks = ",".join("?" * len(token_ids))
+                rows = self.db.execute(
+                    f"SELECT token_id FROM tokens WHERE token_id IN ({marks}) AND revoked IS NULL",
+                    list(token_ids)).fetchall()
+            ids = [r[0] for r in rows]
+            self.db.executemany("UPDATE tokens SET revoked=? WHERE token_id=?", [(now, i) for i in ids])
+        return ids
+
+    def known_token_ids(self, token_ids: Sequence[str]) -> set[str]:
+        marks = ",".join("?" * len(token_ids))
+        q = f"SELECT token_id FROM tokens WHERE token_id IN ({marks})"
+        return {r[0] for r in self.db.execute(q, list(token_ids))}
+
+    def revoked_token_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT token_id FROM tokens WHERE revoked IS NOT NULL")}
+
+    # -- blob access ----------------------------------------------------------
+
+    def add_blob_refs(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """(sha256, principal): that principal may read that blob."""
+        self.db.executemany("INSERT OR IGNORE INTO blob_refs(sha256, principal) VALUES (?, ?)", list(pairs))
+
+    def blob_ref_exists(self, sha256: str, principal: str) -> bool:
+        q = "SELECT 1 FROM blob_refs WHERE sha256=? AND principal=?"
+        return self.db.execute(q, (sha256, principal)).fetchone() is not None
 
     # -- tasks --------------------------------------------------------------
 
-    def add_session(self, session_id: str, at: float) -> None:
+    def add_session(self, session_id: str, at: float, user: str) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO sessions(session_id, created) VALUES (?, ?)", (session_id, at)
+            "INSERT OR IGNORE INTO sessions(session_id, created, user) VALUES (?, ?, ?)",
+            (session_id, at, user),
         )
 
-    def session_exists(self, session_id: str) -> bool:
-        q = "SELECT 1 FROM sessions WHERE session_id=?"
-        return self.db.execute(q, (session_id,)).fetchone() is not None
+    def session(self, session_id: str) -> Optional[sqlite3.Row]:
+        q = "SELECT session_id, created, user FROM sessions WHERE session_id=?"
+        return self.db.execute(q, (session_id,)).fetchone()
+
+    def session_counts(self, session_id: str) -> dict[str, int]:
+        q = "SELECT status, count(*) FROM tasks WHERE session_id=? GROUP BY status"
+        return {status: n for status, n in self.db.execute(q, (session_id,))}
 
     def insert_tasks(self, rows: Iterable[tuple]) -> None:
-        """rows: (seq, task_id, session_id, spec, requirements, priority, max_retries, at)."""
+        """rows: (seq, task_id, session_id, spec, requirements, priority, max_retries, user, at)."""
         rows = list(rows)
         self.db.executemany(
             "INSERT INTO tasks(seq, task_id, session_id, spec, requirements, priority, max_retries, "
-            "status, submitted, queued) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            "user, status, submitted, queued) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
             [(*r, r[-1]) for r in rows],
         )
         self.db.executemany(
@@ -228,6 +316,17 @@ class Store:
         )
         return self.db.execute(q).fetchall()
 
+    def lost_attempt_exclusions(self) -> list[sqlite3.Row]:
+        """(task_id, machine, instance) of attempts lost by a daemon's fault."""
+        q = ("SELECT task_id, machine, instance FROM attempts "
+             "WHERE state='lost' AND reason NOT LIKE 'not delivered%'")
+        return self.db.execute(q).fetchall()
+
+    def attempt_machine(self, task_id: str, attempt: int) -> Optional[str]:
+        q = "SELECT machine FROM attempts WHERE task_id=? AND attempt=?"
+        row = self.db.execute(q, (task_id, attempt)).fetchone()
+        return row[0] if row else None
+
     def active_attempts(self) -> list[sqlite3.Row]:
         q = "SELECT * FROM attempts WHERE state IN ('assigned', 'running')"
         return self.db.execute(q).fetchall()
@@ -240,14 +339,15 @@ class Store:
 
     def upsert_machine(
         self, machine_id: str, name: str, hardware: dict, slots: int, tags: list[str], at: float,
-        instance: str = "",
+        instance: str = "", owner: str = "",
     ) -> None:
         self.db.execute(
-            "INSERT INTO machines(machine_id, name, hardware, slots, tags, state, first_seen, last_seen, instance) "
-            "VALUES (?, ?, ?, ?, ?, 'online', ?, ?, ?) ON CONFLICT(machine_id) DO UPDATE SET "
-            "name=excluded.name, hardware=excluded.hardware, slots=excluded.slots, "
-            "tags=excluded.tags, state='online', last_seen=excluded.last_seen, instance=excluded.instance",
-            (machine_id, name, dumps(hardware), slots, dumps(tags), at, at, instance),
+            "INSERT INTO machines(machine_id, name, hardware, slots, tags, state, first_seen, last_seen, "
+            "instance, owner) VALUES (?, ?, ?, ?, ?, 'online', ?, ?, ?, ?) ON CONFLICT(machine_id) DO UPDATE "
+            "SET name=excluded.name, hardware=excluded.hardware, slots=excluded.slots, "
+            "tags=excluded.tags, state='online', last_seen=excluded.last_seen, instance=excluded.instance, "
+            "owner=excluded.owner",
+            (machine_id, name, dumps(hardware), slots, dumps(tags), at, at, instance, owner),
         )
 
     def set_machine_state(self, machine_id: str, state: str, at: float, load: Any = None) -> None:

@@ -66,6 +66,7 @@ class LocalCluster:
         start_timeout: float = 60.0,
         log_dir: Optional[str | os.PathLike] = None,
         trust_loopback: bool = False,
+        hub_args: Optional[list[str]] = None,
     ) -> None:
         if daemons < 0:
             raise ValueError("daemons must be >= 0")
@@ -85,12 +86,13 @@ class LocalCluster:
             self._hub_args += ["--max-file-bytes", str(max_file_bytes)]
         if trust_loopback:
             self._hub_args.append("--trust-loopback")
+        self._hub_args += list(hub_args or [])
+        self.user = auth.default_user()
         store = auth.open_state_dir(self.state_dir)
-        try:
-            self.token = auth.create_token(store, "client", "LocalCluster client")
-            self.daemon_token = auth.create_token(store, "daemon", "LocalCluster daemons")
-        finally:
-            store.close()
+        store.close()
+        #: A client token of the local user (``getpass.getuser()``).
+        self.token = self.create_token("client", self.user, label="LocalCluster client")
+        self.daemon_token = self.create_token("daemon", self.user, label="LocalCluster daemons")
         self.admin_token = auth.read_admin_token(self.state_dir)
         self.hub_process: Optional[subprocess.Popen] = None
         self.daemon_processes: dict[str, subprocess.Popen] = {}
@@ -195,6 +197,26 @@ class LocalCluster:
                 time.sleep(0.05)
         finally:
             hub.close_sync()
+
+    def create_token(self, role: str = "client", user: Optional[str] = None, *, label: str = "") -> str:
+        """A new token for ``user`` (a daemon's owner), valid at once, also
+        while the hub runs: e.g. a second user for a notebook or a test."""
+        store = auth.open_state_dir(self.state_dir)
+        try:
+            return auth.create_token(store, role, user or self.user, label or f"LocalCluster {role}")
+        finally:
+            store.close()
+
+    def revoke_token(self, token: str) -> None:
+        """Revoke a token: the hub refuses it and closes its connections."""
+        store = auth.open_state_dir(self.state_dir)
+        try:
+            row = store.token(auth.hash_token(token))
+            if row is None:
+                raise ValueError("not a token of this cluster")
+            auth.revoke(store, [row["token_id"]])
+        finally:
+            store.close()
 
     def hub(self, **kwargs) -> Hub:
         """A client ``Hub`` for this cluster."""

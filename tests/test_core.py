@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 
 from hub_server import protocol as p
+from hub_server.auth import Principal
 from hub_server.blobs import BlobStore
 from hub_server.core import HubCore
 from hub_server.store import Store
 
-HW = {"os": "linux", "arch": "x86_64", "cpu": "x", "cores": 2, "ram": 2**33, "gpus": []}
+HW = p.MachineHardware(os="linux", arch="x86_64", cpu="x", cores=2, ram=2**33)
+ALICE = Principal("tok-a", "client", "alice")
+OWNER = Principal("tok-d", "daemon", "owner")
 
 
 def _core(tmp_path):
@@ -22,12 +25,12 @@ def _spec(**kw):
 
 def _register(core, name, instance, running=()):
     return core.register(p.Register(id=1, name=name, hardware=HW, slots=2, instance=instance,
-                                    running=list(running)), time.time())
+                                    running=list(running)), time.time(), OWNER)
 
 
 def test_restart_keeps_attempt_numbers_and_queue(tmp_path):
     core = _core(tmp_path)
-    sub = core.submit(p.Submit(id=1, tasks=[_spec(), _spec()]))
+    sub = core.submit(p.Submit(id=1, tasks=[_spec(), _spec()]), ALICE)
     _register(core, "d1", "aaa")
     assigned = core.schedule()
     assert [a.attempt for _, a in assigned] == [1, 1]
@@ -39,21 +42,21 @@ def test_restart_keeps_attempt_numbers_and_queue(tmp_path):
     _register(core, "d1", "aaa")
     again = core.schedule()
     assert sorted(a.attempt for _, a in again) == [2, 2]
-    rec = core.records([sub.task_ids[0]])[0]
+    rec = core.records([sub.task_ids[0]], ALICE)[0]
     assert [a.state for a in rec.attempts] == ["lost", "assigned"]
     assert "not delivered" in rec.attempts[0].reason
 
 
 def test_resent_submit_with_key_is_not_queued_twice(tmp_path):
     core = _core(tmp_path)
-    first = core.submit(p.Submit(id=1, tasks=[_spec()], key="k1"))
-    second = core.submit(p.Submit(id=2, tasks=[_spec()], key="k1"))
+    first = core.submit(p.Submit(id=1, tasks=[_spec()], key="k1"), ALICE)
+    second = core.submit(p.Submit(id=2, tasks=[_spec()], key="k1"), ALICE)
     assert second.task_ids == first.task_ids and len(core.active) == 1
 
 
 def test_result_recorded_once_per_attempt(tmp_path):
     core = _core(tmp_path)
-    tid = core.submit(p.Submit(id=1, tasks=[_spec()])).task_ids[0]
+    tid = core.submit(p.Submit(id=1, tasks=[_spec()]), ALICE).task_ids[0]
     _register(core, "d1", "aaa")
     core.schedule()
     done = p.TaskDone(id=5, task_id=tid, attempt=1, outcome=p.TaskOutcome(status="finished", exit_code=0))
@@ -66,7 +69,7 @@ def test_result_recorded_once_per_attempt(tmp_path):
 
 def test_lost_daemon_process_is_excluded_but_its_restart_is_not(tmp_path):
     core = _core(tmp_path)
-    tid = core.submit(p.Submit(id=1, tasks=[_spec()])).task_ids[0]
+    tid = core.submit(p.Submit(id=1, tasks=[_spec()]), ALICE).task_ids[0]
     _register(core, "d1", "first")
     core.schedule()
     core.disconnect("d1", time.time(), "daemon connection lost")
@@ -78,13 +81,13 @@ def test_lost_daemon_process_is_excluded_but_its_restart_is_not(tmp_path):
 
 def test_cancel_counts_by_prior_state_and_frees_slot_only_when_killed(tmp_path):
     core = _core(tmp_path)
-    ids = core.submit(p.Submit(id=1, tasks=[_spec(), _spec(), _spec()])).task_ids
+    ids = core.submit(p.Submit(id=1, tasks=[_spec(), _spec(), _spec()]), ALICE).task_ids
     _register(core, "d1", "aaa")
     core.schedule()  # two run (2 slots), one stays queued
-    reply, kills = core.cancel(p.Cancel(id=2, task_ids=ids), time.time())
+    reply, kills = core.cancel(p.Cancel(id=2, task_ids=ids), time.time(), ALICE)
     assert reply.by_state == {"assigned": 2, "queued": 1}
     assert len(kills) == 2
-    new = core.submit(p.Submit(id=3, tasks=[_spec()])).task_ids[0]
+    new = core.submit(p.Submit(id=3, tasks=[_spec()]), ALICE).task_ids[0]
     assert core.schedule() == []  # slots still busy until the kills are confirmed
     t, attempt = kills[0][1].task_id, kills[0][1].attempt
     core.task_done("d1", p.TaskDone(id=9, task_id=t, attempt=attempt,
