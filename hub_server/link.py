@@ -13,8 +13,9 @@ import contextlib
 import hashlib
 import itertools
 import os
+import ssl as _ssl
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,6 +30,10 @@ class HubError(Exception):
 
 class ConnectError(HubError, ConnectionError):
     """The hub could not be reached or refused the handshake."""
+
+
+class AccessRefused(ConnectError):
+    """The hub refused the token (missing, unknown or revoked): retrying will not help."""
 
 
 class RemoteError(HubError):
@@ -55,6 +60,23 @@ def normalize_url(address: str) -> str:
     if ":" not in hostport.rsplit("]", 1)[-1]:
         rest = hostport + f":{p.DEFAULT_PORT}" + rest[len(hostport):]
     return f"{scheme}://{rest}"
+
+
+SSLArg = Union[None, str, os.PathLike, _ssl.SSLContext]
+
+
+def client_tls(url: str, ssl: SSLArg) -> Optional[_ssl.SSLContext]:
+    """The TLS context for ``url``: None for ws://; for wss:// the given
+    context, or one trusting the given CA file, or the system's CAs."""
+    if not url.startswith("wss://"):
+        if ssl is not None:
+            raise ValueError(f"ssl= is given but {url} is not a wss:// address")
+        return None
+    if isinstance(ssl, _ssl.SSLContext):
+        return ssl
+    ctx = _ssl.create_default_context(cafile=os.fspath(ssl) if ssl is not None else None)
+    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 class _Sink:
@@ -113,8 +135,10 @@ class Link:
         *,
         agent: str = "hwf",
         on_message: Optional[Callable[[Any], Optional[Awaitable[None]]]] = None,
+        ssl: SSLArg = None,
     ) -> None:
         self.url = normalize_url(url)
+        self.tls = client_tls(self.url, ssl)
         self.token = token
         self.agent = agent
         self.on_message = on_message
@@ -142,13 +166,16 @@ class Link:
                 proxy=None,
                 ping_interval=20,
                 ping_timeout=60,
+                ssl=self.tls,
             )
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
             body = (exc.response.body or b"").decode(errors="replace").strip()
             if status in (401, 403):
-                raise ConnectError(f"hub at {self.url} refused the connection: {body or status}") from None
+                raise AccessRefused(f"hub at {self.url} refused the connection: {body or status}") from None
             raise ConnectError(f"hub at {self.url} answered HTTP {status}: {body}") from None
+        except _ssl.SSLError as exc:
+            raise ConnectError(f"TLS with hub at {self.url} failed: {exc}") from None
         except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
             raise ConnectError(f"cannot reach hub at {self.url}: {exc or type(exc).__name__}") from None
         await self.ws.send(p.encode(p.Hello(version=p.PROTOCOL_VERSION, agent=self.agent)), text=True)

@@ -12,6 +12,7 @@ request they belong to) followed by up to ``Limits.chunk_bytes`` of payload.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -556,6 +557,7 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
 _TYPES = {cls.__struct_config__.tag for cls in Message.__args__}  # type: ignore[attr-defined]
 _CHUNK_HEADER = struct.Struct(">I")
+_ID_PREFIX = re.compile(r'\s*\{\s*"type"\s*:\s*"[a-z_]{1,40}"\s*,\s*"id"\s*:\s*([0-9]{1,10})\s*[,}]')
 
 
 def encode(msg: _Msg) -> bytes:
@@ -593,7 +595,11 @@ def request_id(data: Union[str, bytes]) -> Optional[int]:
     """Best-effort ``id`` of a frame that failed to decode, for the error reply."""
     try:
         obj = msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError):
+    except RecursionError:  # too deep to parse: peers put type and id first
+        head = data[:200] if isinstance(data, str) else data[:200].decode("utf-8", "replace")
+        m = _ID_PREFIX.match(head)
+        return int(m.group(1)) if m else None
+    except msgspec.DecodeError:
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
     return rid if isinstance(rid, int) else None

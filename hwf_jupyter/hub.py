@@ -18,7 +18,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from hub_server import protocol as p
-from hub_server.link import ConnectError, HubError, Link, LinkClosed, RemoteError, normalize_url
+from hub_server.link import (
+    AccessRefused, ConnectError, HubError, Link, LinkClosed, RemoteError, SSLArg, client_tls, normalize_url,
+)
+from hub_server.paths import unsafe_relative_path
 
 from ._ioloop import on_io_loop, sync_twin
 from .results import HardwarePool, ResultList
@@ -135,10 +138,27 @@ def _submit_chunks(specs: list[p.TaskSpec], limits: p.Limits) -> list[list[p.Tas
     return chunks
 
 
+def artifact_destination(root: Path, task_id: str, name: str) -> Optional[Path]:
+    """Where an artifact is saved: inside ``root/<task_id>/``, or None.
+
+    The name comes from a daemon (untrusted) through the hub: it must be a
+    relative path without '..' whose every parent, symlinks resolved, stays
+    in the task's folder."""
+    if unsafe_relative_path(task_id) or "/" in task_id or "\\" in task_id or unsafe_relative_path(name):
+        return None
+    folder = (root / task_id).resolve()
+    dest = (folder / name).resolve()
+    if dest == folder or not dest.is_relative_to(folder):
+        return None
+    return folder / name
+
+
 class Hub:
     """A connection to an HWF hub.
 
-    ``address`` may be ``"host"``, ``"host:port"`` or ``"ws://host:port"``;
+    ``address`` may be ``"host"``, ``"host:port"``, ``"ws://host:port"`` or
+    ``"wss://host:port"`` (TLS; ``ssl`` = a CA file or an ``SSLContext`` when
+    the hub's certificate is not signed by a CA the system trusts);
     ``token`` defaults to the ``HWF_TOKEN`` environment variable.
     """
 
@@ -150,8 +170,11 @@ class Hub:
         artifacts_dir: Union[str, os.PathLike] = "hwf_artifacts",
         connect_timeout: float = 10.0,
         reconnect_timeout: float = 120.0,
+        ssl: SSLArg = None,
     ) -> None:
         self.url = normalize_url(address)
+        # wss://: trust this CA file (or use this SSLContext); default: system CAs.
+        self.ssl = client_tls(self.url, ssl)
         self.ip_address = urlsplit(self.url).hostname or ""
         self.token = token if token is not None else os.environ.get("HWF_TOKEN")
         self.artifacts_dir = Path(artifacts_dir)
@@ -182,7 +205,7 @@ class Hub:
                 self._connecting = None
 
     async def _open(self) -> Link:
-        link = Link(self.url, self.token, agent="hwf-client", on_message=self._on_push)
+        link = Link(self.url, self.token, agent="hwf-client", on_message=self._on_push, ssl=self.ssl)
         await link.connect(timeout=self.connect_timeout)
         self._link = link
         self._ever_connected = True
@@ -211,8 +234,8 @@ class Hub:
             try:
                 link = await self._connected()
                 return await link.request(make(link.next_id()))
-            except (LinkClosed, ConnectError):
-                if not (idempotent and self._ever_connected):
+            except (LinkClosed, ConnectError) as exc:
+                if not (idempotent and self._ever_connected) or isinstance(exc, AccessRefused):
                     raise
                 now = time.monotonic()
                 deadline = deadline or now + self.reconnect_timeout
@@ -282,7 +305,11 @@ class Hub:
             for a in r.artifacts:
                 if not a.ok or not a.name:
                     continue
-                dest = self.artifacts_dir / r.task_id / a.name
+                dest = artifact_destination(self.artifacts_dir, r.task_id, a.name)
+                if dest is None:
+                    a.error = f"refused to save artifact {a.name[:200]!r}: its name leaves the task's folder"
+                    a.sha256 = None
+                    continue
                 if not (dest.is_file() and dest.stat().st_size == a.size):
                     try:
                         await link.download(a.sha256, dest)

@@ -31,7 +31,8 @@ from .stream import CellStream
 from .task import Data, Stage, TaskError
 
 LEVELS = ("task", "stage", "command")
-_USER_ERRORS = (TaskError, HubError, HardwareError, ClusterError, ValueError, TypeError, NotImplementedError)
+_USER_ERRORS = (TaskError, HubError, HardwareError, ClusterError, ValueError, TypeError, NotImplementedError,
+                OSError)
 
 
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,6 +80,7 @@ class HWFMagics(Magics):
     token = Unicode("", help="token for hub_url (default: $HWF_TOKEN)").tag(config=True)
     progress = Bool(True, help="show a live progress widget on %hwf_dispatch").tag(config=True)
     artifacts_dir = Unicode("hwf_artifacts", help="where artifacts are downloaded").tag(config=True)
+    ca_file = Unicode("", help="CA certificate file that signs the hub's wss:// certificate").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -93,13 +95,13 @@ class HWFMagics(Magics):
 
     def _require_hub(self) -> Hub:
         if self.hub is None and self.hub_url:
-            self._connect(self.hub_url, self.token or None)
+            self._connect(self.hub_url, self.token or None, self.ca_file or None)
         if self.hub is None:
             raise UsageError("hwf: not connected to a hub: run %hwf_connect URL or %hwf_local first")
         return self.hub
 
-    def _connect(self, url: str, token: Optional[str]) -> Hub:
-        hub = Hub(url, token=token, artifacts_dir=self.artifacts_dir)
+    def _connect(self, url: str, token: Optional[str], ca_file: Optional[str] = None) -> Hub:
+        hub = Hub(url, token=token, artifacts_dir=self.artifacts_dir, ssl=ca_file)
         hub.connect_sync()  # fail here, with the URL, rather than at first use
         if self.hub is not None:
             self.hub.close_sync()
@@ -107,15 +109,17 @@ class HWFMagics(Magics):
         return hub
 
     @magic_arguments()
-    @argument("url", help="hub address: host, host:port or ws://host:port")
+    @argument("url", help="hub address: host, host:port, ws://host:port or wss://host:port (TLS)")
     @argument("--token", default=None, help="access token (default: $HWF_TOKEN or HWFMagics.token)")
+    @argument("--ca-file", default=None,
+              help="CA certificate that signs the hub's wss:// certificate (default: the system's CAs)")
     @line_magic
     @_one_line_errors
     def hwf_connect(self, line: str) -> Hub:
         """Connect this notebook to a hub."""
         args = parse_argstring(self.hwf_connect, line)
         token = args.token or self.token or os.environ.get("HWF_TOKEN")
-        return self._connect(args.url, token)
+        return self._connect(args.url, token, args.ca_file or self.ca_file or None)
 
     @magic_arguments()
     @argument("--daemons", type=int, default=2, help="daemon processes to start")

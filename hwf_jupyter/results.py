@@ -511,6 +511,7 @@ class Machine:
     load: Optional[dict[str, Any]] = None
     first_seen: Optional[float] = None
     last_seen: Optional[float] = None
+    owner: str = ""  # who contributes the machine (its daemon token's owner)
 
     @classmethod
     def from_info(cls, info: protocol.MachineInfo) -> Machine:
@@ -525,6 +526,7 @@ class Machine:
             load=None if info.load is None else protocol.to_builtins(info.load),
             first_seen=info.first_seen,
             last_seen=info.last_seen,
+            owner=info.owner,
         )
 
     @property
@@ -568,6 +570,7 @@ def _machine_row(m: Machine) -> dict[str, Any]:
         "slots": m.slots,
         "running": m.running,
         "tags": ", ".join(m.tags),
+        "owner": m.owner,
         "load_1m": load_avg[0],
         "cpu_percent": load.get("cpu_percent"),
         "mem_percent": load.get("mem_percent"),
