@@ -32,3 +32,20 @@ def in_tmp(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("HWF_NONINTERACTIVE", "1")
+
+
+# Modules whose every test starts processes (hubs, daemons, kernels, shells).
+E2E_MODULES = {"test_e2e_bad_input", "test_e2e_core", "test_e2e_hub_ops", "test_faults", "test_grid",
+               "test_kernel_magics", "test_notebooks", "test_processes", "test_runner", "test_trust",
+               "test_daemon_trust"}
+# Fixtures that start processes.
+E2E_FIXTURES = {"cluster", "hub", "farm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts a process ``e2e``, so ``-m "not e2e"`` is a
+    seconds-long inner loop of the sans-I/O tests."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in E2E_MODULES or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
