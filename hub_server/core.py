@@ -486,7 +486,8 @@ class HubCore:
         """The unfinished tasks a cancel request names (checked: the caller's own)."""
         if msg.session_id is not None:
             self._own_session(msg.session_id, who)
-            return [tid for tid in self.store.session_task_ids(msg.session_id) if tid in self.active]
+            sid = msg.session_id  # in memory: only unfinished tasks can be cancelled
+            return [t.task_id for t in self.active.values() if t.session_id == sid]
         ids = list(dict.fromkeys(msg.task_ids))
         self.check_known(ids, who)
         return [tid for tid in ids if tid in self.active]

@@ -87,6 +87,7 @@ class HubServer:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.store = auth.open_state_dir(config.state_dir)
+        self.store.checkpoint_in_background()
         self.blobs = BlobStore(Path(config.state_dir) / "blobs", config.limits.max_blob_store_bytes)
         self.core = HubCore(self.store, self.blobs, config.limits)
         self.peers: set[Peer] = set()
@@ -321,9 +322,11 @@ class HubServer:
                 await peer.send(p.Ok(id=msg.id))  # acked whether new or a resend
                 self.schedule_soon()
 
-    async def _cancel(self, peer: Peer, rid: int, ids: list[str], chunk: int = 1000) -> None:
+    async def _cancel(self, peer: Peer, rid: int, ids: list[str], chunk: int = 100) -> None:
         """Cancel in chunks of one transaction each, yielding in between, so
-        200,000 cancellations never hold the hub for long."""
+        200,000 cancellations never hold the hub for long: a request from
+        someone else needs a few loop iterations (read, handle, write), and
+        each chunk (~5 ms) delays each of them once."""
         by_state: dict[str, int] = {}
         done: list[str] = []
         try:

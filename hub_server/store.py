@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -126,6 +127,32 @@ class Store:
             f = Path(f"{self.path}{suffix}")
             if f.exists():
                 os.chmod(f, 0o600)  # whatever mode an older version left
+        self._checkpointer: Optional[threading.Thread] = None
+        self._stop_checkpoints = threading.Event()
+
+    def checkpoint_in_background(self, interval: float = 1.0) -> None:
+        """Move WAL pages into the database from a thread of its own.
+
+        SQLite's automatic checkpoint runs inside whichever commit crosses
+        1,000 pages: that commit then takes 100-200 ms, and the hub's event
+        loop with it.  A PASSIVE checkpoint on another connection does the
+        same work without blocking writers (sqlite3 releases the GIL)."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+        def run() -> None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            try:
+                while not self._stop_checkpoints.wait(interval):
+                    try:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error:
+                        pass  # busy: the next round catches up
+            finally:
+                db.close()
+
+        self._checkpointer = threading.Thread(target=run, name="hwf-wal-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     def _migrate(self) -> None:
         for table, column, decl in ADDED_COLUMNS:
@@ -139,6 +166,9 @@ class Store:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            self._checkpointer.join()
         self.db.close()
 
     def transaction(self) -> "_Tx":
