@@ -340,8 +340,7 @@ class HubCore:
         m.running = set(still)
         # A daemon can only claim attempts the hub gave to this machine: the
         # rest of what it reports is ignored, not cancelled on its word.
-        reported = {(tid, att) for tid, att in msg.running
-                    if (tid, att) in self._own_attempts(name, msg.running)}
+        reported = self._own_attempts(name, msg.running)
         if lost and same_process:
             # The same daemon process never got these (the hub went down
             # before sending them): not the machine's fault, no exclusion.
