@@ -428,7 +428,8 @@ class HubCore:
 
     def stage_done(self, machine_id: str, msg: p.StageDone) -> None:
         t = self.active.get(msg.task_id)
-        if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
+        if (t is not None and self._is_current(msg.task_id, msg.attempt, machine_id)
+                and msg.index < len(t.spec.stages)):  # a daemon cannot grow this map
             t.stages[msg.index] = msg.stage
             self._emit(t, t.status, machine=machine_id, stage_index=msg.index, stage=msg.stage)
 

@@ -139,9 +139,12 @@ class TaskSpec(msgspec.Struct, frozen=True):
 # ------------------------------------------------------------ task outcomes
 
 
+ExitCode = Annotated[int, Meta(ge=-(2**31), le=2**31)]
+
+
 class CommandOutcome(msgspec.Struct):
     cmd: str
-    exit_code: Optional[int]
+    exit_code: Optional[ExitCode]
     stdout: str = ""
     stderr: str = ""
     stdout_truncated: bool = False
@@ -178,7 +181,7 @@ class TaskOutcome(msgspec.Struct):
     """What a daemon reports when an attempt ends."""
 
     status: Literal["finished", "failed"]
-    exit_code: Optional[int] = None
+    exit_code: Optional[ExitCode] = None
     error: Optional[str] = None
     reason: Optional[str] = None
     started: Optional[float] = None

@@ -216,6 +216,29 @@ def test_a_daemon_cannot_claim_or_cancel_another_machines_attempt(farm, tmp_path
     healthy(farm, tmp_path, ids)
 
 
+def test_a_rogue_daemons_reports_are_bounded(farm, tmp_path):
+    client = farm.hub(artifacts_dir=tmp_path / "a")
+    with RawPeer(farm.address, daemon_token(farm, "rogue")) as rogue:
+        assert rogue.register("rogue-num")["type"] == "registered"
+        ids = dispatch_sync(pinned("rogue-num", "true"), client)
+        a = rogue.wait_push("assign")
+        stage = {"name": "s", "status": "finished"}
+        for index in range(1000, 3000):  # cannot grow the hub's memory: ignored
+            rogue.send({"type": "stage_done", "task_id": a["task_id"], "attempt": a["attempt"],
+                        "index": index, "stage": stage})
+        bad = rogue.request({"type": "task_done", "task_id": a["task_id"], "attempt": a["attempt"],
+                             "outcome": {"status": "failed", "exit_code": 2**63}})
+        assert bad["type"] == "error" and bad["code"] == "bad_message" and "exit_code" in bad["message"]
+        ok = rogue.request({"type": "task_done", "task_id": a["task_id"], "attempt": a["attempt"],
+                            "outcome": {"status": "failed", "exit_code": 3, "error": "rogue failure",
+                                        "stages": [dict(stage, status="failed")]}})
+        assert ok["type"] == "ok"
+    r = client.get_result_sync(ids, wait=True)[0]
+    client.close_sync()
+    assert (r.status, r.exit_code, len(r.stages)) == ("failed", 3, 1)
+    healthy(farm, tmp_path, ids)
+
+
 # ------------------------------------------------------- bounded resources
 
 
