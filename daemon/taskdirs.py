@@ -1,0 +1,104 @@
+"""Task working directories: private to their task, reachable by it.
+
+When tasks run as other users, each task dir is 0700 and owned by the
+task's uid, so tasks of other slots cannot look in.  The daemon's own
+workdir and ``tasks/`` are 0711: tasks may pass through to their dir but
+not list who else runs, and the blob cache beside them stays 0700.
+
+A task reaches its dir by absolute path too (``$PWD``, ``cd "$HOME"``),
+which needs every ancestor to be traversable by the task's uid.  A workdir
+under a private directory (``/root``, a 0700 test tmp dir) fails that, so
+task dirs then live in a fresh ``hwf-tasks-*`` dir in the system temp dir,
+removed when the daemon stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .accounts import TaskUser
+
+log = logging.getLogger(__name__)
+
+TMP_NAME = ".hwf-tmp"  # a task's private TMPDIR, inside its dir
+
+
+class TaskDirError(ValueError):
+    """The workdir cannot host isolated tasks; the message says why."""
+
+
+def traversable_by_others(path: Path) -> bool:
+    """True if a user with no special rights can reach ``path`` (every ancestor o+x)."""
+    path = path.resolve()
+    for p in (path, *path.parents):
+        try:
+            if not os.stat(p).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise TaskDirError(f"{path} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        raise TaskDirError(
+            f"{path} is writable by every user: give the daemon a --workdir of its own"
+        )
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+class TaskDirs:
+    """Creates and removes task dirs under one root."""
+
+    def __init__(self, workdir: Path, isolated: bool) -> None:
+        self.isolated = isolated
+        self._own_root: Optional[Path] = None
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o711 if isolated else 0o777)
+        root = workdir / "tasks"
+        root.mkdir(exist_ok=True, mode=0o711 if isolated else 0o777)
+        if isolated:
+            _set_mode(workdir, 0o711)
+            _set_mode(root, 0o711)
+            if not traversable_by_others(root):
+                self._own_root = Path(tempfile.mkdtemp(prefix="hwf-tasks-"))
+                os.chmod(self._own_root, 0o711)
+                log.info("%s is not reachable by other users; task dirs go in %s", root, self._own_root)
+                root = self._own_root
+                if not traversable_by_others(root):
+                    log.warning("%s is not reachable by other users either: tasks using absolute "
+                                "paths of their dir will fail", root)
+        self.root = root
+
+    def create(self, name: str, user: Optional[TaskUser]) -> Path:
+        """A fresh, empty dir for one attempt, owned by ``user`` (0700)."""
+        path = self.root / name
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(path, user.uid, user.gid)
+            tmp = path / TMP_NAME
+            tmp.mkdir(mode=0o700)
+            os.chown(tmp, user.uid, user.gid)
+        return path
+
+    def remove(self, path: Path) -> None:
+        # rmtree works on fds (no symlink following), so a task's links cannot
+        # send the daemon deleting outside its dir.
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the temp root this daemon made, if any."""
+        if self._own_root is not None:
+            shutil.rmtree(self._own_root, ignore_errors=True)
+            self._own_root = None
