@@ -223,7 +223,7 @@ class Daemon:
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect
-            if self._free_slots.empty():
+            if len(self.running) >= self.config.slots:
                 log.warning("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
@@ -255,7 +255,10 @@ class Daemon:
     async def _clean_slot(self, user: Optional[TaskUser]) -> None:
         """Kill what a task left running as its slot's uid (never a shared account)."""
         if user is not None and user.per_slot:
-            await asyncio.to_thread(kill_processes_of, user)
+            try:
+                await asyncio.to_thread(kill_processes_of, user)
+            except Exception:  # the slot stays usable; say loudly that it may not be clean
+                log.exception("could not kill the processes left by uid %d", user.uid)
 
     async def _run(self, msg: p.Assign, cancel: Cancel) -> None:
         key = (msg.task_id, msg.attempt)

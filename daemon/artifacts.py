@@ -14,12 +14,12 @@ tell the task's user what lies in a directory the task could not read).
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Awaitable, BinaryIO, Callable, Optional
-import fnmatch
-import re
 
 from hub_server.protocol import ArtifactInfo
 

@@ -9,6 +9,7 @@ fixed instead of silently shipped.
 
 from __future__ import annotations
 
+import getpass
 import os
 import stat
 import sys
@@ -31,7 +32,11 @@ class TokenError(ValueError):
 def read_token_file(path: str, stdin: Optional[TextIO] = None) -> str:
     """The first line of ``path`` (``-``: of stdin); refuses a file others can read."""
     if path == "-":
-        line = (stdin or sys.stdin).readline()
+        stream = stdin or sys.stdin
+        if stream.isatty():  # typed by hand: do not echo it on the screen
+            line = getpass.getpass("daemon token: ", stream=sys.stderr)
+        else:
+            line = stream.readline()
         token = line.strip()
         if not token:
             raise TokenError("--token-file -: no token on the first line of stdin")
