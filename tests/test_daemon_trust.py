@@ -140,11 +140,13 @@ def test_task_hunting_for_the_token_of_a_daemon_started_by_hand(farm, client, tm
         token_file.write_text(farm.daemon_token + "\n")
         os.chmod(token_file, 0o600)
         log = open(tmp_path / "hand.log", "wb")
+        # A careless admin also left the token in the daemon's environment.
+        env = dict(os.environ, HWF_TOKEN=farm.daemon_token, HWF_CANARY="hwf-canary-value")
         proc = subprocess.Popen(
             [sys.executable, "-m", "hwf_jupyter.cli", "daemon", "--hub", farm.address,
              "--token-file", str(token_file), "--name", "hand", "--workdir", str(tmp_path / "hand"),
              "--slot-uid-base", str(HAND_BASE), "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()
         try:
@@ -157,6 +159,8 @@ def test_task_hunting_for_the_token_of_a_daemon_started_by_hand(farm, client, tm
             proc.wait(30)
         _assert_found_nothing(farm.daemon_token, output, seen)
         assert f"token-file: {token_file}" in output
+        assert "HWF_TASK_ID=" in seen  # it read its own environment ...
+        assert "hwf-canary-value" not in seen  # ... which holds no HWF_* of the daemon
         uid = int(re.search(r"uid=(\d+)", output).group(1))
         if ROOT:
             assert uid == HAND_BASE
@@ -190,6 +194,34 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
     assert r.returncode == 2
     assert f"permissions 0644 for token file {f} are too open" in r.stderr
     assert f"chmod 600 {f}" in r.stderr
+
+
+@pytest.mark.e2e
+def test_a_daemon_running_tasks_as_itself_says_what_that_exposes(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hwf_jupyter.cli", "daemon", "--hub", "ws://127.0.0.1:9", "--run-as", "self",
+         "--workdir", str(tmp_path / "w"), "--parent-pid", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stderr:  # the warning comes first, before any connection attempt
+            lines.append(line)
+            if "WARNING" in line or len(lines) > 20:
+                break
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    text = "".join(lines)
+    assert "tasks run as the daemon's own user" in text
+    assert "its hub token included" in text and "--run-as USER" in text
+
+
+@pytest.mark.e2e
+def test_run_as_an_unknown_user_is_refused_by_the_cli(tmp_path):
+    r = _hwf_daemon("--run-as", "no-such-hwf-user", "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2
+    assert "--run-as no-such-hwf-user: no such user on this machine" in r.stderr
 
 
 def test_token_file_rules(tmp_path):
