@@ -9,8 +9,8 @@ only as safe as the least careful task.  Hence:
   uid (``slot_uid_base + k`` for the k-th slot it claims), like HTCondor's
   dedicated slot accounts: tasks of different slots cannot read each
   other's files or ``/proc`` entries, and after each task every process
-  left running as the slot's uid is killed, so nothing a task leaves
-  behind spies on the slot's next task;
+  left running as the slot's uid is killed (leftovers.py), so nothing a
+  task leaves behind spies on the slot's next task;
 * ``--run-as USER`` runs every task as one existing account instead
   (leftovers are not killed there: the account may be a person's);
 * ``--run-as self`` (or a daemon that is not root) keeps tasks as the
@@ -29,15 +29,13 @@ import fcntl
 import logging
 import os
 import pwd
-import signal
 import stat
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Optional
 
-import psutil
+from .leftovers import kill_processes_of
 
 log = logging.getLogger(__name__)
 
@@ -217,62 +215,6 @@ def _claim_slot_uids(slots: int, base: int, lock_dir: Path) -> tuple[list[Option
         users.append(user)
         uid += 1
     return users, locks
-
-
-# ---------------------------------------------------------- leftover processes
-
-
-def processes_of(uid: int) -> list[int]:
-    """Pids of live (not zombie) processes whose real uid is ``uid``."""
-    pids = []
-    for proc in psutil.process_iter(["uids", "status"]):
-        try:
-            if proc.info["uids"].real == uid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                pids.append(proc.pid)
-        except (psutil.Error, AttributeError, TypeError):
-            continue
-    return pids
-
-
-def _kill_all_as(user: TaskUser) -> None:
-    """The classic way: a child that becomes ``user`` and calls kill(-1, SIGKILL).
-
-    kill(-1) reaches every process the caller may signal (all of the uid's,
-    but not the caller) in one pass the kernel does not let fork() race.
-    """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            os.setgroups([])
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # nothing was left
-        except BaseException:
-            code = 1
-        os._exit(code)
-    os.waitpid(pid, 0)
-
-
-def kill_processes_of(user: TaskUser, attempts: int = 5) -> list[int]:
-    """SIGKILL every process running as a slot ``user``; returns pids still alive.
-
-    Blocking (a fork and a /proc scan): call it from a thread.
-    """
-    left = processes_of(user.uid)
-    for _ in range(attempts):
-        if not left:
-            return []
-        _kill_all_as(user)
-        deadline = time.monotonic() + 1.0
-        while (left := processes_of(user.uid)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    if left:
-        log.warning("processes of uid %d survived SIGKILL: %s", user.uid, left)
-    return left
 
 
 # ----------------------------------------------------------------- environment

@@ -31,10 +31,11 @@ from hub_server import protocol as p
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
 
 from . import tracking
-from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, TaskUser, kill_processes_of, task_env
+from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, TaskUser, task_env
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
+from .leftovers import kill_leftovers
 from .load import sample_load
 from .output import OutputPump
 from .runner import Cancel, cancel_error, run_task
@@ -256,7 +257,7 @@ class Daemon:
         """Kill what a task left running as its slot's uid (never a shared account)."""
         if user is not None and user.per_slot:
             try:
-                await asyncio.to_thread(kill_processes_of, user)
+                await kill_leftovers(user)
             except Exception:  # the slot stays usable; say loudly that it may not be clean
                 log.exception("could not kill the processes left by uid %d", user.uid)
 
