@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -32,49 +31,6 @@ def _hub(args: argparse.Namespace) -> int:
         trust_loopback=args.trust_loopback,
     )
     return _run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
-
-
-def _daemon(args: argparse.Namespace) -> int:
-    from daemon.accounts import AccountError
-    from daemon.agent import Daemon, DaemonConfig
-    from daemon.taskdirs import TaskDirError
-    from daemon.tokens import TOKEN_ENV, TokenError, daemon_token
-
-    try:
-        token = daemon_token(args.token_file)
-    except TokenError as exc:
-        print(f"hwf daemon: error: {exc}", file=sys.stderr)
-        return 2
-    os.environ.pop(TOKEN_ENV, None)  # not for the guardian nor any other child
-    config = DaemonConfig(
-        hub=args.hub,
-        token=token,
-        workdir=Path(args.workdir),
-        slots=args.slots,
-        name=args.name or socket.gethostname(),
-        tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
-        keep_workdirs=args.keep_workdirs,
-        parent_pid=args.parent_pid,
-        drain_timeout=args.drain_timeout,
-        run_as=args.run_as,
-        slot_uid_base=args.slot_uid_base,
-    )
-    try:
-        daemon = Daemon(config)
-    except (AccountError, TaskDirError) as exc:
-        print(f"hwf daemon: error: {exc}", file=sys.stderr)
-        return 2
-    asyncio.run(daemon.run())
-    return 0
-
-
-class _RefuseToken(argparse.Action):
-    """``--token`` is kept only to say why it is gone (without echoing the token)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
-        from daemon.tokens import ON_COMMAND_LINE
-
-        parser.error(ON_COMMAND_LINE)
 
 
 def _run_until_signal(coro, parent_pid: Optional[int]) -> int:
@@ -158,32 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=_hub)
 
-    from daemon.accounts import DEFAULT_SLOT_UID_BASE
+    from daemon.cli import add_parser as add_daemon_parser
 
-    # allow_abbrev=False: "--tok=SECRET" must not be taken for --token-file
-    # nor echoed back in an "ambiguous option" error.
-    d = sub.add_parser("daemon", help="run a daemon that executes tasks", allow_abbrev=False)
-    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765")
-    d.add_argument("--token-file", default=None, metavar="PATH",
-                   help="file holding the daemon token on its first line, readable by its owner only "
-                        "(chmod 600); '-' reads it from the first line of stdin (default: $HWF_TOKEN)")
-    d.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
-    d.add_argument("--run-as", default=None, metavar="USER",
-                   help="run every task as this user (name or uid; needs root), or 'self' for the daemon's "
-                        "own user (default: as root, each slot runs as its own unprivileged uid; "
-                        "otherwise the daemon's user)")
-    d.add_argument("--slot-uid-base", type=int, default=DEFAULT_SLOT_UID_BASE, metavar="UID",
-                   help="as root, slot k runs as uid/gid UID+k (the next free ones if another daemon "
-                        f"holds them; default {DEFAULT_SLOT_UID_BASE})")
-    d.add_argument("--slots", type=int, default=1, help="tasks run at once")
-    d.add_argument("--workdir", default="hwf-daemon", help="task working dirs and the blob cache")
-    d.add_argument("--name", default=None, help="machine name (default: hostname)")
-    d.add_argument("--tags", default="", help="comma-separated tags tasks can require")
-    d.add_argument("--drain-timeout", type=float, default=300.0,
-                   help="on SIGTERM, let running tasks finish for up to this many seconds (SIGINT: stop now)")
-    d.add_argument("--keep-workdirs", action="store_true", help="keep each task's working dir")
-    d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    d.set_defaults(func=_daemon)
+    add_daemon_parser(sub)  # the daemon's options live with the daemon (daemon/cli.py)
 
     loc = sub.add_parser("local", help="run a hub and daemons on this machine until Ctrl-C")
     loc.add_argument("--daemons", type=int, default=2)

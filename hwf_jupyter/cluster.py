@@ -7,6 +7,9 @@ a crashed kernel).  ``close()`` stops them by PID: SIGTERM, then SIGKILL.
 
 Daemons get their token on a pipe (``--token-file -``), never in argv or
 the environment, where every local user and every task could read it.
+They run as ``python -m daemon.cli`` (the same options as ``hwf daemon``)
+so they do not carry the notebook library: a daemon forks itself for
+every command, at a cost that grows with its memory.
 """
 
 from __future__ import annotations
@@ -113,10 +116,11 @@ class LocalCluster:
 
     # -- processes ----------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], secret: Optional[str] = None) -> subprocess.Popen:
-        """Start ``hwf ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
+    def _spawn(self, name: str, args: list[str], secret: Optional[str] = None,
+               module: str = "hwf_jupyter.cli") -> subprocess.Popen:
+        """Start ``python -m MODULE ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
         log = open(self.log_dir / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "hwf_jupyter.cli", *args, "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", module, *args, "--parent-pid", str(os.getpid())]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
                                 stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -171,11 +175,11 @@ class LocalCluster:
             name = f"daemon-{n}"
         workdir = self.root / name
         all_tags = self.tags + list(tags or [])
-        args = ["daemon", "--hub", self.address, "--token-file", "-", "--name", name,
+        args = ["--hub", self.address, "--token-file", "-", "--name", name,
                 "--slots", str(slots or self.slots), "--workdir", str(workdir)]
         if all_tags:
             args += ["--tags", ",".join(all_tags)]
-        self.daemon_processes[name] = self._spawn(name, args, secret=self.daemon_token)
+        self.daemon_processes[name] = self._spawn(name, args, secret=self.daemon_token, module="daemon.cli")
         if wait:
             self.wait_for_daemons(names=[name])
         return name

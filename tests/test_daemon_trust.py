@@ -106,8 +106,8 @@ def _hunt(client, daemon: str, tmp_path: Path):
     return r.output, seen.path.read_text(errors="replace")
 
 
-def _assert_found_nothing(token: str, output: str, seen: str) -> None:
-    assert "hwf_jupyter.cli daemon" in seen  # the hunt did see the daemon's command line
+def _assert_found_nothing(token: str, output: str, seen: str, daemon_cmd: str) -> None:
+    assert daemon_cmd in seen  # the hunt did see the daemon's command line
     assert "--token-file" in seen
     # Only our daemon's token counts: other software on a shared machine may
     # show its own hwf_d_ strings (an older hwf passing --token, say).
@@ -121,7 +121,7 @@ def _assert_found_nothing(token: str, output: str, seen: str) -> None:
 @pytest.mark.e2e
 def test_task_hunting_for_the_token_on_a_local_cluster(farm, client, tmp_path):
     output, seen = _hunt(client, "daemon-1", tmp_path)
-    _assert_found_nothing(farm.daemon_token, output, seen)
+    _assert_found_nothing(farm.daemon_token, output, seen, "-m\ndaemon.cli\n--hub")
     assert "token-file: -" in output  # LocalCluster hands it over on a pipe
     uid = int(re.search(r"uid=(\d+)", output).group(1))
     if ROOT:
@@ -157,7 +157,7 @@ def test_task_hunting_for_the_token_of_a_daemon_started_by_hand(farm, client, tm
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-        _assert_found_nothing(farm.daemon_token, output, seen)
+        _assert_found_nothing(farm.daemon_token, output, seen, "hwf_jupyter.cli daemon --hub")
         assert f"token-file: {token_file}" in output
         assert "HWF_TASK_ID=" in seen  # it read its own environment ...
         assert "hwf-canary-value" not in seen  # ... which holds no HWF_* of the daemon
