@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from daemon.accounts import DEFAULT_SLOT_UID_BASE, AccountError, TaskAccounts, TaskUser, task_env
-from daemon.artifacts import match_files
+from daemon.artifacts import collect_artifacts, match_files
 from daemon.blobcache import copy_verified
 from daemon.output import OutputPump, dropped_marker
 from daemon.tokens import TokenError, read_token_file
@@ -197,24 +197,30 @@ def test_token_file_readable_by_others_is_refused(tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_daemon_running_tasks_as_itself_says_what_that_exposes(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hwf_jupyter.cli", "daemon", "--hub", "ws://127.0.0.1:9", "--run-as", "self",
-         "--workdir", str(tmp_path / "w"), "--parent-pid", str(os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+def test_a_daemon_running_tasks_as_itself_says_what_that_exposes(farm, client, tmp_path):
+    log_path = tmp_path / "self.log"
+    env = dict(os.environ, HWF_TOKEN=farm.daemon_token, HWF_CANARY="hwf-canary-value")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "--hub", farm.address, "--run-as", "self", "--name", "self",
+             "--workdir", str(tmp_path / "w"), "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
     try:
-        lines = []
-        for line in proc.stderr:  # the warning comes first, before any connection attempt
-            lines.append(line)
-            if "WARNING" in line or len(lines) > 20:
-                break
+        _wait(lambda: proc.poll() is not None or "self" in client.get_hardware_pool_sync().names,
+              what="the daemon started with --run-as self")
+        assert proc.poll() is None, log_path.read_text()
+        r = _run(client, Task(Stage("s", cmd="id -u; env | grep ^HWF_ | sort"), hardware={"daemon": "self"}))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-    text = "".join(lines)
-    assert "tasks run as the daemon's own user" in text
+    text = log_path.read_text()
+    assert "WARNING tasks run as the daemon's own user" in text
     assert "its hub token included" in text and "--run-as USER" in text
+    assert r.ok, r.error
+    uid, *hwf_vars = r.output.split("\n")[:-1]
+    assert int(uid) == os.geteuid()
+    assert [v.split("=")[0] for v in hwf_vars] == ["HWF_ATTEMPT", "HWF_TASK_ID"]
 
 
 @pytest.mark.e2e
@@ -410,6 +416,26 @@ def test_glob_does_not_descend_through_links_that_lead_out(tmp_path):
         ("sub/x.txt", None),
     ]
     assert [m.name for m in match_files(root, "**/*.txt")] == ["sub/x.txt"]  # ** follows no links
+
+
+def test_artifacts_the_task_does_not_own_are_refused(tmp_path):
+    # A hard link to someone else's file would look like this to the daemon.
+    root = tmp_path / "task"
+    root.mkdir()
+    (root / "mine.txt").write_text("mine")
+    uploaded = []
+
+    async def upload(f, name):
+        uploaded.append((name, f.read()))
+        return hashlib.sha256(b"mine").hexdigest(), 4
+
+    def collect(owner):
+        return asyncio.run(collect_artifacts(["mine.txt"], root, upload, owner=owner))
+
+    [info] = collect(os.geteuid() + 1)
+    assert info.error == "'mine.txt' is not owned by the task's user" and uploaded == []
+    [info] = collect(os.geteuid())
+    assert info.error is None and uploaded == [("mine.txt", b"mine")]
 
 
 # ------------------------------------------------------- leftover processes
