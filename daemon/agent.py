@@ -327,7 +327,10 @@ class Daemon:
             if timer is not None:
                 timer.cancel()
             if pump is not None:
-                await pump.close()
+                try:
+                    await pump.close()
+                except Exception:  # live output is best effort; the result is not
+                    log.exception("output pump of task %s failed", msg.task_id)
             await clean()
             if taskdir is not None and not self.config.keep_workdirs:
                 await asyncio.to_thread(self.taskdirs.remove, taskdir)

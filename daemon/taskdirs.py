@@ -81,6 +81,8 @@ class TaskDirs:
 
     def create(self, name: str, user: Optional[TaskUser]) -> Path:
         """A fresh, empty dir for one attempt, owned by ``user`` (0700)."""
+        if not name or name.startswith(".") or "/" in name or os.sep in name:
+            raise TaskDirError(f"{name!r} cannot name a task dir")
         path = self.root / name
         if os.path.lexists(path):
             shutil.rmtree(path)
