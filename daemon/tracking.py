@@ -8,7 +8,9 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
 * A command may run as another account (``user``): Popen's ``user``/``group``
   with no supplementary groups, so it keeps none of root's.  Python's child
   chdir()s into the task dir before dropping privileges; the dir's
-  ancestors must still be traversable for absolute paths to work.
+  ancestors must still be traversable for absolute paths to work.  Python
+  cannot vfork when it must change uid, so this forks the whole daemon,
+  which is why daemons are started without the notebook library (cli.py).
 * If the daemon is killed outright, its ``Guardian`` (see guardian.py) kills
   every command group still running, so commands never run on unsupervised.
   No ``preexec_fn`` is used: it would force a full ``fork()`` of the daemon.
