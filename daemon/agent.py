@@ -139,6 +139,8 @@ class Daemon:
         self.accounts.close()
         if not self.config.keep_workdirs:
             self.taskdirs.close()
+        elif self.taskdirs.root != self.workdir / "tasks":
+            log.info("task dirs kept in %s until another daemon starts on this machine", self.taskdirs.root)
 
     async def _session(self) -> None:
         link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message)

@@ -31,6 +31,7 @@ from daemon.accounts import DEFAULT_SLOT_UID_BASE, AccountError, TaskAccounts, T
 from daemon.artifacts import collect_artifacts, match_files
 from daemon.blobcache import copy_verified
 from daemon.output import OutputPump, dropped_marker
+from daemon.taskdirs import _lock_root, remove_stale_roots
 from daemon.tokens import TokenError, read_token_file
 from hwf_jupyter import Artifacts, Data, LocalCluster, Stage, Task, dispatch_sync
 
@@ -274,6 +275,21 @@ def test_daemons_on_one_machine_never_share_slot_uids(tmp_path):
     c = TaskAccounts.configure(None, 1, base, lock_dir=tmp_path / "locks")
     assert c.user(0).uid == base  # released on close
     c.close()
+
+
+def test_temp_task_roots_of_dead_daemons_are_removed(tmp_path):
+    alive, dead, unlocked_old, unlocked_new = (tmp_path / f"hwf-tasks-{n}" for n in ("a", "b", "c", "d"))
+    for d in (alive, dead, unlocked_old, unlocked_new):
+        (d / "t-1.1").mkdir(parents=True)
+    held = _lock_root(alive)  # a running daemon holds its lock
+    os.close(_lock_root(dead))  # a daemon that died released it
+    os.utime(unlocked_old, (time.time() - 3600, time.time() - 3600))
+    try:
+        assert sorted(remove_stale_roots(tmp_path)) == [dead, unlocked_old]
+    finally:
+        os.close(held)
+    assert alive.exists() and unlocked_new.exists()
+    assert not dead.exists() and not unlocked_old.exists()
 
 
 # ------------------------------------------------------------------ the cache
