@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import random
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 from hub_server import protocol as p
+from hub_server.blobs import fileobj_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
 
 from . import tracking
@@ -422,11 +422,7 @@ class Daemon:
     async def _upload_artifact(self, f: BinaryIO, name: str) -> tuple[str, int]:
         """Upload an artifact from the file the runner opened (never by its path)."""
 
-        def digest() -> str:
-            f.seek(0)
-            return hashlib.file_digest(f, "sha256").hexdigest()
-
-        sha = await asyncio.to_thread(digest)
+        sha = await asyncio.to_thread(fileobj_sha256, f)
 
         async def upload(link: Link) -> tuple[str, int]:
             if await link.missing_blobs([sha]):

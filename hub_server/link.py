@@ -20,6 +20,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from . import protocol as p
+from .blobs import fileobj_sha256
 
 
 class HubError(Exception):
@@ -275,8 +276,7 @@ class Link:
         label = name or str(getattr(f, "name", "file"))
         size = os.fstat(f.fileno()).st_size
         if sha256 is None:
-            f.seek(0)
-            sha256 = await asyncio.to_thread(lambda: hashlib.file_digest(f, "sha256").hexdigest())
+            sha256 = await asyncio.to_thread(fileobj_sha256, f)
         if size > self.limits.max_file_bytes:
             raise RemoteError(
                 "too_large",
