@@ -3,6 +3,12 @@
 Results go into an outbox and are resent after every reconnect until the hub
 acknowledges them, so work that finished while the hub was away is not lost
 (the hub records each attempt's result once, however often it arrives).
+
+What a task may reach is decided here and in the modules named: the
+account it runs as and its environment (accounts.py), its private dir
+(taskdirs.py), the blob cache it is copied from (blobcache.py), what it
+may hand back as artifacts (artifacts.py) and how much of its output may
+wait in the daemon's memory (output.py).
 """
 
 from __future__ import annotations
@@ -13,23 +19,27 @@ import logging
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 from hub_server import protocol as p
-from hub_server.blobs import BlobStore, file_sha256
+from hub_server.blobs import fileobj_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
 
 from . import tracking
+from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, TaskUser, task_env
+from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
+from .leftovers import kill_leftovers
 from .load import sample_load
-from .runner import Cancel, run_task
+from .output import OutputPump
+from .runner import Cancel, cancel_error, run_task
+from .taskdirs import TMP_NAME, TaskDirs
 
 log = logging.getLogger("hwf.daemon")
 
@@ -48,36 +58,9 @@ class DaemonConfig:
     kill_grace: float = 3.0
     # SIGTERM: take no new tasks, let running ones finish for up to this long.
     drain_timeout: float = 300.0
-
-
-class _OutputPump:
-    """Batches a task's live output into ``output`` messages (<= 10/s each)."""
-
-    def __init__(self, daemon: "Daemon", task_id: str, attempt: int, interval: float = 0.1) -> None:
-        self.daemon, self.task_id, self.attempt, self.interval = daemon, task_id, attempt, interval
-        self.buf: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self.size = 0
-        self._timer: Optional[asyncio.TimerHandle] = None
-
-    def __call__(self, stream: str, text: str) -> None:
-        self.buf[stream].append(text)
-        self.size += len(text)
-        if self.size >= 16384:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for stream, parts in self.buf.items():
-            if parts:
-                text = "".join(parts)
-                parts.clear()
-                asyncio.ensure_future(self.daemon._send_quietly(
-                    p.Output(task_id=self.task_id, attempt=self.attempt, stream=stream, text=text)))  # type: ignore[arg-type]
-        self.size = 0
+    # None: per-slot uids when root, else the daemon's own user; "self"; a user.
+    run_as: Optional[str] = None
+    slot_uid_base: int = DEFAULT_SLOT_UID_BASE
 
 
 @dataclass
@@ -86,14 +69,27 @@ class _Running:
     attempt: int
     cancel: Cancel
     task: asyncio.Task
+    slot: Optional[int] = None  # the slot it holds, once it has one
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.workdir = Path(config.workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.cache = BlobStore(self.workdir / "blob-cache")
+        self.accounts = TaskAccounts.configure(config.run_as, config.slots, config.slot_uid_base)
+        try:
+            self.taskdirs = TaskDirs(self.workdir, isolated=self.accounts.isolated)
+            self.cache = open_cache(self.workdir / "blob-cache")
+        except BaseException:
+            self.accounts.close()
+            raise
+        if self.accounts.isolated:
+            log.info("%s", self.accounts.describe())
+        else:
+            log.warning(SAME_USER_WARNING, os.geteuid())
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()
+        for k in range(config.slots):
+            self._free_slots.put_nowait(k)
         self.hardware = detect_hardware()
         self.link: Optional[Link] = None
         self.connected = asyncio.Event()
@@ -136,6 +132,15 @@ class Daemon:
             await self._shutdown()
             tracking.set_guardian(None)
             guardian.stop()
+            self.close()
+
+    def close(self) -> None:
+        """Release the slot uids and the temp task root (if this daemon made one)."""
+        self.accounts.close()
+        if not self.config.keep_workdirs:
+            self.taskdirs.close()
+        elif self.taskdirs.root != self.workdir / "tasks":
+            log.info("task dirs kept in %s until another daemon starts on this machine", self.taskdirs.root)
 
     async def _session(self) -> None:
         link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message)
@@ -221,6 +226,8 @@ class Daemon:
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect
+            if len(self.running) >= self.config.slots:
+                log.warning("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
             self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
@@ -231,15 +238,60 @@ class Daemon:
         elif isinstance(msg, p.Error):
             log.warning("hub error %s: %s", msg.code, msg.message)
 
+    async def _take_slot(self, cancel: Cancel) -> Optional[int]:
+        """A free slot index, or None if the task is cancelled while waiting."""
+        get = asyncio.ensure_future(self._free_slots.get())
+        stop = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not get.done():
+                get.cancel()
+        if get.done() and not get.cancelled():
+            slot = get.result()
+            if not cancel.is_set():
+                return slot
+            self._free_slots.put_nowait(slot)
+        return None
+
+    async def _clean_slot(self, user: Optional[TaskUser]) -> None:
+        """Kill what a task left running as its slot's uid (never a shared account)."""
+        if user is not None and user.per_slot:
+            try:
+                await kill_leftovers(user)
+            except Exception:  # the slot stays usable; say loudly that it may not be clean
+                log.exception("could not kill the processes left by uid %d", user.uid)
+
     async def _run(self, msg: p.Assign, cancel: Cancel) -> None:
         key = (msg.task_id, msg.attempt)
-        taskdir = self.workdir / "tasks" / f"{msg.task_id}.{msg.attempt}"
+        slot = await self._take_slot(cancel)
+        if slot is None:
+            reason = cancel.reason or "cancelled"
+            outcome = p.TaskOutcome(status="failed", error=cancel_error(reason), reason=reason,
+                                    finished=time.time())
+            await self._finish(key, outcome)
+            return
+        if key in self.running:
+            self.running[key].slot = slot
+        user = self.accounts.user(slot)
         timer = None
-        pump: Optional[_OutputPump] = None
+        pump: Optional[OutputPump] = None
+        taskdir: Optional[Path] = None
+        cleaned = False
+
+        async def clean() -> None:
+            # Once the commands are over nothing new starts as the slot's
+            # uid, so one pass (before artifacts are read) is enough.
+            nonlocal cleaned
+            if not cleaned:
+                await self._clean_slot(user)
+                cleaned = True
+
         try:
-            if taskdir.exists():
-                shutil.rmtree(taskdir)
-            taskdir.mkdir(parents=True)
+            taskdir = await asyncio.to_thread(self.taskdirs.create, f"{msg.task_id}.{msg.attempt}", user)
+            env = task_env(os.environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
+                           home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
             await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
             if msg.spec.timeout:
                 timer = asyncio.get_running_loop().call_later(msg.spec.timeout, cancel.set, "timeout")
@@ -249,7 +301,12 @@ class Daemon:
                     p.StageDone(task_id=msg.task_id, attempt=msg.attempt, index=index, stage=stage)
                 )
 
-            pump = _OutputPump(self, msg.task_id, msg.attempt) if msg.spec.stream else None
+            async def send_output(stream: str, text: str) -> None:
+                await self._send_quietly(
+                    p.Output(task_id=msg.task_id, attempt=msg.attempt, stream=stream, text=text)  # type: ignore[arg-type]
+                )
+
+            pump = OutputPump(send_output) if msg.spec.stream else None
             outcome = await run_task(
                 msg.spec,
                 taskdir,
@@ -260,6 +317,9 @@ class Daemon:
                 max_output_bytes=self.limits.max_output_bytes,
                 cancel=cancel,
                 kill_grace=self.config.kill_grace,
+                user=user,
+                env=env,
+                before_artifacts=clean,
             )
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)
@@ -269,11 +329,19 @@ class Daemon:
             if timer is not None:
                 timer.cancel()
             if pump is not None:
-                pump.flush()
+                try:
+                    await pump.close()
+                except Exception:  # live output is best effort; the result is not
+                    log.exception("output pump of task %s failed", msg.task_id)
+            await clean()
+            if taskdir is not None and not self.config.keep_workdirs:
+                await asyncio.to_thread(self.taskdirs.remove, taskdir)
+            self._free_slots.put_nowait(slot)
+        await self._finish(key, outcome)
+
+    async def _finish(self, key: tuple[str, int], outcome: p.TaskOutcome) -> None:
         self.running.pop(key, None)
-        if not self.config.keep_workdirs:
-            await asyncio.to_thread(shutil.rmtree, taskdir, True)
-        done = p.TaskDone(id=0, task_id=msg.task_id, attempt=msg.attempt, outcome=outcome)
+        done = p.TaskDone(id=0, task_id=key[0], attempt=key[1], outcome=outcome)
         self.outbox[key] = fit_message(done, self.limits.max_message_bytes)
         await self._deliver(key)
 
@@ -307,19 +375,35 @@ class Daemon:
         assert self.link is not None
         return self.link
 
-    async def _fetch_data(self, data: p.DataSpec, dest: Path) -> None:
-        """Copy a Data blob into the task dir, downloading it once per daemon."""
-        if not self.cache.has(data.sha256):
-            fut = self._fetching.get(data.sha256)
+    async def _cached(self, sha256: str) -> None:
+        """Make sure the blob is in the cache, downloading it once per daemon."""
+        if not self.cache.has(sha256):
+            fut = self._fetching.get(sha256)
             if fut is None:
-                fut = asyncio.ensure_future(self._download(data.sha256))
-                self._fetching[data.sha256] = fut
-                fut.add_done_callback(lambda _f, s=data.sha256: self._fetching.pop(s, None))
+                fut = asyncio.ensure_future(self._download(sha256))
+                self._fetching[sha256] = fut
+                fut.add_done_callback(lambda _f, s=sha256: self._fetching.pop(s, None))
             await asyncio.shield(fut)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # A copy, not a hard link: a task that edits its input must not
-        # corrupt the cache for the next task.
-        await asyncio.to_thread(shutil.copyfile, self.cache.path(data.sha256), dest)
+
+    async def _fetch_data(self, data: p.DataSpec, out: BinaryIO) -> None:
+        """Copy a Data blob into the task's file, checking its hash as it is copied.
+
+        A copy, not a hard link: a task that edits its input must not
+        corrupt the cache for the next task.  A cache entry whose bytes no
+        longer match its hash is deleted and downloaded again.
+        """
+        sha = data.sha256
+        for _ in range(3):
+            await self._cached(sha)
+            try:
+                if await asyncio.to_thread(copy_verified, self.cache.path(sha), out, sha):
+                    return
+            except FileNotFoundError:
+                continue  # another task found it corrupt and deleted it meanwhile
+            log.warning("blob cache entry %s does not match its sha256: deleting it and "
+                        "downloading it again", sha)
+            self.cache.path(sha).unlink(missing_ok=True)
+        raise HubError(f"blob {sha[:12]}… does not match its sha256 even after a fresh download")
 
     async def _with_link(self, op: Any, tries: int = 5) -> Any:
         """Run ``op(link)``, waiting out short hub outages (a reconnect)."""
@@ -335,13 +419,15 @@ class Daemon:
     async def _download(self, sha256: str) -> None:
         await self._with_link(lambda link: link.download(sha256, self.cache.path(sha256)))
 
-    async def _upload_artifact(self, path: Path) -> tuple[str, int]:
-        sha = await asyncio.to_thread(file_sha256, path)
+    async def _upload_artifact(self, f: BinaryIO, name: str) -> tuple[str, int]:
+        """Upload an artifact from the file the runner opened (never by its path)."""
+
+        sha = await asyncio.to_thread(fileobj_sha256, f)
 
         async def upload(link: Link) -> tuple[str, int]:
             if await link.missing_blobs([sha]):
-                return await link.upload(path, sha)
-            return sha, path.stat().st_size
+                return await link.upload(f, sha, name=name)
+            return sha, os.fstat(f.fileno()).st_size
 
         return await self._with_link(upload)
 

@@ -2,7 +2,11 @@
 
 ``run_task`` is the whole of what a daemon does with an assigned task,
 minus the talking to the hub, which the caller plugs in as callbacks
-(``fetch_data``, ``upload_artifact``, ``on_stage``, ``on_output``).  It
+(``fetch_data``, ``upload_artifact``, ``on_stage``, ``on_output``).
+Commands run as ``user`` (another account, when the daemon is root) with
+the environment ``env``; the daemon touches the task dir, which that user
+controls, only through fds walked with ``O_NOFOLLOW`` (safefs.py), so a
+task's symlinks cannot turn the daemon's rights against other files.  It
 always returns a ``TaskOutcome``: a failing command, a refused file name,
 a callback that raises or a cancellation all become a failed outcome whose
 ``error`` says what happened, never an exception.
@@ -22,12 +26,14 @@ import codecs
 import inspect
 import logging
 import signal
-import stat
 import time
 from pathlib import Path, PurePosixPath
-from typing import IO, Awaitable, Callable, Optional, Union
+from typing import IO, Awaitable, BinaryIO, Callable, Mapping, Optional, Union
 
+from daemon.accounts import TaskUser
+from daemon.artifacts import UploadArtifact, collect_artifacts
 from daemon.gpu import GpuSampler
+from daemon.safefs import create_for_writing
 from daemon.tracking import TrackedProcess, Usage
 from hub_server.protocol import (
     ArtifactInfo,
@@ -48,8 +54,8 @@ _PIPE_DRAIN_TIMEOUT = 2.0
 _READ_CHUNK = 65536
 _ERROR_OF_REASON = {"cancelled": "cancelled", "timeout": "timed out"}
 
-FetchData = Callable[[DataSpec, Path], Awaitable[None]]
-UploadArtifact = Callable[[Path], Awaitable[tuple[str, int]]]
+# fetch_data(data, file): write the data's bytes into ``file`` (open, empty).
+FetchData = Callable[[DataSpec, BinaryIO], Awaitable[None]]
 OnStage = Callable[[int, StageOutcome], Optional[Awaitable[None]]]
 OnOutput = Callable[[str, str], None]
 
@@ -243,9 +249,11 @@ async def _run_command(
     on_output: Optional[OnOutput],
     cancel: Optional[CancelLike],
     kill_grace: float,
+    env: Optional[Mapping[str, str]] = None,
+    user: Optional[TaskUser] = None,
 ) -> tuple[CommandOutcome, Usage, float, bool]:
     """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
-    proc = TrackedProcess(cmd, workdir)
+    proc = TrackedProcess(cmd, workdir, env=env, user=user)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [
@@ -293,11 +301,20 @@ def _data_target(workdir: Path, filename: str) -> Optional[Path]:
     return target
 
 
+async def _fetch_one(data: DataSpec, workdir: Path, fetch_data: FetchData,
+                     user: Optional[TaskUser], cancel: Optional[CancelLike]) -> bool:
+    """Write one data file into the task dir (owned by ``user``); True if cancelled."""
+    f = await asyncio.to_thread(create_for_writing, workdir, data.filename, user)
+    with f:
+        return await _race(fetch_data(data, f), cancel)
+
+
 async def _fetch_stage_data(
     stage: StageSpec,
     workdir: Path,
     fetch_data: FetchData,
     cancel: Optional[CancelLike],
+    user: Optional[TaskUser] = None,
 ) -> Optional[_Failure]:
     for data in stage.data:
         if cancel is not None and cancel.is_set():
@@ -309,8 +326,7 @@ async def _fetch_stage_data(
                 "relative path inside the work directory"
             )
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if await _race(fetch_data(data, target), cancel):
+            if await _fetch_one(data, workdir, fetch_data, user, cancel):
                 return _cancelled(cancel)  # type: ignore[arg-type]
         except Exception as exc:
             return _Failure(
@@ -329,9 +345,11 @@ async def _run_stage(
     max_output_bytes: int,
     cancel: Optional[CancelLike],
     kill_grace: float,
+    env: Optional[Mapping[str, str]] = None,
+    user: Optional[TaskUser] = None,
 ) -> tuple[StageOutcome, Optional[_Failure]]:
     outcome = StageOutcome(name=stage.name, status="finished", comment=stage.comment)
-    failure = await _fetch_stage_data(stage, workdir, fetch_data, cancel)
+    failure = await _fetch_stage_data(stage, workdir, fetch_data, cancel, user)
     if failure is not None:
         outcome.status = "failed"
         if failure.reason is None:
@@ -363,6 +381,8 @@ async def _run_stage(
                     on_output=on_output,
                     cancel=cancel,
                     kill_grace=kill_grace,
+                    env=env,
+                    user=user,
                 )
             except Exception as exc:
                 failure = _Failure(
@@ -420,69 +440,6 @@ async def _notify(on_stage: Optional[OnStage], index: int, stage: StageOutcome) 
         log.exception("on_stage callback failed")
 
 
-# --------------------------------------------------------------- artifacts
-
-
-def _pattern_error(pattern: str) -> Optional[str]:
-    if not pattern or not pattern.strip():
-        return "empty artifact pattern"
-    if pattern.startswith(("/", "\\")) or PurePosixPath(pattern).is_absolute():
-        return f"artifact pattern {pattern!r} must be relative to the work directory"
-    if ".." in PurePosixPath(pattern.replace("\\", "/")).parts:
-        return f"artifact pattern {pattern!r} must not contain '..'"
-    return None
-
-
-def _match_files(root: Path, pattern: str) -> list[tuple[str, Path]]:
-    """Regular files under ``root`` matching ``pattern``: (posix name, path)."""
-    found = []
-    for path in root.glob(pattern):
-        try:
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
-                continue
-            if not stat.S_ISREG(path.stat().st_mode):
-                continue
-        except OSError:
-            continue
-        found.append((path.relative_to(root).as_posix(), path))
-    return sorted(found)
-
-
-async def _collect_artifacts(
-    patterns: list[str], workdir: Path, upload_artifact: UploadArtifact
-) -> list[ArtifactInfo]:
-    infos: list[ArtifactInfo] = []
-    root = workdir.resolve()
-    for pattern in patterns:
-        error = _pattern_error(pattern)
-        if error is not None:
-            infos.append(ArtifactInfo(pattern=pattern, error=error))
-            continue
-        try:
-            matches = await asyncio.to_thread(_match_files, root, pattern)
-        except (ValueError, OSError) as exc:
-            infos.append(
-                ArtifactInfo(pattern=pattern, error=f"bad pattern {pattern!r}: {exc}")
-            )
-            continue
-        if not matches:
-            infos.append(ArtifactInfo(pattern=pattern, error=f"no file matches {pattern!r}"))
-        for name, path in matches:
-            try:
-                sha, size = await upload_artifact(path)
-            except Exception as exc:
-                infos.append(
-                    ArtifactInfo(
-                        pattern=pattern,
-                        name=name,
-                        error=f"upload of {name!r} failed: {_describe_exc(exc)}",
-                    )
-                )
-            else:
-                infos.append(ArtifactInfo(pattern=pattern, name=name, sha256=sha, size=size))
-    return infos
-
-
 # -------------------------------------------------------------------- task
 
 
@@ -497,11 +454,18 @@ async def run_task(
     max_output_bytes: int = 65536,
     cancel: Optional[CancelLike] = None,
     kill_grace: float = 3.0,
+    user: Optional[TaskUser] = None,
+    env: Optional[Mapping[str, str]] = None,
+    before_artifacts: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> TaskOutcome:
     """Run every stage of ``spec`` in ``workdir`` and report how it went.
 
-    ``fetch_data(data, path)`` must write the data file to ``path``;
-    ``upload_artifact(path)`` returns the stored file's (sha256, size).
+    ``fetch_data(data, file)`` must write the data's bytes into the open
+    ``file``; ``upload_artifact(file, name)`` stores an open artifact file
+    and returns its (sha256, size).  Commands run as ``user`` (None: as
+    this process) with environment ``env`` (None: this process's);
+    ``before_artifacts()`` runs after the last command, so the caller can
+    stop what the task left running before its files are read.
     ``on_stage(index, outcome)`` (sync or async) is called once per stage,
     skipped ones included; ``on_output(stream, text)`` receives all output
     live, untruncated.  The first failing command fails the task and skips
@@ -528,6 +492,8 @@ async def run_task(
                     max_output_bytes=max_output_bytes,
                     cancel=cancel,
                     kill_grace=kill_grace,
+                    env=env,
+                    user=user,
                 )
             outcome.stages.append(stage_outcome)
             await _notify(on_stage, index, stage_outcome)
@@ -540,8 +506,15 @@ async def run_task(
                 StageOutcome(name=stage.name, status="skipped", comment=stage.comment)
             )
 
+    if before_artifacts is not None:
+        try:
+            await before_artifacts()
+        except Exception:
+            log.exception("before_artifacts callback failed")
     try:
-        outcome.artifacts = await _collect_artifacts(spec.artifacts, workdir, upload_artifact)
+        outcome.artifacts = await collect_artifacts(
+            spec.artifacts, workdir, upload_artifact, owner=user.uid if user is not None else None
+        )
     except Exception as exc:
         log.exception("collecting artifacts failed")
         outcome.artifacts = [

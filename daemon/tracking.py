@@ -5,6 +5,12 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
 
 * Each command runs in a new session, so its process group holds the whole
   tree and one ``killpg`` stops all of it.
+* A command may run as another account (``user``): Popen's ``user``/``group``
+  with no supplementary groups, so it keeps none of root's.  Python's child
+  chdir()s into the task dir before dropping privileges; the dir's
+  ancestors must still be traversable for absolute paths to work.  Python
+  cannot vfork when it must change uid, so this forks the whole daemon,
+  which is why daemons are started without the notebook library (cli.py).
 * If the daemon is killed outright, its ``Guardian`` (see guardian.py) kills
   every command group still running, so commands never run on unsupervised.
   No ``preexec_fn`` is used: it would force a full ``fork()`` of the daemon.
@@ -41,9 +47,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import psutil
+
+if TYPE_CHECKING:
+    from .accounts import TaskUser
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +73,19 @@ def set_guardian(guardian: Any) -> None:
 
 
 def spawn(
-    cmd: str, cwd: Union[str, Path], env: Optional[Mapping[str, str]] = None
+    cmd: str,
+    cwd: Union[str, Path],
+    env: Optional[Mapping[str, str]] = None,
+    user: Optional["TaskUser"] = None,
 ) -> subprocess.Popen:
     """Start ``cmd`` under bash in ``cwd``, leader of its own process group.
 
     stdin is /dev/null (a task must never wait for input); stdout and stderr
-    are pipes the caller must read.
+    are pipes the caller must read.  ``user``: run as that account.
     """
+    ids: dict[str, Any] = {}
+    if user is not None:
+        ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
     return subprocess.Popen(
         cmd,
         shell=True,
@@ -81,6 +96,7 @@ def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        **ids,
     )
 
 
@@ -159,13 +175,14 @@ class TrackedProcess:
         cwd: Union[str, Path],
         *,
         env: Optional[Mapping[str, str]] = None,
+        user: Optional["TaskUser"] = None,
         sample_interval: float = 0.05,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.cmd = cmd
         self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
         self.started = time.perf_counter()
-        self.popen = spawn(cmd, cwd, env)
+        self.popen = spawn(cmd, cwd, env, user)
         self.pid = self.popen.pid
         self.pgid = self.pid  # start_new_session: the leader's pid names the group
         if _guardian is not None:

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -38,6 +38,15 @@ def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
+
+
+def fileobj_sha256(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 of an open binary file from its start (its position is left at the end)."""
+    f.seek(0)
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
+    return h.hexdigest()
 
 
 class BlobStore:

@@ -15,13 +15,13 @@ import itertools
 import os
 import ssl as _ssl
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, BinaryIO, Callable, Optional, Union
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from . import protocol as p
-from .blobs import file_sha256
+from .blobs import fileobj_sha256
 
 
 class HubError(Exception):
@@ -286,15 +286,28 @@ class Link:
         reply = await self.request(p.BlobsMissing(id=self.next_id(), sha256=hashes))
         return set(reply.missing)
 
-    async def upload(self, path: Path | str, sha256: Optional[str] = None) -> tuple[str, int]:
-        """Send a file into the hub's blob store; returns (sha256, size)."""
-        path = Path(path)
-        size = path.stat().st_size
-        sha256 = sha256 or await asyncio.to_thread(file_sha256, path)
+    async def upload(
+        self, source: Union[Path, str, BinaryIO], sha256: Optional[str] = None, *, name: Optional[str] = None
+    ) -> tuple[str, int]:
+        """Send a file into the hub's blob store; returns (sha256, size).
+
+        ``source`` is a path, or a binary file object open for reading, sent
+        from its start: a daemon uploads artifacts from files it opened
+        safely, never by re-opening a path its task could redirect.
+        ``name`` names the file in errors (default: the path or ``f.name``).
+        """
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return await self.upload(f, sha256, name=name or str(source))
+        f = source
+        label = name or str(getattr(f, "name", "file"))
+        size = os.fstat(f.fileno()).st_size
+        if sha256 is None:
+            sha256 = await asyncio.to_thread(fileobj_sha256, f)
         if size > self.limits.max_file_bytes:
             raise RemoteError(
                 "too_large",
-                f"{path} is {size} bytes, above the hub's max_file_bytes={self.limits.max_file_bytes}",
+                f"{label} is {size} bytes, above the hub's max_file_bytes={self.limits.max_file_bytes}",
             )
         rid = self.next_id()
         fut = asyncio.get_running_loop().create_future()
@@ -302,16 +315,16 @@ class Link:
         try:
             await self.send(p.BlobPut(id=rid, sha256=sha256, size=size))
             chunk = self.limits.chunk_bytes
-            with open(path, "rb") as f:
-                while not fut.done():
-                    block = f.read(chunk)
-                    if not block:
-                        break
-                    assert self.ws is not None
-                    try:
-                        await self.ws.send(p.encode_chunk(rid, block))
-                    except websockets.ConnectionClosed as exc:
-                        raise LinkClosed(f"connection to {self.url} lost: {exc}") from None
+            f.seek(0)
+            while not fut.done():
+                block = f.read(chunk)
+                if not block:
+                    break
+                assert self.ws is not None
+                try:
+                    await self.ws.send(p.encode_chunk(rid, block))
+                except websockets.ConnectionClosed as exc:
+                    raise LinkClosed(f"connection to {self.url} lost: {exc}") from None
             await fut
         finally:
             self._pending.pop(rid, None)

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -50,25 +49,6 @@ def _hub(args: argparse.Namespace) -> int:
         slow_reader_timeout=args.slow_reader_timeout,
     )
     return _run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
-
-
-def _daemon(args: argparse.Namespace) -> int:
-    from daemon.agent import Daemon, DaemonConfig
-
-    token = args.token or os.environ.get("HWF_TOKEN")
-    config = DaemonConfig(
-        hub=args.hub,
-        token=token,
-        workdir=Path(args.workdir),
-        slots=args.slots,
-        name=args.name or socket.gethostname(),
-        tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
-        keep_workdirs=args.keep_workdirs,
-        parent_pid=args.parent_pid,
-        drain_timeout=args.drain_timeout,
-    )
-    asyncio.run(Daemon(config).run())
-    return 0
 
 
 def _run_until_signal(coro, parent_pid: Optional[int]) -> int:
@@ -180,18 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=_hub)
 
-    d = sub.add_parser("daemon", help="run a daemon that executes tasks")
-    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765")
-    d.add_argument("--token", default=None, help="daemon token (default: $HWF_TOKEN)")
-    d.add_argument("--slots", type=int, default=1, help="tasks run at once")
-    d.add_argument("--workdir", default="hwf-daemon", help="task working dirs and the blob cache")
-    d.add_argument("--name", default=None, help="machine name (default: hostname)")
-    d.add_argument("--tags", default="", help="comma-separated tags tasks can require")
-    d.add_argument("--drain-timeout", type=float, default=300.0,
-                   help="on SIGTERM, let running tasks finish for up to this many seconds (SIGINT: stop now)")
-    d.add_argument("--keep-workdirs", action="store_true", help="keep each task's working dir")
-    d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    d.set_defaults(func=_daemon)
+    from daemon.cli import add_parser as add_daemon_parser
+
+    add_daemon_parser(sub)  # the daemon's options live with the daemon (daemon/cli.py)
 
     loc = sub.add_parser("local", help="run a hub and daemons on this machine until Ctrl-C")
     loc.add_argument("--daemons", type=int, default=2)

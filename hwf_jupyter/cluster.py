@@ -4,6 +4,12 @@ The hub and daemons are real separate processes (the same ``hwf hub`` /
 ``hwf daemon`` a user would run), started with the caller's PID so they
 stop by themselves if the Python process dies without cleaning up (kill -9,
 a crashed kernel).  ``close()`` stops them by PID: SIGTERM, then SIGKILL.
+
+Daemons get their token on a pipe (``--token-file -``), never in argv or
+the environment, where every local user and every task could read it.
+They run as ``python -m daemon.cli`` (the same options as ``hwf daemon``)
+so they do not carry the notebook library: a daemon forks itself for
+every command, at a cost that grows with its memory.
 """
 
 from __future__ import annotations
@@ -112,12 +118,22 @@ class LocalCluster:
 
     # -- processes ----------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], secret: Optional[str] = None,
+               module: str = "hwf_jupyter.cli") -> subprocess.Popen:
+        """Start ``python -m MODULE ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
         log = open(self.log_dir / f"{name}.log", "ab")
-        cmd = [sys.executable, "-m", "hwf_jupyter.cli", *args, "--parent-pid", str(os.getpid())]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, "-m", module, *args, "--parent-pid", str(os.getpid())]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
+                                stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self._procs.append(proc)
+        if secret is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(secret.encode() + b"\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it died at once; wait_for_daemons reports it with its log
         return proc
 
     def _start_hub(self) -> None:
@@ -161,11 +177,11 @@ class LocalCluster:
             name = f"daemon-{n}"
         workdir = self.root / name
         all_tags = self.tags + list(tags or [])
-        args = ["daemon", "--hub", self.address, "--token", self.daemon_token, "--name", name,
+        args = ["--hub", self.address, "--token-file", "-", "--name", name,
                 "--slots", str(slots or self.slots), "--workdir", str(workdir)]
         if all_tags:
             args += ["--tags", ",".join(all_tags)]
-        self.daemon_processes[name] = self._spawn(name, args)
+        self.daemon_processes[name] = self._spawn(name, args, secret=self.daemon_token, module="daemon.cli")
         if wait:
             self.wait_for_daemons(names=[name])
         return name

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 
 import pytest
+from task_python import TASK_PY, needs_task_python
 
 from hwf_jupyter import Artifacts, Data, Stage, Task, dispatch, dispatch_sync
 
-PY = sys.executable
+PY = TASK_PY or "python3"  # tasks run as unprivileged slot users when we are root
 ALLOC_200MB = f"{PY} -c 'b = bytearray(200 * 2**20); import time; time.sleep(0.3)'"
 BUSY = f"{PY} -c 'import time; t = time.process_time()\nwhile time.process_time() - t < 0.4: pass'"
 
@@ -25,6 +25,7 @@ def seed_task(src):
     )
 
 
+@needs_task_python
 def test_seed_example_measures_and_returns_artifacts(hub, in_tmp):
     src = in_tmp / "main.txt"
     src.write_text("hello farm\n")
@@ -76,9 +77,13 @@ def test_repeat_and_across_pool(hub, cluster):
     results = hub.get_result_sync(ids, wait=True)
     assert len(results) == 4 and all(r.ok for r in results)
     assert sorted(r.machine for r in results) == ["daemon-1", "daemon-1", "daemon-2", "daemon-2"]
-    # each daemon's working dir is its own
+    # each daemon's task dirs are its own (under its workdir, or under a
+    # temp dir of its own when the workdir is private and tasks run as slot users)
+    roots: dict[str, set[str]] = {}
     for r in results:
-        assert f"/{r.machine}/" in r.output
+        roots.setdefault(r.machine, set()).add(r.output.strip().rsplit("/", 1)[0])
+    assert all(len(dirs) == 1 for dirs in roots.values()), roots
+    assert roots["daemon-1"] != roots["daemon-2"]
 
 
 def test_pinned_daemon_runs_there(hub):

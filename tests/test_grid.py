@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import psutil
 import pytest
+from task_python import TASK_PY, needs_task_python
 
 from hwf_jupyter import ConnectError, LocalCluster
 from hwf_jupyter.grid import AWSConnector, GridConnector, GridError
 
-PY = sys.executable
+PY = TASK_PY or "python3"  # tasks run as unprivileged slot users when we are root
+pytestmark = needs_task_python  # nearly every test here runs Python in its tasks
 # Doubles e["x"]; exits 1 (with a message on stderr) for negative x.
 DOUBLE = (f"{PY} -c 'import json,sys; e=json.load(sys.stdin); "
           f"sys.exit(\"negative\") if e[\"x\"] < 0 else print(e[\"x\"]*2)'")

@@ -38,12 +38,12 @@ class Hub:
         self.blobs[sha] = content
         return DataSpec(filename=filename, sha256=sha, size=len(content))
 
-    async def fetch_data(self, data: DataSpec, path: Path) -> None:
+    async def fetch_data(self, data: DataSpec, f) -> None:
         self.fetched.append(data.filename)
-        path.write_bytes(self.blobs[data.sha256])
+        f.write(self.blobs[data.sha256])
 
-    async def upload_artifact(self, path: Path) -> tuple[str, int]:
-        content = path.read_bytes()
+    async def upload_artifact(self, f, name: str) -> tuple[str, int]:
+        content = f.read()
         sha = hashlib.sha256(content).hexdigest()
         self.uploaded[sha] = content
         return sha, len(content)
@@ -217,7 +217,12 @@ def test_leftover_background_process_is_killed(workdir: Path) -> None:
     assert time.monotonic() - start < 5
     assert out.status == "finished"
     assert out.stages[0].commands[0].stdout == "done\n"
-    assert gone(int((workdir / "bg.pid").read_text()))
+    # SIGKILL is delivered asynchronously: wait for the state, with a deadline.
+    pid = int((workdir / "bg.pid").read_text())
+    deadline = time.monotonic() + 2
+    while not gone(pid):
+        assert time.monotonic() < deadline, "the background process survived"
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- tracking
@@ -373,7 +378,7 @@ def test_cancel_before_start_skips_everything(workdir: Path) -> None:
 def test_cancel_during_fetch_data(workdir: Path) -> None:
     hub = Hub()
 
-    async def slow_fetch(data: DataSpec, path: Path) -> None:
+    async def slow_fetch(data: DataSpec, f) -> None:
         await asyncio.sleep(30)
 
     async def main():
@@ -450,7 +455,7 @@ def test_data_through_symlink_out_of_workdir_is_refused(workdir: Path, tmp_path:
 def test_fetch_data_failure_becomes_a_failed_outcome(workdir: Path) -> None:
     hub = Hub()
 
-    async def broken_fetch(data: DataSpec, path: Path) -> None:
+    async def broken_fetch(data: DataSpec, f) -> None:
         raise ConnectionError("hub went away")
 
     spec = TaskSpec(stages=[StageSpec(name="s", cmds=["touch ran"], data=[hub.data("in", b"x")])])
@@ -486,9 +491,11 @@ def test_artifact_globs(workdir: Path, tmp_path: Path) -> None:
     for a in out.artifacts:
         by_pattern.setdefault(a.pattern, []).append(a)
 
-    assert [a.name for a in by_pattern["*.txt"]] == ["a.txt", "b.txt"]
-    assert all(a.error is None and a.size == 2 for a in by_pattern["*.txt"])
-    assert [a.name for a in by_pattern["**/*.txt"]] == [
+    assert [(a.name, a.error) for a in by_pattern["*.txt"]] == [
+        ("a.txt", None), ("b.txt", None), ("link.txt", "'link.txt' resolves outside the task directory"),
+    ]
+    assert all(a.size == 2 for a in by_pattern["*.txt"] if a.error is None)
+    assert [a.name for a in by_pattern["**/*.txt"] if a.error is None] == [
         "a.txt", "b.txt", "sub/c.txt", "sub/deeper/d.txt",
     ]
     assert [(a.name, a.error) for a in by_pattern["missing.txt"]] == [
@@ -501,7 +508,7 @@ def test_artifact_globs(workdir: Path, tmp_path: Path) -> None:
 
 
 def test_upload_failure_becomes_an_artifact_error(workdir: Path) -> None:
-    async def broken_upload(path: Path) -> tuple[str, int]:
+    async def broken_upload(f, name: str) -> tuple[str, int]:
         raise OSError("disk full")
 
     hub = Hub()

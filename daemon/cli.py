@@ -1,0 +1,110 @@
+"""``hwf daemon``: the daemon's command line, also runnable as ``python -m daemon.cli``.
+
+It lives in the daemon package so a daemon process need not import the
+notebook library (pandas, widgets: 80 MB instead of 30).  Size matters
+here: tasks that run as another user cannot be started with vfork, so
+every command forks the whole daemon, and that costs in proportion to its
+memory.  ``LocalCluster`` starts daemons this way; ``hwf daemon`` (through
+``hwf_jupyter.cli``) takes the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .accounts import DEFAULT_SLOT_UID_BASE, AccountError
+from .taskdirs import TaskDirError
+from .tokens import ON_COMMAND_LINE, TOKEN_ENV, TokenError, daemon_token
+
+
+class _RefuseToken(argparse.Action):
+    """``--token`` is kept only to say why it is gone (without echoing the token)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        parser.error(ON_COMMAND_LINE)
+
+
+def add_arguments(d: argparse.ArgumentParser) -> None:
+    """The daemon's options, on ``hwf daemon`` or on the standalone parser."""
+    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765")
+    d.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file holding the daemon token on its first line, readable by its owner only "
+                        "(chmod 600); '-' reads it from the first line of stdin (default: $HWF_TOKEN)")
+    d.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
+    d.add_argument("--run-as", default=None, metavar="USER",
+                   help="run every task as this user (name or uid; needs root), or 'self' for the daemon's "
+                        "own user (default: as root, each slot runs as its own unprivileged uid; "
+                        "otherwise the daemon's user)")
+    d.add_argument("--slot-uid-base", type=int, default=DEFAULT_SLOT_UID_BASE, metavar="UID",
+                   help="as root, slot k runs as uid/gid UID+k (the next free ones if another daemon "
+                        f"holds them; default {DEFAULT_SLOT_UID_BASE})")
+    d.add_argument("--slots", type=int, default=1, help="tasks run at once")
+    d.add_argument("--workdir", default="hwf-daemon", help="task working dirs and the blob cache")
+    d.add_argument("--name", default=None, help="machine name (default: hostname)")
+    d.add_argument("--tags", default="", help="comma-separated tags tasks can require")
+    d.add_argument("--drain-timeout", type=float, default=300.0,
+                   help="on SIGTERM, let running tasks finish for up to this many seconds (SIGINT: stop now)")
+    d.add_argument("--keep-workdirs", action="store_true", help="keep each task's working dir")
+    d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    d.set_defaults(func=run)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``daemon`` on an ``add_subparsers()`` object."""
+    # allow_abbrev=False: "--tok=SECRET" must not be taken for --token-file
+    # nor echoed back in an "ambiguous option" error.
+    d = sub.add_parser("daemon", help="run a daemon that executes tasks", allow_abbrev=False)
+    add_arguments(d)
+    return d
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the daemon; 2 with a clear message if its token or accounts are unusable."""
+    from .agent import Daemon, DaemonConfig
+
+    try:
+        token = daemon_token(args.token_file)
+    except TokenError as exc:
+        print(f"hwf daemon: error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.pop(TOKEN_ENV, None)  # not for the guardian nor any other child
+    config = DaemonConfig(
+        hub=args.hub,
+        token=token,
+        workdir=Path(args.workdir),
+        slots=args.slots,
+        name=args.name or socket.gethostname(),
+        tags=[t.strip() for t in (args.tags or "").split(",") if t.strip()],
+        keep_workdirs=args.keep_workdirs,
+        parent_pid=args.parent_pid,
+        drain_timeout=args.drain_timeout,
+        run_as=args.run_as,
+        slot_uid_base=args.slot_uid_base,
+    )
+    try:
+        daemon = Daemon(config)
+    except (AccountError, TaskDirError) as exc:
+        print(f"hwf daemon: error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(daemon.run())
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="hwf daemon", description="Run a daemon that executes tasks.",
+                                     allow_abbrev=False)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Task working directories: private to their task, reachable by it.
+
+When tasks run as other users, each task dir is 0700 and owned by the
+task's uid, so tasks of other slots cannot look in.  The daemon's own
+workdir and ``tasks/`` are 0711: tasks may pass through to their dir but
+not list who else runs, and the blob cache beside them stays 0700.
+
+A task reaches its dir by absolute path too (``$PWD``, ``cd "$HOME"``),
+which needs every ancestor to be traversable by the task's uid.  A workdir
+under a private directory (``/root``, a 0700 test tmp dir) fails that, so
+task dirs then live in a fresh ``hwf-tasks-*`` dir in the system temp dir,
+removed when the daemon stops.  A daemon killed outright cannot remove
+it, so each such dir holds a lock file its daemon keeps locked, and a
+daemon starting up removes the ones nobody holds any more.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .accounts import TaskUser
+
+log = logging.getLogger(__name__)
+
+TMP_NAME = ".hwf-tmp"  # a task's private TMPDIR, inside its dir
+_ROOT_PREFIX = "hwf-tasks-"
+_LOCK_NAME = ".hwf-daemon.lock"  # in a temp root; task dir names never start with "."
+_UNLOCKED_GRACE = 60.0  # s: a root this young may be a daemon's that has not locked it yet
+
+
+class TaskDirError(ValueError):
+    """The workdir cannot host isolated tasks; the message says why."""
+
+
+def traversable_by_others(path: Path) -> bool:
+    """True if a user with no special rights can reach ``path`` (every ancestor o+x)."""
+    path = path.resolve()
+    for p in (path, *path.parents):
+        try:
+            if not os.stat(p).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise TaskDirError(f"{path} is not a directory")
+    if st.st_mode & stat.S_IWOTH:
+        raise TaskDirError(
+            f"{path} is writable by every user: give the daemon a --workdir of its own"
+        )
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def _lock_root(root: Path) -> int:
+    fd = os.open(root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale_roots(tmp: Path) -> list[Path]:
+    """Remove the temp task roots of daemons that died; returns what was removed."""
+    removed = []
+    for d in tmp.glob(_ROOT_PREFIX + "*"):
+        try:
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # not ours (and never followed through a link)
+            try:
+                fd = os.open(d / _LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if time.time() - st.st_mtime < _UNLOCKED_GRACE:
+                    continue
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its daemon is alive
+                finally:
+                    os.close(fd)
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+class TaskDirs:
+    """Creates and removes task dirs under one root."""
+
+    def __init__(self, workdir: Path, isolated: bool) -> None:
+        self.isolated = isolated
+        self._own_root: Optional[Path] = None
+        self._lock: Optional[int] = None
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o711 if isolated else 0o777)
+        root = workdir / "tasks"
+        root.mkdir(exist_ok=True, mode=0o711 if isolated else 0o777)
+        if isolated:
+            _set_mode(workdir, 0o711)
+            _set_mode(root, 0o711)
+            if not traversable_by_others(root):
+                tmp = Path(tempfile.gettempdir())
+                for stale in remove_stale_roots(tmp):
+                    log.info("removed %s, left by a daemon that is gone", stale)
+                self._own_root = Path(tempfile.mkdtemp(prefix=_ROOT_PREFIX, dir=tmp))
+                self._lock = _lock_root(self._own_root)
+                os.chmod(self._own_root, 0o711)
+                log.info("%s is not reachable by other users; task dirs go in %s", root, self._own_root)
+                root = self._own_root
+                if not traversable_by_others(root):
+                    log.warning("%s is not reachable by other users either: tasks using absolute "
+                                "paths of their dir will fail", root)
+        self.root = root
+
+    def create(self, name: str, user: Optional[TaskUser]) -> Path:
+        """A fresh, empty dir for one attempt, owned by ``user`` (0700)."""
+        if not name or name.startswith(".") or "/" in name or os.sep in name:
+            raise TaskDirError(f"{name!r} cannot name a task dir")
+        path = self.root / name
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(path, user.uid, user.gid)
+            tmp = path / TMP_NAME
+            tmp.mkdir(mode=0o700)
+            os.chown(tmp, user.uid, user.gid)
+        return path
+
+    def remove(self, path: Path) -> None:
+        # rmtree works on fds (no symlink following), so a task's links cannot
+        # send the daemon deleting outside its dir.
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the temp root this daemon made, if any."""
+        if self._own_root is not None:
+            shutil.rmtree(self._own_root, ignore_errors=True)
+            self._own_root = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
