@@ -61,6 +61,8 @@ class DaemonConfig:
     # None: per-slot uids when root, else the daemon's own user; "self"; a user.
     run_as: Optional[str] = None
     slot_uid_base: int = DEFAULT_SLOT_UID_BASE
+    # wss:// hubs: trust this CA file (default: the system's CAs).
+    ca_file: Optional[str] = None
 
 
 @dataclass
@@ -143,7 +145,8 @@ class Daemon:
             log.info("task dirs kept in %s until another daemon starts on this machine", self.taskdirs.root)
 
     async def _session(self) -> None:
-        link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message)
+        link = Link(self.config.hub, self.config.token, agent="hwf-daemon", on_message=self._on_message,
+                    ssl=self.config.ca_file)
         await link.connect()
         try:
             reply = await link.request(

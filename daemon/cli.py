@@ -33,7 +33,9 @@ class _RefuseToken(argparse.Action):
 
 def add_arguments(d: argparse.ArgumentParser) -> None:
     """The daemon's options, on ``hwf daemon`` or on the standalone parser."""
-    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765")
+    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765 or wss://hub:8765 (TLS)")
+    d.add_argument("--ca-file", default=None, metavar="PEM",
+                   help="CA certificate that signs the hub's wss:// certificate (default: the system's CAs)")
     d.add_argument("--token-file", default=None, metavar="PATH",
                    help="file holding the daemon token on its first line, readable by its owner only "
                         "(chmod 600); '-' reads it from the first line of stdin (default: $HWF_TOKEN)")
@@ -87,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         run_as=args.run_as,
         slot_uid_base=args.slot_uid_base,
+        ca_file=args.ca_file,
     )
     try:
         daemon = Daemon(config)
+        if config.ca_file and not Path(config.ca_file).is_file():
+            raise TaskDirError(f"--ca-file {config.ca_file}: no such file")
     except (AccountError, TaskDirError) as exc:
         print(f"hwf daemon: error: {exc}", file=sys.stderr)
         return 2

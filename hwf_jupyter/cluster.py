@@ -73,7 +73,10 @@ class LocalCluster:
         log_dir: Optional[str | os.PathLike] = None,
         trust_loopback: bool = False,
         hub_args: Optional[list[str]] = None,
+        tls: Optional[tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike]] = None,
     ) -> None:
+        """``tls=(cert, key, ca_file)`` serves wss:// with that certificate; the
+        daemons and ``hub()`` trust ``ca_file``."""
         if daemons < 0:
             raise ValueError("daemons must be >= 0")
         self._tmpdir = None if state_dir else tempfile.mkdtemp(prefix="hwf-local-")
@@ -93,6 +96,11 @@ class LocalCluster:
         if trust_loopback:
             self._hub_args.append("--trust-loopback")
         self._hub_args += list(hub_args or [])
+        self.ca_file: Optional[str] = None
+        if tls is not None:
+            cert, key, ca = (os.fspath(x) for x in tls)
+            self._hub_args += ["--tls-cert", cert, "--tls-key", key]
+            self.ca_file = ca
         self.user = auth.default_user()
         store = auth.open_state_dir(self.state_dir)
         store.close()
@@ -153,7 +161,7 @@ class LocalCluster:
             time.sleep(0.02)
         host, port = ready.read_text().split()
         self.port = int(port)
-        self.address = f"ws://{host}:{port}"
+        self.address = f"{'wss' if self.ca_file else 'ws'}://{host}:{port}"
 
     def restart_hub(self) -> None:
         """Start the hub again on the same state dir and port (after a kill)."""
@@ -181,6 +189,8 @@ class LocalCluster:
                 "--slots", str(slots or self.slots), "--workdir", str(workdir)]
         if all_tags:
             args += ["--tags", ",".join(all_tags)]
+        if self.ca_file:
+            args += ["--ca-file", self.ca_file]
         self.daemon_processes[name] = self._spawn(name, args, secret=self.daemon_token, module="daemon.cli")
         if wait:
             self.wait_for_daemons(names=[name])
@@ -236,6 +246,8 @@ class LocalCluster:
 
     def hub(self, **kwargs) -> Hub:
         """A client ``Hub`` for this cluster."""
+        if self.ca_file:
+            kwargs.setdefault("ssl", self.ca_file)
         return Hub(self.address, token=self.token, **kwargs)
 
     @property

@@ -466,3 +466,55 @@ def test_token_create_names_user_and_owner(farm):
         assert d.register("lab-7-box")["type"] == "registered"
     pool = farm.hub().get_hardware_pool_sync(include_offline=True)
     assert {m.name: m for m in pool}["lab-7-box"].owner == "lab-7"
+
+
+# ------------------------------------------------------------------- TLS
+
+
+SEED_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) {
+    size_t n = 50u << 20;
+    char *p = malloc(n);
+    memset(p, 1, n);
+    printf("touched %zu bytes\n", n);
+    return 0;
+}
+"""
+
+
+def test_tls_farm_runs_the_seed_example_and_refuses_plain_ws(tmp_path):
+    import trustme
+    from hwf_jupyter import Artifacts, Data
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    pem, key, ca_pem = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
+    pem.write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    src = tmp_path / "main.c"
+    src.write_text(SEED_C)
+    with LocalCluster(daemons=2, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
+        assert c.address.startswith("wss://127.0.0.1:")
+        hub = c.hub(artifacts_dir=tmp_path / "arts")
+        task = Task(
+            Stage("build", data=[Data(src, "main.c")], cmd="gcc main.c -o main"),
+            Stage("run", cmd=["./main > out.txt", "wc -c out.txt"], track_time=True, track_ram=True,
+                  track_cpu=True),
+            Artifacts("out.txt"),
+            hardware={"os": "linux", "ram": "256MB"},
+        )
+        r = hub.get_result_sync(dispatch_sync(task, hub), wait=True, timeout=120)[0]
+        assert r.status == "finished", r.error
+        assert r.artifacts[0].path.read_text() == "touched 52428800 bytes\n"
+        assert r.stages[1].peak_ram > 50 * 2**20
+        assert len(hub.get_hardware_pool_sync()) == 2  # both daemons came in over wss://
+        hub.close_sync()
+        plain = "ws://" + c.address.split("://", 1)[1]
+        with pytest.raises(ConnectError):
+            Hub(plain, token=c.token, connect_timeout=5).get_hardware_pool_sync()
+        with pytest.raises(ConnectError, match="TLS with hub at .* failed.*CERTIFICATE_VERIFY_FAILED"):
+            Hub(c.address, token=c.token, connect_timeout=5).get_hardware_pool_sync()  # system CAs only
