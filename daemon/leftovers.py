@@ -62,7 +62,15 @@ def processes_of(uid: int) -> list[int]:
 
 
 def _start_killer(user: "TaskUser") -> int:
-    """Fork the child that becomes ``user`` and SIGKILLs all its processes."""
+    """Start the child that becomes ``user`` and SIGKILLs all its processes.
+
+    Through setpriv and sh with posix_spawn (vfork: no copy of the daemon)
+    where setpriv exists; else a fork that switches user itself."""
+    from .tracking import SETPRIV, as_user
+
+    if SETPRIV:
+        script = "kill -KILL -1 2>/dev/null; exit 0"  # exits 0 only if setpriv switched
+        return os.posix_spawn(SETPRIV, [*as_user(user), "/bin/sh", "-c", script], {})
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = _OK

@@ -72,6 +72,19 @@ def set_guardian(guardian: Any) -> None:
     _guardian = guardian
 
 
+# util-linux's setpriv switches uid/gid/groups and execs the command.
+# Going through it keeps CPython's cheap vfork spawn path (Popen's own
+# user=/group= forces a full fork of the daemon: 7.7 ms instead of 3.3 ms
+# per command from a 60 MB process here, on the event loop's thread).
+SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin")
+
+
+def as_user(user: "TaskUser") -> list[str]:
+    """The argv prefix that runs a command as ``user`` (needs SETPRIV)."""
+    assert SETPRIV is not None
+    return [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--"]
+
+
 def spawn(
     cmd: str,
     cwd: Union[str, Path],
@@ -84,12 +97,15 @@ def spawn(
     are pipes the caller must read.  ``user``: run as that account.
     """
     ids: dict[str, Any] = {}
-    if user is not None:
+    argv: Union[str, list[str]] = cmd
+    if user is not None and SETPRIV:
+        argv = [*as_user(user), SHELL, "-c", cmd]
+    elif user is not None:
         ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
     return subprocess.Popen(
-        cmd,
-        shell=True,
-        executable=SHELL,
+        argv,
+        shell=isinstance(argv, str),
+        executable=SHELL if isinstance(argv, str) else None,
         cwd=str(cwd),
         env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,

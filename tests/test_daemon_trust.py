@@ -559,3 +559,28 @@ def test_output_pump_bounds_what_waits_and_sends_one_at_a_time():
     assert markers and sum(markers) == pump.dropped_total
     assert len(text) - sum(len(dropped_marker(n)) for n in markers) + pump.dropped_total == 800 * 65536 + 8
     assert all(len(t) <= 16 * 1024 for _, t in sent)
+
+
+@needs_root
+@pytest.mark.e2e
+@pytest.mark.parametrize("via_setpriv", [True, False])
+def test_both_ways_of_switching_user_give_the_same_account(monkeypatch, tmp_path, via_setpriv):
+    """setpriv (cheap vfork path) where it exists, else Popen(user=): same uid,
+    gid, no supplementary groups; the leftover killer works either way."""
+    from daemon import tracking
+
+    if via_setpriv and not tracking.SETPRIV:
+        pytest.skip("util-linux setpriv is not installed on this machine")
+    if not via_setpriv:
+        monkeypatch.setattr(tracking, "SETPRIV", None)
+    uid = DEFAULT_SLOT_UID_BASE + 4000
+    user = TaskUser(uid=uid, gid=uid, name="hwf-test", per_slot=True)
+    os.chmod(tmp_path, 0o777)
+    proc = tracking.spawn("id -u; id -g; id -G; setsid sleep 1000 >/dev/null 2>&1 </dev/null &", tmp_path,
+                          user=user)
+    out, _ = proc.communicate(timeout=10)
+    assert out.decode().split() == [str(uid), str(uid), str(uid)]
+    from daemon.leftovers import kill_processes_of, processes_of
+    assert processes_of(uid)  # the setsid'd sleep escaped the command's group
+    assert kill_processes_of(user) == []
+    assert processes_of(uid) == []
