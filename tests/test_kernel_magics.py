@@ -224,3 +224,25 @@ def test_kernel_shutdown_stops_its_local_cluster(tmp_path):
     ):
         time.sleep(0.1)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_connect_over_tls_from_a_notebook(fresh_kernel, tmp_path):
+    import trustme
+
+    from hwf_jupyter import LocalCluster
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    pem, key, ca_pem = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
+    pem.write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    with LocalCluster(daemons=1, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
+        k = fresh_kernel
+        msg = _usage_error(k, f"%hwf_connect {c.address} --token {c.token}")
+        assert "TLS with hub at wss://127.0.0.1" in msg and "CERTIFICATE_VERIFY_FAILED" in msg
+        assert "no such file" in _usage_error(k, f"%hwf_connect {c.address} --token {c.token} --ca-file nope.pem").lower()
+        k.run(f"%hwf_connect {c.address} --token {c.token} --ca-file {ca_pem}")
+        k.run("%%hwf_stage s\necho over-tls\n")
+        out = k.run("sub = %hwf_dispatch --wait\ndf = %hwf_results\nprint(df['status'].tolist())").stdout
+        assert "['finished']" in out

@@ -95,3 +95,52 @@ def test_many_tasks_scale():
         s.enqueue(f"t{i}", {} if i % 2 else hw.normalize({"os": "linux"}))
     s.add_machine("a", LINUX, slots=20000)
     assert len(s.schedule()) == 20000
+
+
+def test_fair_share_at_equal_priority_goes_to_the_user_running_least():
+    s = Scheduler()
+    for i in range(100):
+        s.enqueue(f"a{i}", {}, user="alice")
+    s.add_machine("m", LINUX, slots=2)
+    assert [t for t, _ in s.schedule()] == ["a0", "a1"]
+    s.enqueue("b0", {}, user="bob")  # queued after 98 of alice's
+    s.remove("a0")  # a0 ended: its slot frees up
+    s.release("m")
+    assert s.schedule() == [("b0", "m")]
+    assert s.running_by_user() == {"alice": 1, "bob": 1}
+    # Priority still comes first.
+    s.enqueue("urgent", {}, priority=5, user="alice")
+    s.remove("b0")
+    s.release("m")
+    assert s.schedule() == [("urgent", "m")]
+
+
+def test_a_failing_pass_puts_everything_back():
+    s = Scheduler()
+    for i in range(4):
+        s.enqueue(f"t{i}", {}, user="u")
+    s.add_machine("m", LINUX, slots=4)
+    real = s._schedule_into
+
+    def explode(taken):
+        real(taken)
+        raise RuntimeError("boom")
+
+    s._schedule_into = explode  # type: ignore[method-assign]
+    try:
+        s.schedule()
+    except RuntimeError:
+        pass
+    s._schedule_into = real  # type: ignore[method-assign]
+    assert s.queued_count() == 4 and s.running_by_user() == {}
+    assert sorted(t for t, _ in s.schedule()) == ["t0", "t1", "t2", "t3"]
+
+
+def test_a_machine_with_odd_facts_matches_nothing_and_stalls_no_one():
+    s = Scheduler()
+    s.add_machine("odd", dict(LINUX, ram="lots", cores=None, gpus="many"), slots=4)
+    s.add_machine("ok", LINUX, slots=1)
+    s.enqueue("t", hw.normalize({"ram": "1GB", "cores": 2, "gpu": "none"}))
+    s.enqueue("u", hw.normalize({"gpu": "a100"}))
+    assert s.schedule() == [("t", "ok")]
+    assert "no connected daemon has gpu=a100" in s.wait_reason("u")

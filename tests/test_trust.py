@@ -518,3 +518,35 @@ def test_tls_farm_runs_the_seed_example_and_refuses_plain_ws(tmp_path):
             Hub(plain, token=c.token, connect_timeout=5).get_hardware_pool_sync()
         with pytest.raises(ConnectError, match="TLS with hub at .* failed.*CERTIFICATE_VERIFY_FAILED"):
             Hub(c.address, token=c.token, connect_timeout=5).get_hardware_pool_sync()  # system CAs only
+
+
+def test_blob_store_bytes_are_bounded(tmp_path):
+    from hwf_jupyter import Data
+    with LocalCluster(daemons=1, state_dir=tmp_path / "c", hub_args=["--max-blob-store-bytes", "5000"]) as c:
+        hub = c.hub(artifacts_dir=tmp_path / "a")
+        small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+        small.write_bytes(os.urandom(3000))
+        big.write_bytes(os.urandom(3000))
+        ids = dispatch_sync(Task(Stage("s", data=Data(small, "x"), cmd="wc -c < x")), hub)
+        assert hub.get_result_sync(ids, wait=True)[0].output.strip() == "3000"
+        with pytest.raises(RemoteError, match=r"blob store is full: 3000 of max_blob_store_bytes=5000 used; "
+                                              r"a file of 3000 bytes does not fit") as info:
+            dispatch_sync(Task(Stage("s", data=Data(big, "x"), cmd="true")), hub)
+        assert info.value.code == "store_full"
+        # What is stored stays usable.
+        again = dispatch_sync(Task(Stage("s", data=Data(small, "y"), cmd="wc -c < y")), hub)
+        assert hub.get_result_sync(again, wait=True)[0].output.strip() == "3000"
+        hub.close_sync()
+
+
+def test_revoke_every_token_of_a_user(farm):
+    tokens = [farm.create_token("client", "dave") for _ in range(2)]
+    for t in tokens:
+        assert len(Hub(farm.address, token=t).get_hardware_pool_sync()) >= 1
+    out = subprocess.run([sys.executable, "-m", "hwf_jupyter.cli", "token", "revoke", "--user", "dave",
+                          "--state-dir", str(farm.state_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("revoked 2 token(s)")
+    for t in tokens:
+        with pytest.raises(ConnectError, match="token revoked"):
+            Hub(farm.address, token=t).get_hardware_pool_sync()
+    assert len(farm.hub().get_hardware_pool_sync()) >= 1  # others unaffected
