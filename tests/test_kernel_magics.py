@@ -227,16 +227,10 @@ def test_kernel_shutdown_stops_its_local_cluster(tmp_path):
 
 
 def test_connect_over_tls_from_a_notebook(fresh_kernel, tmp_path):
-    import trustme
-
     from hwf_jupyter import LocalCluster
+    from tlsfiles import make_tls_files
 
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    pem, key, ca_pem = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
-    pem.write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
+    pem, key, ca_pem = make_tls_files(tmp_path)
     with LocalCluster(daemons=1, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
         k = fresh_kernel
         msg = _usage_error(k, f"%hwf_connect {c.address} --token {c.token}")

@@ -486,15 +486,10 @@ int main(void) {
 
 
 def test_tls_farm_runs_the_seed_example_and_refuses_plain_ws(tmp_path):
-    import trustme
     from hwf_jupyter import Artifacts, Data
+    from tlsfiles import make_tls_files
 
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    pem, key, ca_pem = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
-    pem.write_bytes(b"".join(c.bytes() for c in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_pem))
+    pem, key, ca_pem = make_tls_files(tmp_path)
     src = tmp_path / "main.c"
     src.write_text(SEED_C)
     with LocalCluster(daemons=2, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
