@@ -1,4 +1,4 @@
-"""``hwf daemon``: the daemon's command line, also runnable as ``python -m daemon.cli``.
+"""``hwf-daemon`` / ``python -m hwf_daemon`` / ``hwf daemon``: the daemon's command line.
 
 It lives in the daemon package so a daemon process need not import the
 notebook library (pandas, widgets: 80 MB instead of 30).  Size matters
@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from hub_server.cli import version_line
 
 from .accounts import DEFAULT_SLOT_UID_BASE, AccountError
 from .taskdirs import TaskDirError
@@ -103,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hwf daemon", description="Run a daemon that executes tasks.",
+    parser = argparse.ArgumentParser(prog="hwf-daemon", description="Run a daemon that executes tasks.",
                                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=version_line("hwf-daemon"))
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -24,7 +24,7 @@ class Guardian:
 
     def start(self) -> "Guardian":
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.guardian"],
+            [sys.executable, "-m", "hwf_daemon.guardian"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,  # not in the daemon's group: survives killpg and Ctrl-C

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import psutil
 
-from daemon.gpu import list_gpus
+from hwf_daemon.gpu import list_gpus
 
 _CPUINFO_KEYS = ("model name", "hardware", "cpu model", "model", "processor")
 

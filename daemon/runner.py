@@ -30,11 +30,11 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import IO, Awaitable, BinaryIO, Callable, Mapping, Optional, Union
 
-from daemon.accounts import TaskUser
-from daemon.artifacts import UploadArtifact, collect_artifacts
-from daemon.gpu import GpuSampler
-from daemon.safefs import create_for_writing
-from daemon.tracking import TrackedProcess, Usage
+from hwf_daemon.accounts import TaskUser
+from hwf_daemon.artifacts import UploadArtifact, collect_artifacts
+from hwf_daemon.gpu import GpuSampler
+from hwf_daemon.safefs import create_for_writing
+from hwf_daemon.tracking import TrackedProcess, Usage
 from hub_server.protocol import (
     ArtifactInfo,
     CommandOutcome,

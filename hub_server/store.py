@@ -4,6 +4,12 @@ Every accepted task, every state transition (with its time), every attempt,
 every result and every machine is written here before the hub acts on it,
 so a hub killed with SIGKILL and restarted on the same directory loses
 nothing it had acknowledged.
+
+The store carries its schema version (SQLite's ``user_version``).  Opening
+an older store migrates it in place, after saving a copy of it beside it
+(``hub.sqlite3.schema1.bak``); a store written by a newer HWF is refused,
+untouched, with a message saying so.  Every migration step can run twice,
+so a migration cut off by a crash simply runs again.
 """
 
 from __future__ import annotations
@@ -68,6 +74,15 @@ CREATE TABLE IF NOT EXISTS blob_refs (
     sha256 TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (sha256, principal)) WITHOUT ROWID;
 """
 
+# 1: HWF 0.1 (no users).  2: users on tokens, sessions and tasks; token ids and
+# revocation; machine owners; blob access (HWF 0.2).
+SCHEMA_VERSION = 2
+
+
+class SchemaError(RuntimeError):
+    """The store's schema is one this HWF cannot use; the text says what to do."""
+
+
 # Columns added after the first release: (table, column, declaration).
 # Stores made before them get the column on open, with its default.
 ADDED_COLUMNS = (
@@ -83,6 +98,8 @@ CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user, status);
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_id ON tokens(token_id);
 UPDATE tokens SET token_id = 'tok-' || substr(hash, 1, 10) WHERE token_id IS NULL;
 UPDATE tokens SET user = CASE role WHEN 'admin' THEN 'admin' ELSE 'default' END WHERE user = '';
+UPDATE sessions SET user = 'default' WHERE user = '';
+UPDATE tasks SET user = 'default' WHERE user = '';
 """
 
 TASK_COLUMNS = (
@@ -114,13 +131,19 @@ class Store:
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout=5000")
+            version = self._check_version()
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a committed transaction survives a process
             # crash (SIGKILL); only an OS crash can lose the latest commits.
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA busy_timeout=5000")
+            if version is not None:
+                self._backup(version)
             self.db.executescript(SCHEMA)
             self._migrate()
+            if version is not None:
+                self._grant_old_blobs()
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
@@ -153,6 +176,45 @@ class Store:
 
         self._checkpointer = threading.Thread(target=run, name="hwf-wal-checkpoint", daemon=True)
         self._checkpointer.start()
+
+    def _check_version(self) -> Optional[int]:
+        """The version of an existing older store (to migrate), None if new or current."""
+        have = self.db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if have > SCHEMA_VERSION:
+            self.db.close()
+            from . import __version__
+            raise SchemaError(
+                f"{self.path} was written by a newer HWF (store schema {have}; HWF {__version__} "
+                f"reads schema {SCHEMA_VERSION} and older). Upgrade HWF to use it, or give another "
+                "--state-dir; nothing was changed."
+            )
+        if "tasks" not in tables or have == SCHEMA_VERSION:
+            return None
+        return have or 1  # HWF 0.1 did not set user_version
+
+    def _backup(self, version: int) -> None:
+        """A consistent copy of the store before migrating it (SQLite's backup API)."""
+        dest = self.path.with_name(f"{self.path.name}.schema{version}.bak")
+        if not dest.exists():
+            copy = sqlite3.connect(dest)
+            try:
+                self.db.backup(copy)
+            finally:
+                copy.close()
+            os.chmod(dest, 0o600)
+
+    def _grant_old_blobs(self) -> None:
+        """Stores from before blob access control: each task's user may read its
+        Data and artifacts, as they could before."""
+        pairs = set()
+        for user, spec, result in self.db.execute("SELECT user, spec, result FROM tasks"):
+            scope = f"u:{user}"
+            for stage in loads(spec).get("stages", []):
+                pairs.update((d["sha256"], scope) for d in stage.get("data", []))
+            if result is not None:
+                pairs.update((a["sha256"], scope) for a in loads(result).get("artifacts", []) if a.get("sha256"))
+        self.add_blob_refs(pairs)
 
     def _migrate(self) -> None:
         for table, column, decl in ADDED_COLUMNS:

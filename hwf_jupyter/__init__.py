@@ -3,6 +3,7 @@
     from hwf_jupyter import Hub, Task, Stage, Data, Artifacts, dispatch, LocalCluster
 """
 
+from hub_server import __version__
 from hub_server.link import ConnectError, HubError, RemoteError
 
 from .cluster import LocalCluster
@@ -18,8 +19,6 @@ from .results import (
     TaskResult,
 )
 from .task import Artifacts, Data, Stage, Task, TaskError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Artifact",

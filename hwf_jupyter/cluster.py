@@ -1,15 +1,16 @@
 """``LocalCluster``: the embedded default — a hub and N daemons on 127.0.0.1.
 
-The hub and daemons are real separate processes (the same ``hwf hub`` /
-``hwf daemon`` a user would run), started with the caller's PID so they
+The hub and daemons are real separate processes (``python -m hub_server``
+and ``python -m hwf_daemon``: the ``hwf hub`` / ``hwf daemon`` a user would
+run, without the notebook library), started with the caller's PID so they
 stop by themselves if the Python process dies without cleaning up (kill -9,
 a crashed kernel).  ``close()`` stops them by PID: SIGTERM, then SIGKILL.
 
 Daemons get their token on a pipe (``--token-file -``), never in argv or
 the environment, where every local user and every task could read it.
-They run as ``python -m daemon.cli`` (the same options as ``hwf daemon``)
-so they do not carry the notebook library: a daemon forks itself for
-every command, at a cost that grows with its memory.
+Not carrying the notebook library keeps them small: a daemon that runs
+tasks as its own user forks itself per command, at a cost that grows with
+its memory.
 """
 
 from __future__ import annotations
@@ -126,8 +127,7 @@ class LocalCluster:
 
     # -- processes ----------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], secret: Optional[str] = None,
-               module: str = "hwf_jupyter.cli") -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], module: str, secret: Optional[str] = None) -> subprocess.Popen:
         """Start ``python -m MODULE ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
         log = open(self.log_dir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", module, *args, "--parent-pid", str(os.getpid())]
@@ -149,8 +149,9 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         self.hub_process = self._spawn(
             "hub",
-            ["hub", "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", str(self.state_dir),
+            ["--host", "127.0.0.1", "--port", str(self.port), "--state-dir", str(self.state_dir),
              "--ready-file", str(ready), *self._hub_args],
+            module="hub_server",
         )
         deadline = time.monotonic() + self.start_timeout
         while not ready.exists():
@@ -191,7 +192,7 @@ class LocalCluster:
             args += ["--tags", ",".join(all_tags)]
         if self.ca_file:
             args += ["--ca-file", self.ca_file]
-        self.daemon_processes[name] = self._spawn(name, args, secret=self.daemon_token, module="daemon.cli")
+        self.daemon_processes[name] = self._spawn(name, args, module="hwf_daemon", secret=self.daemon_token)
         if wait:
             self.wait_for_daemons(names=[name])
         return name

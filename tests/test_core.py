@@ -96,7 +96,7 @@ def test_cancel_counts_by_prior_state_and_frees_slot_only_when_killed(tmp_path):
 
 
 def test_oversized_result_is_trimmed_to_fit_the_message_limit():
-    from daemon.agent import fit_message
+    from hwf_daemon.agent import fit_message
 
     cmds = [p.CommandOutcome(cmd=f"c{i}", exit_code=0, stdout="x" * 65536, stderr="y" * 65536) for i in range(300)]
     done = p.TaskDone(id=1, task_id="t", attempt=1, outcome=p.TaskOutcome(

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from daemon.gpu import GpuSampler, list_gpus, parse_gpu_list_csv, parse_gpu_usage_csv
-from daemon.hardware import _cpu_model_from_cpuinfo, _os_release_pretty_name, detect_hardware
-from daemon.load import sample_load
+from hwf_daemon.gpu import GpuSampler, list_gpus, parse_gpu_list_csv, parse_gpu_usage_csv
+from hwf_daemon.hardware import _cpu_model_from_cpuinfo, _os_release_pretty_name, detect_hardware
+from hwf_daemon.load import sample_load
 from hub_server import hardware as hub_hardware
 from hub_server.protocol import Load
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.accounts import DEFAULT_SLOT_UID_BASE, AccountError, TaskAccounts, TaskUser, task_env
-from daemon.artifacts import collect_artifacts, match_files
-from daemon.blobcache import copy_verified
-from daemon.output import OutputPump, dropped_marker
-from daemon.taskdirs import _lock_root, remove_stale_roots
-from daemon.tokens import TokenError, read_token_file
+from hwf_daemon.accounts import DEFAULT_SLOT_UID_BASE, AccountError, TaskAccounts, TaskUser, task_env
+from hwf_daemon.artifacts import collect_artifacts, match_files
+from hwf_daemon.blobcache import copy_verified
+from hwf_daemon.output import OutputPump, dropped_marker
+from hwf_daemon.taskdirs import _lock_root, remove_stale_roots
+from hwf_daemon.tokens import TokenError, read_token_file
 from hwf_jupyter import Artifacts, Data, LocalCluster, Stage, Task, dispatch_sync
 
 ROOT = os.geteuid() == 0
@@ -122,7 +122,7 @@ def _assert_found_nothing(token: str, output: str, seen: str, daemon_cmd: str) -
 @pytest.mark.e2e
 def test_task_hunting_for_the_token_on_a_local_cluster(farm, client, tmp_path):
     output, seen = _hunt(client, "daemon-1", tmp_path)
-    _assert_found_nothing(farm.daemon_token, output, seen, "-m\ndaemon.cli\n--hub")
+    _assert_found_nothing(farm.daemon_token, output, seen, "-m\nhwf_daemon\n--hub")
     assert "token-file: -" in output  # LocalCluster hands it over on a pipe
     uid = int(re.search(r"uid=(\d+)", output).group(1))
     if ROOT:
@@ -203,7 +203,7 @@ def test_a_daemon_running_tasks_as_itself_says_what_that_exposes(farm, client, t
     env = dict(os.environ, HWF_TOKEN=farm.daemon_token, HWF_CANARY="hwf-canary-value")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "--hub", farm.address, "--run-as", "self", "--name", "self",
+            [sys.executable, "-m", "hwf_daemon", "--hub", farm.address, "--run-as", "self", "--name", "self",
              "--workdir", str(tmp_path / "w"), "--parent-pid", str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
@@ -567,7 +567,7 @@ def test_output_pump_bounds_what_waits_and_sends_one_at_a_time():
 def test_both_ways_of_switching_user_give_the_same_account(monkeypatch, tmp_path, via_setpriv):
     """setpriv (cheap vfork path) where it exists, else Popen(user=): same uid,
     gid, no supplementary groups; the leftover killer works either way."""
-    from daemon import tracking
+    from hwf_daemon import tracking
 
     if via_setpriv and not tracking.SETPRIV:
         pytest.skip("util-linux setpriv is not installed on this machine")
@@ -580,7 +580,7 @@ def test_both_ways_of_switching_user_give_the_same_account(monkeypatch, tmp_path
                           user=user)
     out, _ = proc.communicate(timeout=10)
     assert out.decode().split() == [str(uid), str(uid), str(uid)]
-    from daemon.leftovers import kill_processes_of, processes_of
+    from hwf_daemon.leftovers import kill_processes_of, processes_of
     assert processes_of(uid)  # the setsid'd sleep escaped the command's group
     assert kill_processes_of(user) == []
     assert processes_of(uid) == []

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.gpu import list_gpus
-from daemon.runner import NO_GPU_NOTE, Cancel, run_task
+from hwf_daemon.gpu import list_gpus
+from hwf_daemon.runner import NO_GPU_NOTE, Cancel, run_task
 from hub_server.protocol import DataSpec, StageSpec, TaskSpec
 
 PY = shlex.quote(sys.executable)

@@ -1,0 +1,197 @@
+"""The hub's command lines: ``hwf-hub`` / ``python -m hub_server`` / ``hwf hub``
+(run a hub) and ``hwf token`` (manage the tokens in its state dir).
+
+Standalone: nothing here imports the notebook library, so a hub process
+stays small and starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Coroutine, Optional, Sequence
+
+from . import __version__
+from . import protocol as p
+
+# Hub limits settable on the command line: Limits field -> help.
+LIMIT_FLAGS = {
+    "max_file_bytes": "largest Data/artifact file accepted, bytes",
+    "max_message_bytes": "largest websocket message, bytes",
+    "max_queued_tasks": "unfinished tasks on the hub, all users",
+    "max_queued_per_user": "unfinished tasks per user",
+    "max_tasks_per_submit": "tasks in one submit message",
+    "max_uploads_per_connection": "blob uploads open at once per connection",
+    "max_uploads": "blob uploads open at once on the hub",
+    "max_blob_store_bytes": "bytes of all stored blobs",
+    "send_queue_bytes": "bytes queued to one slow reader before its live output is dropped",
+    "send_queue_hard_bytes": "bytes queued to one slow reader before it is disconnected",
+}
+
+
+def version_line(prog: str) -> str:
+    return f"{prog} {__version__} (Python {sys.version.split()[0]})"
+
+
+# ------------------------------------------------------------------ the hub
+
+
+def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
+    hub.add_argument("--host", default="127.0.0.1")
+    hub.add_argument("--port", type=int, default=p.DEFAULT_PORT, help="websocket port (0: any free port)")
+    hub.add_argument("--state-dir", default="hwf-state", help="SQLite store, blobs and admin.token live here")
+    hub.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    hub.add_argument("--reconnect-grace", type=float, default=15.0)
+    hub.add_argument("--trust-loopback", action="store_true",
+                     help="let callers on 127.0.0.1 in as clients without a token (like HTC-Grid's INTRA_VPC)")
+    hub.add_argument("--tls-cert", default=None, help="serve wss:// with this PEM certificate chain")
+    hub.add_argument("--tls-key", default=None, help="the PEM private key of --tls-cert")
+    hub.add_argument("--slow-reader-timeout", type=float, default=60.0,
+                     help="disconnect a peer whose live output has been dropped this many seconds")
+    for name, help_text in LIMIT_FLAGS.items():
+        hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                         help=f"{help_text} (default {getattr(p.Limits(), name)})")
+    hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    hub.set_defaults(func=run_hub_cli)
+
+
+def run_hub_cli(args: argparse.Namespace) -> int:
+    """Run a hub until SIGTERM/SIGINT; 2 with a clear message if it cannot start."""
+    from .server import HubConfig, run_hub
+    from .store import SchemaError
+
+    overrides = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    limits = p.Limits(**{**p.to_builtins(p.Limits()), **overrides})
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("hwf hub: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    config = HubConfig(
+        state_dir=Path(args.state_dir),
+        host=args.host,
+        port=args.port,
+        limits=limits,
+        heartbeat_timeout=args.heartbeat_timeout,
+        reconnect_grace=args.reconnect_grace,
+        trust_loopback=args.trust_loopback,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        slow_reader_timeout=args.slow_reader_timeout,
+    )
+    try:
+        return run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
+    except SchemaError as exc:
+        print(f"hwf hub: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_until_signal(coro: Coroutine[Any, Any, Any], parent_pid: Optional[int]) -> int:
+    """Run ``coro`` until SIGTERM/SIGINT, or until ``parent_pid`` is no longer our parent."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(coro)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        watcher = None
+        if parent_pid:
+            async def watch() -> None:
+                while os.getppid() == parent_pid:
+                    await asyncio.sleep(0.5)
+                task.cancel()
+            watcher = asyncio.ensure_future(watch())
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    asyncio.run(main())
+    return 0
+
+
+# ------------------------------------------------------------------ tokens
+
+
+def add_token_arguments(tok: argparse.ArgumentParser) -> None:
+    tok.add_argument("action", choices=["create", "list", "revoke"])
+    tok.add_argument("ids", nargs="*", help="revoke: the token ids (tok-...) to revoke")
+    tok.add_argument("--role", choices=p.ROLES, default="client")
+    tok.add_argument("--user", default=None,
+                     help="create: the user a client/admin token acts for (default: your login name); "
+                          "revoke: every token of this user or owner")
+    tok.add_argument("--owner", default=None, help="create: who owns the machines of a daemon token")
+    tok.add_argument("--label", default="")
+    tok.add_argument("--state-dir", default="hwf-state")
+    tok.set_defaults(func=token_cli)
+
+
+def token_cli(args: argparse.Namespace) -> int:
+    """Tokens live in the hub's store: this works while the hub runs, and a
+    revoked token's open connections are closed by the hub within a second."""
+    from . import auth
+    from .store import SchemaError
+
+    try:
+        store = auth.open_state_dir(args.state_dir)
+    except SchemaError as exc:
+        print(f"hwf token: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "create":
+            if args.user and args.owner:
+                raise auth.AuthError("give --user (client/admin) or --owner (daemon), not both")
+            user = args.owner if args.role == "daemon" else args.user
+            if args.role == "daemon" and args.user:
+                raise auth.AuthError("a daemon token has an --owner, not a --user")
+            if args.role != "daemon" and args.owner:
+                raise auth.AuthError(f"a {args.role} token has a --user, not an --owner")
+            token = auth.create_token(store, args.role, user, args.label)
+            row = store.token(auth.hash_token(token))
+            print(f"created {row['token_id']}: {args.role} token for {row['user']!r} "
+                  "(shown once; store it now)", file=sys.stderr)
+            print(token)
+        elif args.action == "list":
+            print(f"{'id':15} {'role':7} {'user/owner':16} {'created':19}  {'revoked':19}  label")
+            for row in store.tokens():
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+                revoked = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["revoked"]))
+                           if row["revoked"] else "-")
+                print(f"{row['token_id']:15} {row['role']:7} {row['user']:16} {created:19}  {revoked:19}  {row['label']}")
+        else:
+            ids = auth.revoke(store, args.ids, user=args.user)
+            print(f"revoked {len(ids)} token(s){': ' + ', '.join(ids) if ids else ''}")
+    except auth.AuthError as exc:
+        print(f"hwf token: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``hub`` and ``token`` on an ``add_subparsers()`` object (for ``hwf``)."""
+    add_hub_arguments(sub.add_parser("hub", help="run a hub"))
+    add_token_arguments(sub.add_parser("token", help="create, list or revoke access tokens (also while the hub runs)"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``hwf-hub``: run a hub."""
+    parser = argparse.ArgumentParser(prog="hwf-hub", description="Run an HWF hub.")
+    parser.add_argument("--version", action="version", version=version_line("hwf-hub"))
+    add_hub_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

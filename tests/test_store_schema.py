@@ -1,0 +1,127 @@
+"""The store's schema version: an HWF 0.1 store is migrated with nothing lost,
+a store from a newer HWF is refused untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from hub_server import auth
+from hub_server import protocol as p
+from hub_server.auth import Principal
+from hub_server.blobs import BlobStore
+from hub_server.core import HubCore
+from hub_server.store import SCHEMA_VERSION, SchemaError, Store
+
+SCHEMA1 = (Path(__file__).parent / "data" / "store_schema1.sql").read_text()
+OLD_CLIENT = "hwf_c_an-old-client-token"
+OLD_ADMIN = "hwf_a_an-old-admin-token"
+ARTIFACT = b"made by HWF 0.1\n"
+
+
+def make_v1_store(state: Path) -> dict:
+    """A state dir as HWF 0.1 left it: tokens, a finished task with an artifact, a machine."""
+    state.mkdir(parents=True)
+    blobs = BlobStore(state / "blobs")
+    sha, size = hashlib.sha256(ARTIFACT).hexdigest(), len(ARTIFACT)
+    w = blobs.writer(sha, size)
+    w.write(ARTIFACT)
+    w.finish()
+    db = sqlite3.connect(state / auth.DB_FILE)
+    db.executescript(SCHEMA1)
+    now = time.time()
+    db.execute("INSERT INTO tokens VALUES (?, 'client', 'old', ?)", (auth.hash_token(OLD_CLIENT), now))
+    db.execute("INSERT INTO tokens VALUES (?, 'admin', 'initial admin token', ?)", (auth.hash_token(OLD_ADMIN), now))
+    db.execute("INSERT INTO meta VALUES ('hub_id', 'hub-old')")
+    db.execute("INSERT INTO sessions VALUES ('s-old', ?)", (now,))
+    spec = p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["echo hi > out.txt"])], artifacts=["out.txt"])
+    outcome = p.TaskOutcome(status="finished", exit_code=0, started=now, finished=now,
+                            stages=[p.StageOutcome(name="s", status="finished")],
+                            artifacts=[p.ArtifactInfo(pattern="out.txt", name="out.txt", sha256=sha, size=size)])
+    db.execute(
+        "INSERT INTO tasks(task_id, session_id, spec, requirements, priority, max_retries, status, submitted, "
+        "queued, started, finished, machine, attempt, exit_code, result, result_attempt) "
+        "VALUES ('t-old', 's-old', ?, '{}', 0, 3, 'finished', ?, ?, ?, ?, 'box', 1, 0, ?, 1)",
+        (msgspec.json.encode(spec), now, now, now, now, msgspec.json.encode(outcome)))
+    db.execute("INSERT INTO attempts VALUES ('t-old', 1, 'box', 'finished', ?, ?, ?, NULL, 'i1')", (now, now, now))
+    db.execute("INSERT INTO machines VALUES ('box', 'box', '{}', 2, '[]', 'offline', ?, ?, NULL, 'i1')", (now, now))
+    db.commit()
+    db.close()
+    (state / auth.ADMIN_TOKEN_FILE).write_text(OLD_ADMIN + "\n")
+    return {"sha": sha}
+
+
+def test_an_hwf_0_1_store_is_migrated_with_nothing_lost(tmp_path):
+    state = tmp_path / "state"
+    made = make_v1_store(state)
+    store = auth.open_state_dir(state)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    backup = state / f"{auth.DB_FILE}.schema1.bak"
+    old = sqlite3.connect(backup)
+    assert old.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
+    assert old.execute("PRAGMA user_version").fetchone()[0] == 0
+    old.close()
+    who = auth.authenticate(store, OLD_CLIENT)
+    assert isinstance(who, Principal) and (who.role, who.user) == ("client", "default")
+    assert who.token_id.startswith("tok-")
+    admin = auth.authenticate(store, OLD_ADMIN)
+    assert isinstance(admin, Principal) and admin.user == "admin"
+    core = HubCore(store, BlobStore(state / "blobs"), p.Limits())
+    rec = core.records(["t-old"], who)[0]
+    assert (rec.status, rec.session_id, rec.artifacts[0].sha256) == ("finished", "s-old", made["sha"])
+    assert core.session("s-old", 1, who).task_ids == ["t-old"]
+    assert core.blob_readable(who, made["sha"])  # the old artifact stays downloadable
+    assert not core.blob_readable(Principal("tok-x", "client", "mallory"), made["sha"])
+    assert core.hub_id == "hub-old"
+    store.close()
+    # Opening again changes nothing more (migration steps are idempotent).
+    again = Store(state / auth.DB_FILE)
+    assert again.db.execute("SELECT count(*) FROM tokens").fetchone()[0] == 2
+    again.close()
+
+
+def test_a_store_from_a_newer_hwf_is_refused_untouched(tmp_path):
+    state = tmp_path / "state"
+    auth.open_state_dir(state).close()
+    db_file = state / auth.DB_FILE
+    db = sqlite3.connect(db_file)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    before = db_file.read_bytes()
+    with pytest.raises(SchemaError, match=rf"written by a newer HWF \(store schema {SCHEMA_VERSION + 1}; "
+                                          rf"HWF .* reads schema {SCHEMA_VERSION} and older\)"):
+        Store(db_file)
+    assert db_file.read_bytes() == before
+
+
+@pytest.mark.e2e
+def test_hub_and_token_commands_refuse_a_newer_store_with_a_clear_message(tmp_path):
+    state = tmp_path / "state"
+    auth.open_state_dir(state).close()
+    db = sqlite3.connect(state / auth.DB_FILE)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 5}")
+    db.close()
+    for argv in (["-m", "hub_server", "--port", "0", "--state-dir", str(state)],
+                 ["-m", "hwf_jupyter.cli", "token", "list", "--state-dir", str(state)]):
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "written by a newer HWF" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_a_migrated_store_serves_its_old_results_through_a_real_hub(tmp_path):
+    from hwf_jupyter import Hub, LocalCluster
+
+    make_v1_store(tmp_path / "hub")
+    with LocalCluster(daemons=0, state_dir=tmp_path) as c:
+        hub = Hub(c.address, token=OLD_CLIENT, artifacts_dir=tmp_path / "arts")
+        r = hub.get_result_sync(["t-old"])[0]
+        assert r.status == "finished" and r.artifacts[0].path.read_bytes() == ARTIFACT
+        hub.close_sync()
