@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-soak bench lab clean
+.PHONY: install demo test test-installed test-pythons test-soak bench lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,17 @@ lab: $(STAMP)
 	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
 	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# The editable suite, then the wheel installed in a fresh venv outside the checkout.
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) tests/installed/smoke.py
+
+test-installed: $(STAMP)
+	$(PY) tests/installed/smoke.py
+
+# The installed-wheel smoke test on every CPython 3.10-3.13 found on this machine.
+test-pythons: $(STAMP)
+	$(PY) tests/installed/smoke.py --pythons all
 
 test-soak: $(STAMP)
 	HWF_SOAK_TASKS=20000 $(PY) -m pytest -q -m soak
@@ -38,4 +47,4 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 
 clean:
-	rm -rf $(VENV) hwf_artifacts .pytest_cache
+	rm -rf $(VENV) hwf_artifacts .pytest_cache build *.egg-info
