@@ -225,7 +225,10 @@ class Daemon:
     # -- assignments --------------------------------------------------------
 
     def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, p.Assign):
+        if isinstance(msg, p.Assignments):  # protocol 2: several at once
+            for item in msg.items:
+                self._on_message(item)
+        elif isinstance(msg, p.Assign):
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect

@@ -1,8 +1,13 @@
-"""The hub's bookkeeping: tasks, attempts, machines, waiters.
+"""The hub's state machine: tasks, attempts, machines, watches, waiters.
 
-No sockets here: the websocket layer (``server.py``) calls these methods with
-decoded messages and sends whatever they return.  Every state change is
-written to the store in the same call, before anyone is told about it.
+``HubCore.handle(*events, now=...) -> list[Instruction]`` is the only way
+hub state changes (see ``events.py``).  No sockets and no clock here: the
+websocket layer (``server.py``) turns frames into events, hands a loop
+iteration's worth of them to ``handle`` as one batch, and carries out the
+instructions it gets back.  A batch is one SQLite transaction (each event a
+savepoint in it), committed before ``handle`` returns, so nothing is acked,
+assigned or published before it is stored.  Handlers are chosen by event
+and message type from tables, not by chains of ifs.
 
 Tenancy lives here too: every request carries the caller's ``Principal``.
 A client sees only its own user's sessions, tasks and blobs; another user's
@@ -13,9 +18,11 @@ machine name belongs to the owner that first registered it.
 
 from __future__ import annotations
 
-import asyncio
+import collections
+import heapq
+import itertools
+import logging
 import secrets
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -25,9 +32,21 @@ from . import protocol as p
 from . import task_state
 from .auth import Principal
 from .blobs import BlobStore
+from .events import (
+    BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send,
+    StreamBlob, Tick, TokensRevoked,
+)
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
 from .store import Store, dumps, loads
+
+
+log = logging.getLogger("hwf.hub")
+
+# Output of a running attempt kept for watchers that subscribe late.
+OUTPUT_REPLAY_BYTES = 64 * 2**10
+# Tasks cancelled per batch: a huge cancellation leaves room for other work.
+CANCEL_CHUNK = 100
 
 
 class RequestError(Exception):
@@ -84,38 +103,136 @@ class MachineState:
     cancelling: set[tuple[str, int]] = field(default_factory=set)
 
 
+@dataclass(eq=False)
 class _Waiter:
-    __slots__ = ("remaining", "future")
+    """A get_results(wait=True) still waiting: answered when ``remaining`` hits 0
+    or at ``deadline``."""
 
-    def __init__(self, remaining: int, future: asyncio.Future) -> None:
-        self.remaining = remaining
-        self.future = future
+    peer: int
+    rid: int
+    who: Principal
+    task_ids: list[str]
+    remaining: int
+    deadline: Optional[float] = None
+    done: bool = False
 
 
-Send = Callable[[str, p.Assign], None]  # (machine_id, message)
+@dataclass(eq=False)
+class _Sub:
+    """One client's watch: events for some tasks or a whole session."""
+
+    peer: int
+    wid: int
+    output: bool
+    task_ids: set[str]
+    session_id: Optional[str]
+
+
+@dataclass
+class _PeerState:
+    who: Principal
+    version: int
+    machine_id: Optional[str] = None
+    subs: dict[int, _Sub] = field(default_factory=dict)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class _Replay:
+    """The recent live output of one running attempt, bounded in bytes."""
+
+    __slots__ = ("attempt", "chunks", "size", "dropped")
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.chunks: collections.deque[tuple[str, str]] = collections.deque()
+        self.size = 0
+        self.dropped = 0
+
+    def add(self, stream: str, text: str) -> None:
+        self.chunks.append((stream, text))
+        self.size += len(text)
+        while self.size > OUTPUT_REPLAY_BYTES and len(self.chunks) > 1:
+            _, old = self.chunks.popleft()
+            self.size -= len(old)
+            self.dropped += len(old)
 
 
 class HubCore:
-    def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits) -> None:
+    def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
+                 heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
+                 reconnect_grace: float = 15.0) -> None:
         self.store = store
         self.blobs = blobs
         self.limits = limits
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self.scheduler = Scheduler()
         self.active: dict[str, ActiveTask] = {}
         self.machines: dict[str, MachineState] = {}
+        self.peers: dict[int, _PeerState] = {}
+        self.daemon_peer: dict[str, int] = {}  # machine -> its connection
         self._waiters: dict[str, list[_Waiter]] = {}
-        # Called as listener(task_id, session_id, status, info) on every
-        # transition and finished stage; the server routes them to watchers.
-        self.listeners: list[Callable[[str, str, str, dict[str, Any]], None]] = []
+        self._deadlines: list[tuple[float, int, _Waiter]] = []
+        self._tiebreak = itertools.count()
+        self._subs_by_task: dict[str, set[_Sub]] = {}
+        self._subs_by_session: dict[str, set[_Sub]] = {}
+        self._replay: dict[str, _Replay] = {}
         self._seq = store.max_seq()
         self.active_by_user: Counter[str] = Counter()  # unfinished tasks per user
+        self._now = now
+        self._out: list[Instruction] = []
+        self._dirty = True  # a scheduling pass is due at the end of the batch
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
         self._load_machines()
         self._load_active()
+        # After a restart, daemons get this long to come back for their attempts.
+        self._grace_until: Optional[float] = (
+            now + reconnect_grace
+            if any(t.status in ("assigned", "running") for t in self.active.values()) else None
+        )
+
+    # -- the one way in -------------------------------------------------------
+
+    def handle(self, *events: Event, now: float) -> list[Instruction]:
+        """Apply a batch of events in one transaction; return what to do about them."""
+        self._now = now
+        self._out = out = []
+        with self.store.transaction():
+            for ev in events:
+                self._handle_one(ev)
+            if self._dirty:
+                self._dirty = False
+                self._schedule()
+        self._out = []
+        return out
+
+    def _handle_one(self, ev: Event) -> None:
+        rid = getattr(ev.msg, "id", None) if isinstance(ev, Received) else None
+        try:
+            with self.store.transaction():  # a savepoint: a failing event undoes only itself
+                self._EVENTS[type(ev)](self, ev)
+        except RequestError as exc:
+            if isinstance(ev, Received):
+                self._send(ev.peer, p.Error(id=rid, code=exc.code, message=str(exc)))
+        except Exception as exc:  # a bug must not take the hub (or the batch) down
+            log.exception("error handling %r", ev)
+            if isinstance(ev, Received):
+                self._send(ev.peer, p.Error(id=rid, code="internal", message=f"hub error: {exc!r}"))
+
+    def _send(self, peer: Optional[int], msg: Any) -> None:
+        if peer is not None:
+            self._out.append(Send(peer, msg))
 
     def _emit(self, t: ActiveTask, status: str, **info: Any) -> None:
-        for listener in self.listeners:
-            listener(t.task_id, t.session_id, status, info)
+        """Publish a transition (or a finished stage) to the task's watchers."""
+        subs = self._subs_for(t.task_id, t.session_id)
+        if subs:
+            for sub in subs:
+                self._send(sub.peer, p.TaskEvent(watch=sub.wid, task_id=t.task_id, status=status,  # type: ignore[arg-type]
+                                                 time=self._now, **info))
+        if status in p.TERMINAL_STATES:
+            self._subs_by_task.pop(t.task_id, None)
+            self._replay.pop(t.task_id, None)
 
     # -- start-up -----------------------------------------------------------
 
@@ -162,13 +279,13 @@ class HubCore:
             self.active[t.task_id] = t
             self.active_by_user[t.user] += 1
             if t.status in ("queued", "retrying"):
-                self._requeue(t, time.time(), note_transition=t.status == "retrying")
+                self._requeue(t, self._now, note_transition=t.status == "retrying")
             elif t.machine in self.machines:
                 self.machines[t.machine].running.add(t.task_id)
 
     # -- submission ---------------------------------------------------------
 
-    def submit(self, msg: p.Submit, who: Principal) -> p.Submitted:
+    def _submit(self, msg: p.Submit, who: Principal) -> p.Submitted:
         user = who.user
         if msg.key is not None:
             # Keys are per user: another user's key is just a new key.
@@ -199,7 +316,7 @@ class HubCore:
                 f"max_queued_tasks={self.limits.max_queued_tasks}",
             )
         reqs = [self._validate(i, spec, who) for i, spec in enumerate(msg.tasks)]
-        now = time.time()
+        now = self._now
         if msg.session_id is not None:
             self._own_session(msg.session_id, who)
             session_id = msg.session_id
@@ -223,6 +340,7 @@ class HubCore:
             self.scheduler.enqueue(tid, req, spec.priority, order=t.seq, user=user)
             self._emit(t, "queued")
         self.active_by_user[user] += len(ids)
+        self._dirty = True
         return p.Submitted(id=msg.id, session_id=session_id, task_ids=ids)
 
     def _own_session(self, session_id: str, who: Principal) -> Any:
@@ -264,16 +382,17 @@ class HubCore:
 
     # -- scheduling ---------------------------------------------------------
 
-    def schedule(self) -> list[tuple[str, p.Assign]]:
-        """Assign queued tasks to free slots; store it; return messages to send.
+    def _schedule(self) -> None:
+        """Assign queued tasks to free slots; store it; send each daemon its share
+        (one ``assignments`` message per daemon where its protocol has it).
 
-        Memory changes only after the commit: if the write fails, the tasks go
+        Memory changes only after the writes: if they fail, the tasks go
         back to the queue untouched and the slots are freed again.
         """
         pairs = self.scheduler.schedule()
         if not pairs:
-            return []
-        now = time.time()
+            return
+        now = self._now
         try:
             with self.store.transaction():
                 for task_id, machine_id in pairs:
@@ -289,16 +408,24 @@ class HubCore:
                 self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
                                        user=t.user)
             raise
-        out = []
+        by_machine: dict[str, list[p.Assign]] = {}
         for task_id, machine_id in pairs:
             t = self.active[task_id]
             t.attempt += 1
             t.status = "assigned"
             t.machine = machine_id
             self.machines[machine_id].running.add(task_id)
-            out.append((machine_id, p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec)))
+            by_machine.setdefault(machine_id, []).append(p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec))
             self._emit(t, "assigned", machine=machine_id)
-        return out
+        for machine_id, assigns in by_machine.items():
+            peer = self.daemon_peer.get(machine_id)
+            if peer is None:
+                continue  # cannot happen: only connected machines get slots
+            if self.peers[peer].version >= 2:
+                self._send(peer, p.Assignments(items=assigns))
+            else:
+                for a in assigns:
+                    self._send(peer, a)
 
     def _requeue(self, t: ActiveTask, now: float, *, note_transition: bool = True) -> None:
         if note_transition:
@@ -312,7 +439,7 @@ class HubCore:
 
     # -- daemons ------------------------------------------------------------
 
-    def register(self, msg: p.Register, now: float, who: Principal) -> p.Registered:
+    def _register(self, msg: p.Register, now: float, who: Principal) -> p.Registered:
         name = msg.name.strip()
         if not name:
             raise RequestError("bad_request", "a daemon needs a name")
@@ -344,15 +471,16 @@ class HubCore:
         if lost and same_process:
             # The same daemon process never got these (the hub went down
             # before sending them): not the machine's fault, no exclusion.
-            self.lose_attempts(name, lost, now, reason="not delivered (hub restart)", exclude=False)
+            self._lose_attempts(name, lost, now, reason="not delivered (hub restart)", exclude=False)
         elif lost:
-            self.lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
+            self._lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
                                instance=previous.instance if previous else "")
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
         self.scheduler.add_machine(name, hardware, msg.slots, name=name, tags=tags,
                                    busy=len(still) + len(m.cancelling),
                                    instance_key=instance_key(name, msg.instance))
-        return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=0.0)
+        self._dirty = True
+        return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=self.heartbeat_interval)
 
     def _own_attempts(self, machine: str, reported: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         return {(tid, att) for tid, att in reported if self.store.attempt_machine(tid, att) == machine}
@@ -361,7 +489,7 @@ class HubCore:
         t = self.active.get(task_id)
         return t is not None and t.attempt == attempt and t.machine == machine
 
-    def heartbeat(self, machine_id: str, msg: p.Heartbeat, now: float) -> None:
+    def _heartbeat(self, machine_id: str, msg: p.Heartbeat, now: float) -> None:
         m = self.machines.get(machine_id)
         if m is None:
             return
@@ -369,26 +497,27 @@ class HubCore:
         m.last_seen = now
         self.store.set_machine_state(machine_id, "draining" if m.draining else "online", now, msg.load)
 
-    def set_draining(self, machine_id: str, now: float) -> None:
+    def _set_draining(self, machine_id: str, now: float) -> None:
         m = self.machines.get(machine_id)
         if m is not None:
             m.draining = True
             self.scheduler.set_accepting(machine_id, False)
             self.store.set_machine_state(machine_id, "draining", now)
 
-    def disconnect(self, machine_id: str, now: float, reason: str) -> None:
+    def _disconnect(self, machine_id: str, now: float, reason: str) -> None:
         """The daemon's connection is gone: its attempts are lost."""
         m = self.machines.get(machine_id)
         if m is None or not m.connected:
             return
         m.connected = False
+        self._dirty = True
         self.scheduler.remove_machine(machine_id)
         with self.store.transaction():
             self.store.set_machine_state(machine_id, "offline", now)
-            self.lose_attempts(machine_id, list(m.running), now, reason=reason)
+            self._lose_attempts(machine_id, list(m.running), now, reason=reason)
         m.running.clear()
 
-    def lose_attempts(self, machine_id: str, task_ids: Iterable[str], now: float, reason: str,
+    def _lose_attempts(self, machine_id: str, task_ids: Iterable[str], now: float, reason: str,
                       *, exclude: bool = True, instance: Optional[str] = None) -> None:
         """Attempts died with their daemon: retry them (elsewhere) or fail them."""
         m = self.machines.get(machine_id)
@@ -400,6 +529,8 @@ class HubCore:
             if t is None or t.machine != machine_id or task_state.is_terminal(t.status):
                 continue
             self.store.update_attempt(tid, t.attempt, state="lost", ended=now, reason=reason)
+            self._replay.pop(tid, None)
+            self._dirty = True
             if exclude:
                 t.excluded.add(key)
             nxt = task_state.after_loss(t.attempt, t.spec.max_retries)
@@ -414,7 +545,7 @@ class HubCore:
                 msg = f"lost {t.attempt} time(s), max_retries={t.spec.max_retries}: {reason}"
                 self._finish(t, "failed", now, error=msg, reason="lost")
 
-    def started(self, machine_id: str, msg: p.TaskStarted) -> None:
+    def _started(self, machine_id: str, msg: p.TaskStarted) -> None:
         t = self.active.get(msg.task_id)
         if t is None or not self._is_current(msg.task_id, msg.attempt, machine_id):
             return
@@ -426,19 +557,20 @@ class HubCore:
                 self.store.set_status(t.task_id, "running", msg.time, attempt=t.attempt, started=msg.time)
             self._emit(t, "running", machine=machine_id)
 
-    def stage_done(self, machine_id: str, msg: p.StageDone) -> None:
+    def _stage_done(self, machine_id: str, msg: p.StageDone) -> None:
         t = self.active.get(msg.task_id)
         if (t is not None and self._is_current(msg.task_id, msg.attempt, machine_id)
                 and msg.index < len(t.spec.stages)):  # a daemon cannot grow this map
             t.stages[msg.index] = msg.stage
             self._emit(t, t.status, machine=machine_id, stage_index=msg.index, stage=msg.stage)
 
-    def task_done(self, machine_id: str, msg: p.TaskDone, now: float) -> bool:
+    def _task_done(self, machine_id: str, msg: p.TaskDone, now: float) -> bool:
         """Record an attempt's outcome exactly once; False when it was stale."""
         m = self.machines.get(machine_id)
         if m is not None and (msg.task_id, msg.attempt) in m.cancelling:
             m.cancelling.discard((msg.task_id, msg.attempt))
             self.scheduler.release(machine_id)
+            self._dirty = True
             self.store.update_attempt(msg.task_id, msg.attempt, state="cancelled", ended=now,
                                       reason="cancelled")
             return False
@@ -448,6 +580,7 @@ class HubCore:
         o = msg.outcome
         self.machines[machine_id].running.discard(t.task_id)
         self.scheduler.release(machine_id)
+        self._dirty = True
         with self.store.transaction():
             self.store.update_attempt(
                 t.task_id, t.attempt, state=o.status, ended=o.finished or now, reason=o.reason,
@@ -477,77 +610,62 @@ class HubCore:
         self._emit(t, status, machine=t.machine, error=fields.get("error"))
         for w in self._waiters.pop(t.task_id, ()):
             w.remaining -= 1
-            if w.remaining == 0 and not w.future.done():
-                w.future.set_result(None)
+            if w.remaining == 0:
+                self._answer(w, timed_out=False)
 
     # -- cancellation -------------------------------------------------------
 
-    def cancel_targets(self, msg: p.Cancel, who: Principal) -> list[str]:
+    def _cancel_targets(self, msg: p.Cancel, who: Principal) -> list[str]:
         """The unfinished tasks a cancel request names (checked: the caller's own)."""
         if msg.session_id is not None:
             self._own_session(msg.session_id, who)
             sid = msg.session_id  # in memory: only unfinished tasks can be cancelled
             return [t.task_id for t in self.active.values() if t.session_id == sid]
         ids = list(dict.fromkeys(msg.task_ids))
-        self.check_known(ids, who)
+        self._check_known(ids, who)
         return [tid for tid in ids if tid in self.active]
 
-    def cancel_tasks(self, ids: list[str], now: float) -> tuple[dict[str, int], list[str], list[tuple[str, p.CancelTask]]]:
-        """Cancel these tasks in one transaction: (counts by prior state, ids, kill orders).
-
-        The server calls this in chunks, so cancelling 200,000 tasks never
-        holds the event loop for long."""
-        by_state: dict[str, int] = {}
-        done: list[str] = []
-        kills: list[tuple[str, p.CancelTask]] = []
-        with self.store.transaction():
-            for tid in ids:
-                t = self.active.get(tid)
-                if t is None:
-                    continue  # already ended: nothing to cancel
-                prior = "retrying" if t.status == "queued" and t.attempt > 0 else t.status
-                if t.status in ("assigned", "running") and t.machine in self.machines:
-                    m = self.machines[t.machine]
-                    m.running.discard(tid)
-                    if m.connected:
-                        m.cancelling.add((tid, t.attempt))
-                        kills.append((t.machine, p.CancelTask(task_id=tid, attempt=t.attempt)))
-                    self.store.update_attempt(tid, t.attempt, state="cancelling", ended=None)
-                self._finish(t, "cancelled", now, error="cancelled", reason="cancelled")
-                by_state[prior] = by_state.get(prior, 0) + 1
-                done.append(tid)
-        return by_state, done, kills
-
-    def cancel(self, msg: p.Cancel, now: float, who: Principal) -> tuple[p.Cancelled, list[tuple[str, p.CancelTask]]]:
-        """Cancel in one go (tests and small requests); returns the reply and kill orders."""
-        by_state, done, kills = self.cancel_tasks(self.cancel_targets(msg, who), now)
-        return p.Cancelled(id=msg.id, task_ids=done, by_state=by_state), kills
+    def _cancel_some(self, peer: int, rid: int, ids: list[str], by_state: dict[str, int], done: list[str]) -> None:
+        """Cancel up to CANCEL_CHUNK tasks now; the rest in a later batch, so
+        cancelling 200,000 tasks never holds the hub for long."""
+        now = self._now
+        for tid in ids[:CANCEL_CHUNK]:
+            t = self.active.get(tid)
+            if t is None:
+                continue  # already ended: nothing to cancel
+            prior = "retrying" if t.status == "queued" and t.attempt > 0 else t.status
+            if t.status in ("assigned", "running") and t.machine in self.machines:
+                m = self.machines[t.machine]
+                m.running.discard(tid)
+                if m.connected:
+                    m.cancelling.add((tid, t.attempt))
+                    self._send(self.daemon_peer.get(t.machine), p.CancelTask(task_id=tid, attempt=t.attempt))
+                self.store.update_attempt(tid, t.attempt, state="cancelling", ended=None)
+            self._finish(t, "cancelled", now, error="cancelled", reason="cancelled")
+            by_state[prior] = by_state.get(prior, 0) + 1
+            done.append(tid)
+        rest = ids[CANCEL_CHUNK:]
+        if rest:
+            self._out.append(Later(CancelContinued(peer, rid, tuple(rest), tuple(by_state.items()), tuple(done))))
+        else:
+            self._send(peer, p.Cancelled(id=rid, task_ids=done, by_state=by_state))
 
     # -- queries ------------------------------------------------------------
 
     def _visible(self, task_id: str, row_user: Optional[str], who: Principal) -> bool:
         return who.is_admin or row_user == who.user
 
-    def wait_for(self, task_ids: list[str]) -> Optional[asyncio.Future]:
-        """A future done when all of ``task_ids`` are terminal (None if they are)."""
-        pending = [tid for tid in dict.fromkeys(task_ids) if tid in self.active]
-        if not pending:
-            return None
-        fut = asyncio.get_running_loop().create_future()
-        w = _Waiter(len(pending), fut)
-        for tid in pending:
-            self._waiters.setdefault(tid, []).append(w)
-        return fut
+    def _answer(self, w: _Waiter, timed_out: bool) -> None:
+        if w.done:
+            return
+        w.done = True
+        if w.peer in self.peers:
+            try:
+                self._send(w.peer, p.Results(id=w.rid, tasks=self._records(w.task_ids, w.who), timed_out=timed_out))
+            except RequestError as exc:
+                self._send(w.peer, p.Error(id=w.rid, code=exc.code, message=str(exc)))
 
-    def drop_waiter(self, fut: asyncio.Future) -> None:
-        for tid in list(self._waiters):
-            ws = [w for w in self._waiters[tid] if w.future is not fut]
-            if ws:
-                self._waiters[tid] = ws
-            else:
-                del self._waiters[tid]
-
-    def check_known(self, task_ids: list[str], who: Principal) -> None:
+    def _check_known(self, task_ids: list[str], who: Principal) -> None:
         """Refuse oversized requests and unknown ids before any waiting.
 
         Another user's ids are unknown ids: same error, same text."""
@@ -579,7 +697,7 @@ class HubCore:
             raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
         return rows
 
-    def records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
+    def _records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
         rows = self._visible_rows(task_ids, who)
         attempts = self.store.attempts(task_ids)
         return [self._record(rows[tid], attempts.get(tid, [])) for tid in task_ids]
@@ -625,7 +743,7 @@ class HubCore:
             artifacts=artifacts,
         )
 
-    def briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:
+    def _briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:
         """Current state of tasks, for a watch snapshot."""
         out = []
         rows = self._visible_rows(task_ids, who)
@@ -644,7 +762,7 @@ class HubCore:
                                    submitted=row["submitted"]))
         return out
 
-    def session(self, session_id: str, rid: int, who: Principal) -> p.SessionInfo:
+    def _session(self, session_id: str, rid: int, who: Principal) -> p.SessionInfo:
         row = self._own_session(session_id, who)
         ids = self.store.session_task_ids(session_id)
         counts = self.store.session_counts(session_id)
@@ -666,11 +784,11 @@ class HubCore:
                     return True
         return False
 
-    def grant_blob(self, who: Principal, sha256: str) -> None:
+    def _grant_blob(self, who: Principal, sha256: str) -> None:
         """``who`` uploaded this blob: it may use and read it from now on."""
         self.store.add_blob_refs([(sha256, who.blob_scope)])
 
-    def accept_artifacts(self, machine_id: str, who: Principal, msg: p.TaskDone) -> None:
+    def _accept_artifacts(self, machine_id: str, who: Principal, msg: p.TaskDone) -> None:
         """Check what a daemon says it collected before anyone downloads it:
         a safe relative name, and a blob this daemon's owner uploaded.  The
         task's user may then download it."""
@@ -696,7 +814,7 @@ class HubCore:
         if grants:
             self.store.add_blob_refs(grants)
 
-    def pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
+    def _pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
         try:
             reqs = [hw.normalize(h) for h in msg.hardware]
         except hw.HardwareError as exc:
@@ -717,3 +835,266 @@ class HubCore:
                 )
             )
         return out
+
+    # -- watches and live output --------------------------------------------
+
+    def _subs_for(self, task_id: str, session_id: Optional[str]) -> set[_Sub]:
+        subs = self._subs_by_task.get(task_id, set())
+        if session_id is not None and session_id in self._subs_by_session:
+            subs = subs | self._subs_by_session[session_id]
+        return subs
+
+    def _drop_sub(self, sub: _Sub) -> None:
+        ps = self.peers.get(sub.peer)
+        if ps is not None and ps.subs.get(sub.wid) is sub:
+            del ps.subs[sub.wid]
+        if sub.session_id is not None:
+            self._subs_by_session.get(sub.session_id, set()).discard(sub)
+        for tid in sub.task_ids:
+            subs = self._subs_by_task.get(tid)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs_by_task[tid]
+
+    def _output(self, machine_id: str, msg: p.Output) -> None:
+        """A daemon's live output: kept (bounded) for late watchers, sent to current ones."""
+        t = self.active.get(msg.task_id)
+        if t is None or t.attempt != msg.attempt or t.machine != machine_id:
+            return
+        r = self._replay.get(t.task_id)
+        if r is None or r.attempt != t.attempt:
+            r = self._replay[t.task_id] = _Replay(t.attempt)
+        r.add(msg.stream, msg.text)
+        for sub in self._subs_for(t.task_id, t.session_id):
+            if sub.output:
+                self._send(sub.peer, p.Output(task_id=msg.task_id, attempt=msg.attempt, stream=msg.stream,
+                                              text=msg.text, watch=sub.wid))
+
+    def _replay_to(self, peer: int, wid: int, task_ids: Iterable[str]) -> None:
+        """What running tasks printed before this watch began: nothing is lost
+        to a watcher that subscribes after the submit."""
+        for tid in task_ids:
+            r = self._replay.get(tid)
+            if r is None:
+                continue
+            if r.dropped:
+                self._send(peer, p.Output(task_id=tid, attempt=r.attempt, stream="stdout", watch=wid,
+                                          text=f"[hwf: {r.dropped} earlier bytes of output not kept]\n"))
+            for stream, text in r.chunks:
+                self._send(peer, p.Output(task_id=tid, attempt=r.attempt, stream=stream, text=text,  # type: ignore[arg-type]
+                                          watch=wid))
+
+    # -- event handlers -------------------------------------------------------
+
+    def _on_connected(self, ev: Connected) -> None:
+        self.peers[ev.peer] = _PeerState(ev.who, ev.version)
+
+    def _on_disconnected(self, ev: Disconnected) -> None:
+        ps = self.peers.pop(ev.peer, None)
+        if ps is None:
+            return
+        for sub in list(ps.subs.values()):
+            self._drop_sub(sub)
+        for w in ps.waiters:
+            w.done = True
+        if ps.machine_id is not None and self.daemon_peer.get(ps.machine_id) == ev.peer:
+            del self.daemon_peer[ps.machine_id]
+            self._disconnect(ps.machine_id, self._now, "daemon connection lost")
+
+    def _on_received(self, ev: Received) -> None:
+        ps = self.peers.get(ev.peer)
+        if ps is not None:  # else it raced its own disconnect
+            self._MESSAGES[type(ev.msg)](self, ev.peer, ps, ev.msg)
+
+    def _on_blob_stored(self, ev: BlobStored) -> None:
+        ps = self.peers.get(ev.peer)
+        if ps is not None:
+            self._grant_blob(ps.who, ev.sha256)
+            self._send(ev.peer, p.Ok(id=ev.rid))
+
+    def _on_tick(self, ev: Tick) -> None:
+        now = self._now
+        stale = now - self.heartbeat_timeout
+        for machine_id, peer in list(self.daemon_peer.items()):
+            m = self.machines.get(machine_id)
+            if m is not None and m.last_seen < stale:
+                log.warning("daemon %s missed heartbeats; dropping it", machine_id)
+                del self.daemon_peer[machine_id]
+                self.peers[peer].machine_id = None
+                self._disconnect(machine_id, now, "daemon heartbeats stopped")
+                self._out.append(Close(peer, 1011, "heartbeat timeout"))
+        while self._deadlines and self._deadlines[0][0] <= now:
+            self._answer(heapq.heappop(self._deadlines)[2], timed_out=True)
+        if self._grace_until is not None and now >= self._grace_until:
+            self._grace_until = None
+            self._expire_absent_daemons(now)
+
+    def _expire_absent_daemons(self, now: float) -> None:
+        """After a restart: attempts whose daemon never came back are lost."""
+        absent: dict[str, list[str]] = {}
+        for t in self.active.values():
+            if t.status in ("assigned", "running") and t.machine not in self.daemon_peer:
+                absent.setdefault(t.machine or "?", []).append(t.task_id)
+        for machine_id, tids in absent.items():
+            self._lose_attempts(machine_id, tids, now, "daemon did not return after hub restart")
+            m = self.machines.get(machine_id)
+            if m is not None:
+                m.running.difference_update(tids)
+
+    def _on_tokens_revoked(self, ev: TokensRevoked) -> None:
+        for peer, ps in self.peers.items():
+            if ps.who.token_id in ev.token_ids:
+                self._out.append(Close(peer, 1008, "token revoked"))
+
+    def _on_cancel_continued(self, ev: CancelContinued) -> None:
+        self._cancel_some(ev.peer, ev.rid, list(ev.remaining), dict(ev.by_state), list(ev.done))
+
+    _EVENTS: dict[type, Callable[..., None]] = {
+        Connected: _on_connected,
+        Disconnected: _on_disconnected,
+        Received: _on_received,
+        BlobStored: _on_blob_stored,
+        Tick: _on_tick,
+        TokensRevoked: _on_tokens_revoked,
+        CancelContinued: _on_cancel_continued,
+    }
+
+    # -- message handlers: (peer, its state, message) --------------------------
+
+    def _m_submit(self, peer: int, ps: _PeerState, msg: p.Submit) -> None:
+        self._send(peer, self._submit(msg, ps.who))
+
+    def _m_get_results(self, peer: int, ps: _PeerState, msg: p.GetResults) -> None:
+        self._check_known(msg.task_ids, ps.who)
+        pending = [tid for tid in dict.fromkeys(msg.task_ids) if tid in self.active] if msg.wait else []
+        if not pending or msg.timeout == 0:
+            self._send(peer, p.Results(id=msg.id, tasks=self._records(msg.task_ids, ps.who),
+                                       timed_out=bool(pending)))
+            return
+        deadline = None if msg.timeout is None else self._now + msg.timeout
+        w = _Waiter(peer, msg.id, ps.who, list(msg.task_ids), len(pending), deadline)
+        for tid in pending:
+            self._waiters.setdefault(tid, []).append(w)
+        if len(ps.waiters) > 64:
+            ps.waiters = [x for x in ps.waiters if not x.done]
+        ps.waiters.append(w)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), w))
+
+    def _m_get_pool(self, peer: int, ps: _PeerState, msg: p.GetPool) -> None:
+        self._send(peer, p.Pool(id=msg.id, machines=self._pool(msg)))
+
+    def _m_blobs_missing(self, peer: int, ps: _PeerState, msg: p.BlobsMissing) -> None:
+        # "Present" only for blobs this caller may use: whether anyone else
+        # stored a file is not revealed (a re-upload is cheap).
+        missing = [s for s in msg.sha256
+                   if not (self.blobs.has(s) and self.blob_readable(ps.who, s, ps.machine_id))]
+        self._send(peer, p.BlobsMissingReply(id=msg.id, missing=missing))
+
+    def _m_blob_get(self, peer: int, ps: _PeerState, msg: p.BlobGet) -> None:
+        # Someone else's blob answers exactly like a missing one.
+        if not (self.blobs.has(msg.sha256) and self.blob_readable(ps.who, msg.sha256, ps.machine_id)):
+            raise RequestError("not_found", f"no blob {msg.sha256[:12]}… on the hub")
+        self._out.append(StreamBlob(peer, msg.id, msg.sha256))
+
+    def _m_watch(self, peer: int, ps: _PeerState, msg: p.Watch) -> None:
+        if msg.session_id is not None:
+            ids = self._session(msg.session_id, msg.id, ps.who).task_ids
+        else:
+            ids = list(dict.fromkeys(msg.task_ids))
+        limit = self.limits.max_results_per_request
+        if len(ids) > limit:
+            raise RequestError("limit", f"a watch covers at most {limit} tasks, got {len(ids)}")
+        briefs = self._briefs(ids, ps.who)
+        if msg.id in ps.subs:
+            self._drop_sub(ps.subs[msg.id])
+        sub = _Sub(peer, msg.id, msg.output, set(ids), msg.session_id)
+        ps.subs[msg.id] = sub
+        if msg.session_id is not None:
+            self._subs_by_session.setdefault(msg.session_id, set()).add(sub)
+        else:
+            for b in briefs:
+                if b.status not in p.TERMINAL_STATES:
+                    self._subs_by_task.setdefault(b.task_id, set()).add(sub)
+        self._send(peer, p.Watching(id=msg.id, tasks=briefs))
+        if msg.output:
+            self._replay_to(peer, msg.id, ids)
+
+    def _m_unwatch(self, peer: int, ps: _PeerState, msg: p.Unwatch) -> None:
+        sub = ps.subs.get(msg.watch)
+        if sub is not None:
+            self._drop_sub(sub)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_cancel(self, peer: int, ps: _PeerState, msg: p.Cancel) -> None:
+        self._cancel_some(peer, msg.id, self._cancel_targets(msg, ps.who), {}, [])
+
+    def _m_get_session(self, peer: int, ps: _PeerState, msg: p.GetSession) -> None:
+        self._send(peer, self._session(msg.session_id, msg.id, ps.who))
+
+    def _m_register(self, peer: int, ps: _PeerState, msg: p.Register) -> None:
+        if ps.machine_id is not None:
+            raise RequestError("bad_request", f"this connection is already registered as {ps.machine_id!r}")
+        reply = self._register(msg, self._now, ps.who)
+        ps.machine_id = reply.machine_id
+        self.daemon_peer[reply.machine_id] = peer
+        self._send(peer, reply)
+        for tid, attempt in sorted(self.machines[reply.machine_id].cancelling):
+            self._send(peer, p.CancelTask(task_id=tid, attempt=attempt))  # stale work: stop it
+
+    @staticmethod
+    def _machine_of(ps: _PeerState) -> str:
+        if ps.machine_id is None:
+            raise RequestError("not_registered", "register before sending task messages")
+        return ps.machine_id
+
+    def _m_heartbeat(self, peer: int, ps: _PeerState, msg: p.Heartbeat) -> None:
+        self._heartbeat(self._machine_of(ps), msg, self._now)
+
+    def _m_draining(self, peer: int, ps: _PeerState, msg: p.Draining) -> None:
+        if ps.machine_id is not None:
+            self._set_draining(ps.machine_id, self._now)
+
+    def _m_task_started(self, peer: int, ps: _PeerState, msg: p.TaskStarted) -> None:
+        self._started(self._machine_of(ps), msg)
+
+    def _m_stage_done(self, peer: int, ps: _PeerState, msg: p.StageDone) -> None:
+        self._stage_done(self._machine_of(ps), msg)
+
+    def _m_task_done(self, peer: int, ps: _PeerState, msg: p.TaskDone) -> None:
+        machine = self._machine_of(ps)
+        self._accept_artifacts(machine, ps.who, msg)
+        self._task_done(machine, msg, self._now)
+        self._send(peer, p.Ok(id=msg.id))  # acked whether new or a resend
+
+    def _m_tasks_done(self, peer: int, ps: _PeerState, msg: p.TasksDone) -> None:
+        machine = self._machine_of(ps)
+        for done in msg.done:
+            self._accept_artifacts(machine, ps.who, done)
+            self._task_done(machine, done, self._now)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_output(self, peer: int, ps: _PeerState, msg: p.Output) -> None:
+        if ps.machine_id is not None:
+            self._output(ps.machine_id, msg)
+
+    _MESSAGES: dict[type, Callable[..., None]] = {
+        p.Submit: _m_submit,
+        p.GetResults: _m_get_results,
+        p.GetPool: _m_get_pool,
+        p.BlobsMissing: _m_blobs_missing,
+        p.BlobGet: _m_blob_get,
+        p.Watch: _m_watch,
+        p.Unwatch: _m_unwatch,
+        p.Cancel: _m_cancel,
+        p.GetSession: _m_get_session,
+        p.Register: _m_register,
+        p.Heartbeat: _m_heartbeat,
+        p.Draining: _m_draining,
+        p.TaskStarted: _m_task_started,
+        p.StageDone: _m_stage_done,
+        p.TaskDone: _m_task_done,
+        p.TasksDone: _m_tasks_done,
+        p.Output: _m_output,
+    }

@@ -74,6 +74,12 @@ class Peer:
         """Queue a message and wait until the queue has room again."""
         await self._send(p.encode(msg), True)
 
+    async def wait_room(self) -> None:
+        """Return once the queue is below ``send_queue_bytes`` (or the peer is closing)."""
+        while self.queued_bytes > self._soft and not self.closing:
+            self._room.clear()
+            await self._room.wait()
+
     async def send_bytes(self, frame: bytes) -> None:
         await self._send(frame, False)
 
@@ -81,9 +87,7 @@ class Peer:
         if self.closing:
             raise websockets.ConnectionClosedError(None, None)
         self._push(data, text)
-        while self.queued_bytes > self._soft and not self.closing:
-            self._room.clear()
-            await self._room.wait()
+        await self.wait_room()
 
     def _push(self, data: bytes, text: bool) -> None:
         self._queue.append((data, text))

@@ -19,7 +19,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+# The newest protocol this code speaks, and the oldest peer it still serves.
+# 2: ``assignments`` (many tasks per message) and ``tasks_done`` (many results).
+# A peer says the newest it speaks in ``hello``; the hub answers with the
+# version both use in ``welcome``.
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 1
 DEFAULT_PORT = 8765
 DEFAULT_HTTP_PORT = 8766
 
@@ -260,8 +265,8 @@ class MachineInfo(msgspec.Struct):
 # ----------------------------------------------------------------- messages
 
 
-class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
-    pass
+class _Msg(msgspec.Struct, tag_field="type"):
+    """Unknown fields (from a newer peer) are ignored; known ones are checked strictly."""
 
 
 class Hello(_Msg, tag="hello"):
@@ -465,6 +470,12 @@ class Assign(_Msg, tag="assign"):
     spec: TaskSpec
 
 
+class Assignments(_Msg, tag="assignments"):
+    """Hub -> daemon (protocol 2): several assignments in one message."""
+
+    items: list[Assign]
+
+
 class Draining(_Msg, tag="draining"):
     """Daemon -> hub: finishing its running tasks, take no new ones."""
 
@@ -498,6 +509,13 @@ class TaskDone(_Msg, tag="task_done"):
     outcome: TaskOutcome
 
 
+class TasksDone(_Msg, tag="tasks_done"):
+    """Daemon -> hub (protocol 2): several results, acked with one ``ok``."""
+
+    id: RequestId
+    done: Annotated[list[TaskDone], Meta(max_length=10_000)]
+
+
 Message = Union[
     Hello,
     Welcome,
@@ -518,9 +536,11 @@ Message = Union[
     Registered,
     Heartbeat,
     Assign,
+    Assignments,
     TaskStarted,
     StageDone,
     TaskDone,
+    TasksDone,
     Watch,
     Watching,
     Unwatch,
@@ -544,6 +564,7 @@ DAEMON_REQUESTS = (
     TaskStarted,
     StageDone,
     TaskDone,
+    TasksDone,
     Output,
     Draining,
     BlobsMissing,

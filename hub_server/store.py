@@ -458,16 +458,27 @@ class Store:
 
 
 class _Tx:
-    """``with store.transaction():`` — one commit for many writes."""
+    """``with store.transaction():`` — one commit for many writes.
+
+    Nested inside another transaction it is a savepoint: an error rolls back
+    only its own writes (the hub handles a batch of events in one
+    transaction, each event in a savepoint of it)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.nested = False
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.nested = self.db.in_transaction
+        self.db.execute("SAVEPOINT tx" if self.nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if self.nested:
+            if exc_type is not None:
+                self.db.execute("ROLLBACK TO tx")
+            self.db.execute("RELEASE tx")
+        else:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
 def _chunks(seq: Sequence[str], n: int) -> Iterator[Sequence[str]]:

@@ -22,7 +22,7 @@ HW = {"os": "linux", "distro": "Rogue OS", "arch": "x86_64", "cpu": "rogue cpu",
 
 class RawPeer:
     def __init__(self, address: str, token: str, *, max_queue: int = 16, hello: bool = True,
-                 ssl: Any = None) -> None:
+                 ssl: Any = None, version: int = p.PROTOCOL_VERSION) -> None:
         self._cm = connect(address, additional_headers={"Authorization": f"Bearer {token}"},
                            proxy=None, max_size=None, compression=None, max_queue=max_queue,
                            open_timeout=10, ssl=ssl)
@@ -31,7 +31,7 @@ class RawPeer:
         self._ids = iter(range(1, 10**9))
         self.welcome: Optional[dict] = None
         if hello:
-            self.send({"type": "hello", "version": p.PROTOCOL_VERSION})
+            self.send({"type": "hello", "version": version})
             self.welcome = self.recv()
             assert self.welcome["type"] == "welcome", self.welcome
 
@@ -64,14 +64,17 @@ class RawPeer:
             self.pushes.append(msg)
 
     def wait_push(self, kind: str, timeout: float = 30) -> dict:
-        for i, msg in enumerate(self.pushes):
-            if msg["type"] == kind:
-                return self.pushes.pop(i)
+        """The next pushed message of this type; an ``assignments`` batch counts
+        as its ``assign`` items."""
         while True:
+            for i, msg in enumerate(self.pushes):
+                if msg["type"] == kind:
+                    return self.pushes.pop(i)
             msg = self.recv(timeout)
-            if msg["type"] == kind:
-                return msg
-            self.pushes.append(msg)
+            if msg["type"] == "assignments":
+                self.pushes += [dict(item, type="assign") for item in msg["items"]]
+            else:
+                self.pushes.append(msg)
 
     def upload(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()

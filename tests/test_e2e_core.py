@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from task_python import TASK_PY, needs_task_python
@@ -187,3 +188,24 @@ def test_sync_twin_from_thread_and_await_from_other_loop(hub):
         return await hub.get_result(box["ids"], wait=True)
 
     assert asyncio.run(other_loop())[0].output == "t\n"
+
+
+def test_a_late_watcher_still_gets_the_first_lines_of_output(hub):
+    """The hub keeps a running attempt's recent output and replays it when a
+    watch starts: nothing is lost to a watcher that subscribes after the
+    task began (as a busy notebook does)."""
+    ids = dispatch_sync(Task(Stage("s", cmd=["for i in 1 2 3; do echo line-$i; done", "sleep 2", "echo last"])),
+                        hub, stream=True)
+    deadline = time.monotonic() + 30
+    while hub.get_result_sync(list(ids))[0].status != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # the first lines are out before anyone watches
+    seen: list[str] = []
+    finished = threading.Event()
+    w = hub.watch_sync(list(ids), output=True, on_output=lambda o: seen.append(o.text),
+                       on_event=lambda e: e.status == "finished" and finished.set())
+    assert finished.wait(30)
+    w.close_sync()
+    text = "".join(seen)
+    assert text.index("line-1") < text.index("line-2") < text.index("line-3") < text.index("last")

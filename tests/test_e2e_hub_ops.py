@@ -132,3 +132,38 @@ def test_client_in_a_running_loop_with_sync_call_from_thread(cluster):
         return res
 
     assert asyncio.run(main())[0].output == "x\n"
+
+
+def test_hello_negotiates_the_protocol_version(cluster, tmp_path):
+    """A protocol-1 daemon still gets work (one ``assign`` per task); a newer
+    peer gets the hub's newest version; a too-old one a clear refusal."""
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from rawpeer import RawPeer
+
+    from hub_server import protocol as p
+
+    with RawPeer(cluster.address, cluster.admin_token, version=99) as newer:
+        assert newer.welcome["version"] == p.PROTOCOL_VERSION
+    old_daemon_token = cluster.create_token("daemon", cluster.user)
+    hub = cluster.hub(artifacts_dir=tmp_path)
+    with RawPeer(cluster.address, old_daemon_token, version=1) as old:
+        assert old.welcome["version"] == 1
+        assert old.register("protocol-1-box")["type"] == "registered"
+        ids = dispatch_sync(Task(Stage("s", cmd="true"), hardware={"daemon": "protocol-1-box"}), hub, repeat=2)
+        got = []
+        for _ in range(2):  # one slot: the next assign comes once the first is done
+            tid = old.wait_push("assign")["task_id"]
+            got.append(tid)
+            assert old.request({"type": "task_done", "task_id": tid, "attempt": 1,
+                                "outcome": {"status": "finished", "exit_code": 0}})["type"] == "ok"
+        assert sorted(got) == sorted(ids)
+    assert [r.status for r in hub.get_result_sync(list(ids), wait=True)] == ["finished", "finished"]
+    hub.close_sync()
+    from websockets.sync.client import connect
+    with connect(cluster.address, additional_headers={"Authorization": f"Bearer {cluster.token}"},
+                 proxy=None) as ws:
+        ws.send('{"type": "hello", "version": 0}')
+        import json
+        err = json.loads(ws.recv(timeout=5))
+        assert err["code"] == "version" and "protocol version 0 is not supported (hub speaks 1 to 2)" in err["message"]

@@ -18,6 +18,7 @@ from hub_server import protocol as p
 from hub_server.auth import Principal
 from hub_server.blobs import BlobStore
 from hub_server.core import HubCore
+from hub_server.events import Connected, Received
 from hub_server.store import SCHEMA_VERSION, SchemaError, Store
 
 SCHEMA1 = (Path(__file__).parent / "data" / "store_schema1.sql").read_text()
@@ -73,10 +74,13 @@ def test_an_hwf_0_1_store_is_migrated_with_nothing_lost(tmp_path):
     assert who.token_id.startswith("tok-")
     admin = auth.authenticate(store, OLD_ADMIN)
     assert isinstance(admin, Principal) and admin.user == "admin"
-    core = HubCore(store, BlobStore(state / "blobs"), p.Limits())
-    rec = core.records(["t-old"], who)[0]
+    core = HubCore(store, BlobStore(state / "blobs"), p.Limits(), now=time.time())
+    core.handle(Connected(1, who, p.PROTOCOL_VERSION), now=time.time())
+    (res,) = core.handle(Received(1, p.GetResults(id=2, task_ids=["t-old"])), now=time.time())
+    rec = res.msg.tasks[0]
     assert (rec.status, rec.session_id, rec.artifacts[0].sha256) == ("finished", "s-old", made["sha"])
-    assert core.session("s-old", 1, who).task_ids == ["t-old"]
+    (ses,) = core.handle(Received(1, p.GetSession(id=3, session_id="s-old")), now=time.time())
+    assert ses.msg.task_ids == ["t-old"]
     assert core.blob_readable(who, made["sha"])  # the old artifact stays downloadable
     assert not core.blob_readable(Principal("tok-x", "client", "mallory"), made["sha"])
     assert core.hub_id == "hub-old"

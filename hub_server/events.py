@@ -1,0 +1,114 @@
+"""What the hub's core is told (events) and what it asks for (instructions).
+
+``HubCore.handle(*events, now=...)`` is the only way hub state changes; it
+returns instructions that the server carries out (dask's
+``worker_state_machine`` shape).  Both are plain data, so a test builds
+events, calls ``handle`` and compares the instructions it gets with the
+ones it expects: no socket, no clock.
+
+Peers are named by an ``int`` the server gives each connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .auth import Principal
+
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A peer finished its hello; ``version`` is the protocol version agreed."""
+
+    peer: int
+    who: Principal
+    version: int
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    peer: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded message from a peer (a request or a daemon's report)."""
+
+    peer: int
+    msg: Any
+
+
+@dataclass(frozen=True)
+class BlobStored:
+    """A peer's upload arrived whole and matched its sha256."""
+
+    peer: int
+    rid: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: heartbeats, waits and grace periods may have expired."""
+
+
+@dataclass(frozen=True)
+class TokensRevoked:
+    token_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CancelContinued:
+    """The rest of a large cancellation, handled in a later batch."""
+
+    peer: int
+    rid: int
+    remaining: tuple[str, ...]
+    by_state: tuple[tuple[str, int], ...] = ()
+    done: tuple[str, ...] = ()
+
+
+Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued]
+
+
+# ------------------------------------------------------------ instructions
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``msg`` to a peer (a reply, an assignment, a live event)."""
+
+    peer: int
+    msg: Any
+
+
+@dataclass(frozen=True)
+class Close:
+    """Disconnect a peer, telling it why."""
+
+    peer: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StreamBlob:
+    """Send a stored blob's bytes to a peer as the reply to request ``rid``."""
+
+    peer: int
+    rid: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Later:
+    """Handle this event in a following batch (after pending I/O)."""
+
+    event: Any = field(default=None)
+
+
+Instruction = Union[Send, Close, StreamBlob, Later]
