@@ -164,7 +164,9 @@ class HubCore:
         self.store = store
         self.blobs = blobs
         self.limits = limits
-        self.heartbeat_interval = heartbeat_interval
+        # Daemons beat often enough that several beats fit in the timeout: a
+        # short --heartbeat-timeout must not drop a daemon for one late beat.
+        self.heartbeat_interval = min(heartbeat_interval, heartbeat_timeout / 4)
         self.heartbeat_timeout = heartbeat_timeout
         self.scheduler = Scheduler()
         self.active: dict[str, ActiveTask] = {}
