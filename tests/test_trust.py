@@ -209,6 +209,10 @@ def test_a_daemon_cannot_claim_or_cancel_another_machines_attempt(farm, tmp_path
         fake = rogue.request({"type": "task_done", "task_id": ids[0], "attempt": 1,
                               "outcome": {"status": "failed", "error": "forged"}})
         assert fake["type"] == "ok"  # acked like any stale resend, and ignored
+        forged = {"type": "task_done", "id": 0, "task_id": ids[0], "attempt": 1,
+                  "outcome": {"status": "failed", "error": "forged in a batch"}}
+        batch = rogue.request({"type": "tasks_done", "done": [forged, dict(forged, attempt=2)]})
+        assert batch["type"] == "ok"  # the batch form is checked the same way
     r = client.get_result_sync(ids, wait=True)[0]
     client.close_sync()
     assert r.status == "finished" and r.output == "real\n" and r.machine == "daemon-1"
