@@ -96,6 +96,7 @@ class Daemon:
         self.link: Optional[Link] = None
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
+        self._cleaning: set[asyncio.Task] = set()  # slots being cleaned after their task
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
@@ -221,6 +222,8 @@ class Daemon:
             r.cancel.set("daemon stopped")
         if self.running:
             await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
+        if self._cleaning:  # leftovers are killed and task dirs removed before we go
+            await asyncio.wait(list(self._cleaning), timeout=10)
 
     # -- assignments --------------------------------------------------------
 
@@ -295,7 +298,10 @@ class Daemon:
                 cleaned = True
 
         try:
-            taskdir = await asyncio.to_thread(self.taskdirs.create, f"{msg.task_id}.{msg.attempt}", user)
+            name = f"{msg.task_id}.{msg.attempt}"
+            taskdir = self.taskdirs.try_create(name, user)
+            if taskdir is None:
+                taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(os.environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
             await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
@@ -325,7 +331,8 @@ class Daemon:
                 kill_grace=self.config.kill_grace,
                 user=user,
                 env=env,
-                before_artifacts=clean,
+                # Artifacts are read from a dir nothing of the task still writes to.
+                before_artifacts=clean if msg.spec.artifacts else None,
             )
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)
@@ -334,16 +341,36 @@ class Daemon:
         finally:
             if timer is not None:
                 timer.cancel()
-            if pump is not None:
-                try:
-                    await pump.close()
-                except Exception:  # live output is best effort; the result is not
-                    log.exception("output pump of task %s failed", msg.task_id)
-            await clean()
-            if taskdir is not None and not self.config.keep_workdirs:
-                await asyncio.to_thread(self.taskdirs.remove, taskdir)
-            self._free_slots.put_nowait(slot)
+            try:
+                if pump is not None:
+                    try:
+                        await pump.close()
+                    except Exception:  # live output is best effort; the result is not
+                        log.exception("output pump of task %s failed", msg.task_id)
+            finally:
+                # The outcome is known: it goes out now, while the slot is
+                # cleaned.  The slot (its uid) takes no task before that is
+                # done, so nothing this task left runs beside the next one.
+                self._release(slot, user, taskdir, cleaned)
         await self._finish(key, outcome)
+
+    def _release(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path], cleaned: bool) -> None:
+        task = asyncio.ensure_future(self._clean_and_free(slot, user, taskdir, cleaned))
+        self._cleaning.add(task)
+        task.add_done_callback(self._cleaning.discard)
+
+    async def _clean_and_free(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path],
+                              cleaned: bool) -> None:
+        try:
+            if not cleaned:
+                await self._clean_slot(user)
+            if taskdir is not None and not self.config.keep_workdirs:
+                if not self.taskdirs.try_remove(taskdir):
+                    await asyncio.to_thread(self.taskdirs.remove, taskdir)
+        except Exception:
+            log.exception("cleaning slot %d failed", slot)
+        finally:
+            self._free_slots.put_nowait(slot)
 
     async def _finish(self, key: tuple[str, int], outcome: p.TaskOutcome) -> None:
         self.running.pop(key, None)

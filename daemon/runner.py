@@ -251,9 +251,10 @@ async def _run_command(
     kill_grace: float,
     env: Optional[Mapping[str, str]] = None,
     user: Optional[TaskUser] = None,
+    track_ram: bool = True,
 ) -> tuple[CommandOutcome, Usage, float, bool]:
     """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
-    proc = TrackedProcess(cmd, workdir, env=env, user=user)
+    proc = TrackedProcess(cmd, workdir, env=env, user=user, track_ram=track_ram)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [
@@ -383,6 +384,7 @@ async def _run_stage(
                     kill_grace=kill_grace,
                     env=env,
                     user=user,
+                    track_ram=stage.track_ram,
                 )
             except Exception as exc:
                 failure = _Failure(

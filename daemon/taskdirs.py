@@ -124,18 +124,33 @@ class TaskDirs:
                                 "paths of their dir will fail", root)
         self.root = root
 
-    def create(self, name: str, user: Optional[TaskUser]) -> Path:
-        """A fresh, empty dir for one attempt, owned by ``user`` (0700)."""
+    def _path(self, name: str) -> Path:
         if not name or name.startswith(".") or "/" in name or os.sep in name:
             raise TaskDirError(f"{name!r} cannot name a task dir")
-        path = self.root / name
+        return self.root / name
+
+    def create(self, name: str, user: Optional[TaskUser]) -> Path:
+        """A fresh, empty dir for one attempt, owned by ``user`` (0700)."""
+        path = self._path(name)
         if os.path.lexists(path):
             shutil.rmtree(path)
-        path.mkdir(mode=0o700)
+        return self._make(path, user)
+
+    def try_create(self, name: str, user: Optional[TaskUser]) -> Optional[Path]:
+        """``create`` in a few syscalls, or None if something already has the
+        name (then ``create``, in a thread: it may have a tree to remove)."""
+        path = self._path(name)
+        try:
+            return self._make(path, user)
+        except FileExistsError:
+            return None
+
+    def _make(self, path: Path, user: Optional[TaskUser]) -> Path:
+        os.mkdir(path, 0o700)
         if user is not None:
             os.chown(path, user.uid, user.gid)
             tmp = path / TMP_NAME
-            tmp.mkdir(mode=0o700)
+            os.mkdir(tmp, 0o700)
             os.chown(tmp, user.uid, user.gid)
         return path
 
@@ -143,6 +158,22 @@ class TaskDirs:
         # rmtree works on fds (no symlink following), so a task's links cannot
         # send the daemon deleting outside its dir.
         shutil.rmtree(path, ignore_errors=True)
+
+    def try_remove(self, path: Path) -> bool:
+        """Remove a dir its task left as it was made (the common case) in two
+        rmdir calls, which follow no links; False if it holds anything more
+        (then ``remove``, in a thread)."""
+        try:
+            try:
+                os.rmdir(path / TMP_NAME)
+            except FileNotFoundError:
+                pass
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError:  # not empty, not a dir (a task's link): the long way
+            return False
+        return True
 
     def close(self) -> None:
         """Remove the temp root this daemon made, if any."""

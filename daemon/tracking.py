@@ -14,15 +14,22 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
 * If the daemon is killed outright, its ``Guardian`` (see guardian.py) kills
   every command group still running, so commands never run on unsupervised.
   No ``preexec_fn`` is used: it would force a full ``fork()`` of the daemon.
-* The child is reaped with ``os.wait4`` in a dedicated daemon thread: its
-  ``rusage`` gives exact CPU time and peak RSS, including every descendant
-  the command waited for.  A dedicated thread (not a bounded pool) means a
-  long command can never delay the reaping of another, nor keep the
-  interpreter from exiting.
-* A sampler sums the RSS of the process and all its descendants every
-  ``sample_interval`` seconds and keeps the maximum, because ``ru_maxrss``
-  is the peak of the single largest process, not of the tree.  Shared pages
-  are counted once per process, so the tree sum can overestimate a little.
+* The child is reaped with ``os.wait4``: its ``rusage`` gives exact CPU
+  time and peak RSS, including every descendant the command waited for.
+  The event loop watches a pidfd of the child (Linux 5.3+), which becomes
+  readable when the child exits, and then reaps it with ``WNOHANG``: no
+  thread per child (a thread's start and its trips through the GIL cost
+  more than the spawn of a small command).  Where pidfds are missing, a
+  dedicated thread blocks in ``wait4`` instead (not a bounded pool: a long
+  command must never delay the reaping of another).  What is left of the
+  group is SIGKILLed while the leader is still a zombie, so its pid (the
+  group's id) cannot have been reused by then.
+* Only when the stage tracks RAM, a sampler sums the RSS of the process
+  and all its descendants every ``sample_interval`` seconds and keeps the
+  maximum, because ``ru_maxrss`` is the peak of the single largest
+  process, not of the tree.  Shared pages are counted once per process, so
+  the tree sum can overestimate a little.  A sample walks every process of
+  the machine (to find the descendants), so untracked stages skip it.
 * ``ru_maxrss`` has a Linux quirk: the direct child is a fork of the daemon,
   and at ``exec`` the kernel records the forked copy's RSS as the child's
   peak, so even ``true`` would "use" as much RAM as the daemon.  It is
@@ -182,7 +189,8 @@ class TrackedProcess:
     Construct it inside a running event loop.  The caller owns
     ``popen.stdout`` / ``popen.stderr`` and must read (and close) them.
     Await ``wait()`` for the result; ``terminate()`` stops the tree
-    politely, ``kill()`` at once.
+    politely, ``kill()`` at once.  ``track_ram=False``: no RSS sampling
+    (``Usage.peak_ram`` is then 0).
     """
 
     def __init__(
@@ -193,10 +201,11 @@ class TrackedProcess:
         env: Optional[Mapping[str, str]] = None,
         user: Optional["TaskUser"] = None,
         sample_interval: float = 0.05,
+        track_ram: bool = True,
     ) -> None:
         loop = asyncio.get_running_loop()
         self.cmd = cmd
-        self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
+        self._rss_floor = _own_rss() if track_ram else 0  # see the ru_maxrss quirk above
         self.started = time.perf_counter()
         self.popen = spawn(cmd, cwd, env, user)
         self.pid = self.popen.pid
@@ -207,37 +216,84 @@ class TrackedProcess:
         self._interval = sample_interval
         self._peak_tree = 0
         self._usage: Optional[Usage] = None
-        try:
-            self._proc: Optional[psutil.Process] = psutil.Process(self.pid)
-        except psutil.Error:
-            self._proc = None
-        self._reaped = self._start_reaper(loop)
-        self._sampler = loop.create_task(self._sample_loop())
+        self._group_killed = False  # SIGKILLed what was left of the group at exit
+        self._proc: Optional[psutil.Process] = None
+        self._reaped, threaded = self._start_reaper(loop)
+        # A psutil handle pins the process's identity (pid + start time).
+        # With a pidfd it can be made lazily: the pid stays ours until the
+        # loop itself reaps it.  A reaper thread could reap it any time.
+        if track_ram or threaded:
+            self._handle()
+        self._sampler: Optional[asyncio.Task] = (
+            loop.create_task(self._sample_loop()) if track_ram else None
+        )
+
+    def _handle(self) -> Optional[psutil.Process]:
+        if self._proc is None and not self._reaped.done():
+            try:
+                self._proc = psutil.Process(self.pid)
+            except psutil.Error:
+                pass
+        return self._proc
 
     # -------------------------------------------------------------- reaping
 
-    def _start_reaper(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    def _start_reaper(self, loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, bool]:
+        """A future of (exit code, rusage); True if a thread reaps (no pidfd)."""
         future: asyncio.Future = loop.create_future()
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # Linux < 5.3, or not Linux
+            self._start_reaper_thread(loop, future)
+            return future, True
+        loop.add_reader(fd, self._on_exit, loop, fd, future)
+        return future, False
 
+    def _on_exit(self, loop: asyncio.AbstractEventLoop, fd: int, future: asyncio.Future) -> None:
+        """The pidfd is readable: the child exited (it is a zombie until wait4)."""
+        if future.done():  # cancelled under us; never leave the fd behind
+            loop.remove_reader(fd)
+            os.close(fd)
+            return
+        # The leader is a zombie, so its pid (the group id) is still ours:
+        # killing the rest of the group now cannot hit a reused pid.
+        self._signal_group(signal.SIGKILL)
+        self._group_killed = True
+        try:
+            pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError as exc:  # reaped elsewhere
+            loop.remove_reader(fd)
+            os.close(fd)
+            future.set_exception(exc)
+            return
+        if pid == 0:  # not exited after all (cannot happen for a pidfd; be safe)
+            return
+        loop.remove_reader(fd)
+        os.close(fd)
+        self._reaped_with(status, rusage, future)
+
+    def _reaped_with(self, status: int, rusage: Any, future: asyncio.Future) -> None:
+        # Tell Popen the child is gone so it never waits for it again.
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        self.ended = time.perf_counter()
+        if not future.done():
+            future.set_result((self.popen.returncode, rusage))
+
+    def _start_reaper_thread(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         def reap() -> None:
-            result: Any = None
-            error: Optional[BaseException] = None
             try:
                 _, status, rusage = os.wait4(self.pid, 0)
-                # Tell Popen the child is gone so it never waits for it again.
-                self.popen.returncode = os.waitstatus_to_exitcode(status)
-                self.ended = time.perf_counter()
-                result = (self.popen.returncode, rusage)
             except BaseException as exc:  # ChildProcessError: reaped elsewhere
                 error = exc
 
-            def deliver() -> None:
-                if future.done():
-                    return
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
+                def fail() -> None:
+                    if not future.done():
+                        future.set_exception(error)
+
+                deliver = fail
+            else:
+                def deliver() -> None:
+                    self._reaped_with(status, rusage, future)
 
             try:
                 loop.call_soon_threadsafe(deliver)
@@ -245,7 +301,6 @@ class TrackedProcess:
                 pass
 
         threading.Thread(target=reap, name=f"hwf-wait4-{self.pid}", daemon=True).start()
-        return future
 
     @property
     def done(self) -> bool:
@@ -266,7 +321,8 @@ class TrackedProcess:
                 raise RuntimeError(
                     f"the exit status of pid {self.pid} was collected by someone else"
                 ) from None
-            self._signal_group(signal.SIGKILL)
+            if not self._group_killed:  # reaped by the fallback thread
+                self._signal_group(signal.SIGKILL)
             if _guardian is not None:
                 _guardian.forget(self.pgid)
             await self._stop_sampler()
@@ -278,6 +334,8 @@ class TrackedProcess:
         return self._usage
 
     def _peak_ram(self, maxrss: int) -> int:
+        if self._sampler is None:
+            return 0
         if maxrss > self._rss_floor:
             return max(self._peak_tree, maxrss)
         return self._peak_tree
@@ -299,6 +357,8 @@ class TrackedProcess:
             await asyncio.sleep(min(self._interval, FAST_SAMPLE_INTERVAL) if fast else self._interval)
 
     async def _stop_sampler(self) -> None:
+        if self._sampler is None:
+            return
         self._sampler.cancel()
         await asyncio.wait([self._sampler])  # raises only if *we* are cancelled
         if not self._sampler.cancelled() and self._sampler.exception() is not None:
@@ -307,7 +367,8 @@ class TrackedProcess:
     # -------------------------------------------------------------- stopping
 
     def _snapshot(self) -> list[psutil.Process]:
-        return _tree(self._proc) if self._proc is not None else []
+        proc = self._handle()
+        return _tree(proc) if proc is not None else []
 
     def _signal_group(self, sig: int, procs: Sequence[psutil.Process] = ()) -> None:
         try:
@@ -336,4 +397,5 @@ class TrackedProcess:
     def kill(self) -> None:
         """SIGKILL the whole tree now (for paths that cannot await)."""
         self._signal_group(signal.SIGKILL, self._snapshot())
-        self._sampler.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()

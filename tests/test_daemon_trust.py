@@ -473,9 +473,40 @@ def test_processes_a_task_leaves_behind_are_killed(farm, client):
                 out.append(p.pid)
         return out
 
-    # The result is sent after the slot was cleaned: nothing may be left now.
-    assert left() == []
+    # The result is sent as soon as the task is over and the slot is cleaned
+    # right after (before it takes another task): wait for that, briefly.
+    _wait(lambda: left() == [], timeout=5.0, what="the slot's uid to have no process left")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# The next task on a slot lists every live process of its uid that is not its own.
+STRANGERS = r"""
+me=$(id -u); sid=$(ps -o sid= -p $$ | tr -d ' ')
+echo "uid=$me"
+ps -e -o pid=,ruid=,sid=,stat=,args= | awk -v u="$me" -v s="$sid" '$2 == u && $3 != s && $4 !~ /^Z/ {print "STRANGER", $0}'
+true
+"""
+
+
+@pytest.mark.e2e
+@needs_root
+def test_the_next_task_on_a_slot_never_meets_what_the_last_one_left(tmp_path):
+    # One slot, so both tasks run as the same uid; the second is queued
+    # behind the first and starts as soon as the first one's result is in.
+    with LocalCluster(daemons=1, slots=1, state_dir=tmp_path / "c") as c:
+        h = c.hub()
+        try:
+            leave = "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo \"pid=$! uid=$(id -u)\""
+            for _ in range(3):
+                first, second = h.get_result_sync(
+                    dispatch_sync([Task(Stage("leave", cmd=leave)), Task(Stage("look", cmd=STRANGERS))], h),
+                    wait=True)
+                assert first.ok and second.ok, (first.error, second.error)
+                uid = int(re.search(r"uid=(\d+)", first.output).group(1))
+                assert f"uid={uid}" in second.output  # the same slot uid
+                assert "STRANGER" not in second.output, second.output
+        finally:
+            h.close_sync()
 
 
 # ------------------------------------------------------------ output flood

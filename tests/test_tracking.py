@@ -1,0 +1,103 @@
+"""daemon.tracking: how a command is spawned, reaped and measured."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hwf_daemon import tracking
+from hwf_daemon.tracking import TrackedProcess
+
+pytestmark = pytest.mark.e2e  # every test here starts processes
+
+PY = shlex.quote(sys.executable)
+BURN = f"{PY} -c " + shlex.quote(
+    "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+)
+
+
+async def _run(cmd: str, cwd: Path, **kw):
+    proc = TrackedProcess(cmd, cwd, **kw)
+    out = await asyncio.get_running_loop().run_in_executor(None, proc.popen.stdout.read)
+    proc.popen.stdout.close()
+    proc.popen.stderr.close()
+    usage = await proc.wait()
+    return proc, usage, out
+
+
+def test_commands_are_reaped_on_a_pidfd_without_a_thread(tmp_path: Path) -> None:
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("no os.pidfd_open on this platform")
+
+    async def main():
+        proc = TrackedProcess("sleep 0.3; exit 7", tmp_path, track_ram=False)
+        names = [t.name for t in threading.enumerate()]
+        usage = await proc.wait()
+        return names, usage
+
+    names, usage = asyncio.run(main())
+    assert not any(n.startswith("hwf-wait4-") for n in names), names
+    assert usage.exit_code == 7
+
+
+def test_without_pidfd_a_thread_reaps_with_the_same_results(tmp_path: Path, monkeypatch) -> None:
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd, raising=False)
+
+    async def main():
+        proc = TrackedProcess(f"{BURN}; kill -TERM $$", tmp_path, track_ram=False)
+        names = [t.name for t in threading.enumerate()]
+        return names, await proc.wait()
+
+    names, usage = asyncio.run(main())
+    assert any(n.startswith("hwf-wait4-") for n in names)
+    assert usage.exit_code == -15
+    assert usage.cpu_time >= 0.3
+
+
+@pytest.mark.parametrize("track_ram", [True, False])
+def test_rss_is_sampled_only_when_ram_is_tracked(tmp_path: Path, monkeypatch, track_ram: bool) -> None:
+    samples = []
+    real = tracking._tree_rss
+
+    def counting(proc):
+        samples.append(proc.pid)
+        return real(proc)
+
+    monkeypatch.setattr(tracking, "_tree_rss", counting)
+    _, usage, _ = asyncio.run(_run("sleep 0.2", tmp_path, track_ram=track_ram))
+    assert usage.exit_code == 0
+    if track_ram:
+        assert len(samples) >= 2 and usage.peak_ram > 0
+    else:
+        assert samples == [] and usage.peak_ram == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_what_is_left_of_the_group_is_killed_when_the_leader_exits(tmp_path: Path) -> None:
+    async def main():
+        proc, usage, out = await _run("sleep 30 & echo $!", tmp_path, track_ram=False)
+        return int(out), usage
+
+    pid, usage = asyncio.run(main())
+    assert usage.exit_code == 0
+    deadline = time.monotonic() + 2  # SIGKILL is delivered asynchronously
+    while not _gone(pid):
+        assert time.monotonic() < deadline, "the background sleep survived its command"
+        time.sleep(0.01)
