@@ -63,10 +63,13 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-SYSTEMS = ("hwf", "dask", "ipyparallel", "floor")
+# hwf-self: HWF with its daemons' tasks run as the daemon's own user
+# (--run-as self), what a non-root user gets; run only when this is root,
+# where plain "hwf" runs each task as a per-slot unprivileged user.
+SYSTEMS = ("hwf", "hwf-self", "dask", "ipyparallel", "floor")
 SECTIONS = {
-    "throughput": ("hwf", "dask", "ipyparallel", "floor"),
-    "latency": ("hwf", "dask", "ipyparallel", "floor"),
+    "throughput": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
+    "latency": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
     "transfer": ("hwf", "floor"),
     "scale": ("hwf",),
     "coldstart": ("hwf", "dask", "ipyparallel"),
@@ -310,7 +313,9 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def status_note(e: dict) -> str:
     if e["status"] in ("not installed", "not run"):
-        return "not installed"
+        return e["status"]
+    if e["status"] == "skipped":
+        return "skipped: " + e.get("why", "")
     if e["status"] == "failed":
         return "FAILED: " + e.get("errors", ["?"])[0][:150]
     if e["status"] == "partly failed":
@@ -329,7 +334,8 @@ def render(report: dict) -> str:
     add("versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in ("hwf", "dask", "distributed",
                                                                             "ipyparallel", "websockets")))
     add(f"method: median of {cfg['runs']} run(s) per number (runs listed as a / b / c), systems interleaved, "
-        f"each trial in a fresh process; HWF tasks run as {m['hwf_tasks_run_as']}")
+        f"each trial in a fresh process; HWF tasks run as {m['hwf_tasks_run_as']}"
+        + ("; rows 'HWF, --run-as self': as the daemon's own user" if m.get("user") == "root" else ""))
     loads = [r["other_load_cores"] for sec in res.values() for e in sec.values() for r in e.get("runs", [])]
     if loads:
         add(f"other load (CPU used by processes not of this run, in cores, per trial): median "
@@ -344,11 +350,12 @@ def render(report: dict) -> str:
     if "throughput" in res:
         add("")
         add(f"1. Throughput: {cfg['tasks']} shell `true` tasks, 2 workers each (clusters warm)")
-        w = [34, 9, 8, 10, 26]
-        add(row(["system", "tasks/s", "seconds", "HWF/this", "runs (tasks/s)"], w))
+        w = [34, 9, 8, 10, 12, 22]
+        add(row(["system", "tasks/s", "seconds", "HWF/this", "CPU ms/task", "runs (tasks/s)"], w))
         hwf = med(res, "throughput", "hwf", "tasks_per_s")
         for s, e in res["throughput"].items():
             label = {"floor": "floor: fork/exec `true`, 2 procs", "hwf": "HWF (2 daemons x 1 slot)",
+                     "hwf-self": "HWF, --run-as self",
                      "dask": "Dask (2 procs x 1 thread)", "ipyparallel": "ipyparallel (2 engines)"}[s]
             note = status_note(e)
             if note and "median" not in e:
@@ -356,7 +363,15 @@ def render(report: dict) -> str:
                 continue
             x = med(res, "throughput", s, "tasks_per_s")
             add(row([label, fmt(x), fmt(med(res, "throughput", s, "seconds"), 2),
-                     fmt(ratio(hwf, x), 2) if s != "hwf" else "", spread(e, "tasks_per_s", 0)], w) + (" " + note if note else ""))
+                     fmt(ratio(hwf, x), 2) if s not in ("hwf", "hwf-self") else "", fmt(med(res, "throughput", s, "cpu_ms_per_task"), 2),
+                     spread(e, "tasks_per_s", 0)], w) + (" " + note if note else ""))
+        hs = med(res, "throughput", "hwf-self", "tasks_per_s")
+        if hs:
+            add("    HWF --run-as self over: " + ", ".join(
+                f"{names.get(p, p)} {fmt(ratio(hs, med(res, 'throughput', p, 'tasks_per_s')), 2)}"
+                for p in ("dask", "ipyparallel", "floor") if med(res, "throughput", p, "tasks_per_s")))
+        add("    CPU ms/task: CPU time of every process of the system (client, hub/scheduler, daemons/workers, the")
+        add("    `true`s) over the timed run, per task; on 2 cores a CPU-bound system tops out near 2000 / that")
     if "latency" in res:
         add("")
         add(f"2. Latency: {cfg['rtt']} sequential round trips of one trivial (`true`) task")
@@ -364,14 +379,19 @@ def render(report: dict) -> str:
         add(row(["system", "median ms", "p99 ms", "HWF/this med", "runs (median ms)"], w))
         hwf = med(res, "latency", "hwf", "median_ms")
         for s, e in res["latency"].items():
-            label = {"floor": "floor: raw websocket echo"}.get(s, names.get(s, s))
+            label = {"floor": "floor: raw websocket echo", "hwf-self": "HWF, --run-as self"}.get(s, names.get(s, s))
             note = status_note(e)
             if note and "median" not in e:
                 add(row([label, note], [34, 40]))
                 continue
             x = med(res, "latency", s, "median_ms")
             add(row([label, fmt(x, 2), fmt(med(res, "latency", s, "p99_ms"), 2),
-                     fmt(ratio(hwf, x), 1) if s != "hwf" else "", spread(e, "median_ms", 2)], w) + (" " + note if note else ""))
+                     fmt(ratio(hwf, x), 1) if s not in ("hwf", "hwf-self") else "", spread(e, "median_ms", 2)], w) + (" " + note if note else ""))
+        if med(res, "latency", "hwf", "started_to_finished_ms") is not None:
+            g = lambda k: med(res, "latency", "hwf", k)  # noqa: E731
+            add(f"    HWF round trip, medians: dispatch -> daemon started it {fmt(g('dispatch_to_started_ms'), 2)} ms, "
+                f"started -> finished {fmt(g('started_to_finished_ms'), 2)} ms, finished -> result in the client "
+                f"{fmt(g('finished_to_result_ms'), 2)} ms")
     if "transfer" in res:
         add("")
         mib = cfg["transfer_mib"]
@@ -508,6 +528,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 need = NEEDS.get(s)
                 if need and importlib.util.find_spec(need) is None:
                     res[s] = {"status": "not installed", "needs": need}
+                elif s == "hwf-self" and os.geteuid() != 0:
+                    res[s] = {"status": "skipped", "why": "not root: plain hwf already runs tasks as this user"}
                 else:
                     res[s] = {"runs": []}
                     runnable.append(s)
@@ -539,11 +561,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["kept_trial_dirs"] = str(work)
         ratios = {}
         R = report["results"]
-        for peer, key in (("dask", "dask"), ("ipyparallel", "ipyparallel"), ("floor", "floor")):
-            ratios[f"throughput_hwf_over_{key}"] = ratio(med(R, "throughput", "hwf", "tasks_per_s"),
-                                                         med(R, "throughput", peer, "tasks_per_s"))
-            ratios[f"latency_median_hwf_over_{key}"] = ratio(med(R, "latency", "hwf", "median_ms"),
-                                                             med(R, "latency", peer, "median_ms"))
+        for h in ("hwf", "hwf-self"):
+            for peer in ("dask", "ipyparallel", "floor"):
+                name = f"{h.replace('-', '_')}_over_{peer}"
+                ratios[f"throughput_{name}"] = ratio(med(R, "throughput", h, "tasks_per_s"),
+                                                     med(R, "throughput", peer, "tasks_per_s"))
+                ratios[f"latency_median_{name}"] = ratio(med(R, "latency", h, "median_ms"),
+                                                         med(R, "latency", peer, "median_ms"))
         ratios["upload_hwf_over_raw"] = ratio(med(R, "transfer", "hwf", "up_dispatch_MBps"),
                                               med(R, "transfer", "floor", "up_MBps"))
         ratios["download_hwf_over_raw"] = ratio(med(R, "transfer", "hwf", "down_download_MBps"),

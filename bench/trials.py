@@ -91,59 +91,110 @@ def raw_server(tmp: Path) -> Iterator[str]:
         stop(proc)
 
 
+def tree_cpu() -> float:
+    """CPU seconds of this process and all its descendants, reaped ones included
+    (``children_*``): the whole cluster a trial started, client included."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 # ------------------------------------------------------------------------- HWF
 
 
-def hwf_cluster(tmp: Path, **kw: Any):
+def hwf_cluster(tmp: Path, *, as_self: bool = False, **kw: Any):
+    """A LocalCluster; ``as_self`` adds ``--run-as self`` to its daemons (tasks
+    run as the daemon's own user, what a non-root user always gets), through
+    LocalCluster's private ``_spawn``: if that changes, the trial fails and says so."""
     from hwf_jupyter import LocalCluster
 
-    return LocalCluster(state_dir=tmp / "hwf", **kw)
+    if not as_self:
+        return LocalCluster(state_dir=tmp / "hwf", **kw)
+
+    class SelfUserCluster(LocalCluster):
+        def _spawn(self, name: str, args: list, *rest: Any, **kws: Any) -> Any:
+            module = kws.get("module", rest[0] if rest else None)
+            if module == "hwf_daemon":
+                args = [*args, "--run-as", "self"]
+            return super()._spawn(name, args, *rest, **kws)
+
+    return SelfUserCluster(state_dir=tmp / "hwf", **kw)
 
 
-def hwf_run_as() -> str:
-    return "per-slot users (daemon is root)" if os.geteuid() == 0 else "the daemon's own user"
+def hwf_check_user(hub: Any, as_self: bool, timeout: float) -> str:
+    """Which uid tasks run as, checked: per-slot users unless ``as_self`` (or not root)."""
+    from hwf_jupyter import Stage, Task, dispatch_sync
+
+    r = hub.get_result_sync(dispatch_sync(Task(Stage("uid", cmd="id -u")), hub), wait=True, timeout=timeout)[0]
+    uid = r.stages[0].commands[0].stdout.strip() if r.ok else "?"
+    if os.geteuid() == 0 and (uid == "0") != as_self:
+        raise TrialError(f"tasks run as uid {uid}, expected {'0' if as_self else 'a per-slot uid'}")
+    if uid == str(os.geteuid()):
+        return f"the daemon's own user (uid {uid})"
+    return f"per-slot users (uid {uid}; the daemon is root)"
 
 
-def hwf_throughput(P: dict) -> dict:
+def hwf_throughput(P: dict, as_self: bool = False) -> dict:
     from hwf_jupyter import Stage, Task, dispatch_sync
 
     n = P["tasks"]
-    with hwf_cluster(P["tmp"], daemons=2, slots=1) as c:
+    with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
         hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
+        run_as = hwf_check_user(hub, as_self, P["timeout"])
         task = Task(Stage("noop", cmd="true"))
         hub.get_result_sync(dispatch_sync(task, hub, repeat=P["warmup"]), wait=True, timeout=P["timeout"])
+        cpu0 = tree_cpu()
         t0 = time.perf_counter()
         ids = dispatch_sync(task, hub, repeat=n)
         submitted = time.perf_counter() - t0
         res = hub.get_result_sync(ids, wait=True, timeout=P["timeout"])
         elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
         hub.close_sync()
     ok = sum(r.ok for r in res)
     if ok != n:
         raise TrialError(f"{ok} of {n} tasks finished ok")
     machines = sorted({r.machine for r in res if r.machine})
     return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "submit_s": submitted,
-            "workers": 2, "layout": "2 daemons x 1 slot", "machines_used": len(machines),
-            "tasks_run_as": hwf_run_as()}
+            "cpu_ms_per_task": cpu / n * 1e3, "workers": 2, "layout": "2 daemons x 1 slot", "machines_used": len(machines),
+            "tasks_run_as": run_as}
 
 
-def hwf_latency(P: dict) -> dict:
+def hwf_latency(P: dict, as_self: bool = False) -> dict:
     from hwf_jupyter import Stage, Task, dispatch_sync
 
-    with hwf_cluster(P["tmp"], daemons=2, slots=1) as c:
+    with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
         hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
+        run_as = hwf_check_user(hub, as_self, P["timeout"])
         task = Task(Stage("noop", cmd="true"))
         for _ in range(P["warmup"]):
             hub.get_result_sync(dispatch_sync(task, hub), wait=True, timeout=P["timeout"])
-        rtts = []
+        rtts, to_start, running = [], [], []
         for _ in range(P["rtt"]):
+            w = time.time()
             t = time.perf_counter()
             res = hub.get_result_sync(dispatch_sync(task, hub), wait=True, timeout=P["timeout"])
             rtts.append(time.perf_counter() - t)
-            if not res[0].ok:
-                raise TrialError(f"a round-trip task failed: {res[0]!r}")
+            r = res[0]
+            if not r.ok:
+                raise TrialError(f"a round-trip task failed: {r!r}")
+            # Where the time goes (wall clocks of client, hub and daemon: one machine, one clock).
+            to_start.append(r.started - w)
+            running.append(r.finished - r.started)
         hub.close_sync()
-    return {**latency_stats(rtts), "how": "dispatch_sync + get_result_sync(wait=True)"}
+    rest = [a - b - c for a, b, c in zip(rtts, to_start, running)]
+    return {**latency_stats(rtts), "how": "dispatch_sync + get_result_sync(wait=True)", "tasks_run_as": run_as,
+            "dispatch_to_started_ms": statistics.median(to_start) * 1e3,
+            "started_to_finished_ms": statistics.median(running) * 1e3,
+            "finished_to_result_ms": statistics.median(rest) * 1e3}
 
 
 def hwf_coldstart(P: dict) -> dict:
@@ -412,13 +463,15 @@ def dask_throughput(P: dict) -> dict:
     n = P["tasks"]
     with dask_client(threads_per_worker=1) as client:
         client.gather(client.map(subprocess.call, [TRUE] * P["warmup"], pure=False))
+        cpu0 = tree_cpu()
         t0 = time.perf_counter()
         res = client.gather(client.map(subprocess.call, [TRUE] * n, pure=False))
         elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
     if sum(1 for r in res if r == 0) != n:
         raise TrialError("some tasks failed")
-    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "workers": 2,
-            "layout": "2 worker processes x 1 thread", "how": "client.map(subprocess.call, [['true']]*N)"}
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 worker processes x 1 thread", "how": "client.map(subprocess.call, [['true']]*N)"}
 
 
 def dask_latency(P: dict) -> dict:
@@ -493,13 +546,15 @@ def ipp_throughput(P: dict) -> dict:
     n = P["tasks"]
     with ipp_view() as view:
         view.map_sync(subprocess.call, [TRUE] * P["warmup"])
+        cpu0 = tree_cpu()
         t0 = time.perf_counter()
         res = view.map_async(subprocess.call, [TRUE] * n, chunksize=1).get(timeout=P["timeout"])
         elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
     if sum(1 for r in res if r == 0) != n:
         raise TrialError("some tasks failed")
-    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "workers": 2,
-            "layout": "2 engines", "how": "load_balanced_view().map_async(subprocess.call, ..., chunksize=1)"}
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 engines", "how": "load_balanced_view().map_async(subprocess.call, ..., chunksize=1)"}
 
 
 def ipp_latency(P: dict) -> dict:
@@ -555,13 +610,15 @@ def floor_throughput(P: dict) -> dict:
     n = P["tasks"]
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(run_trues, [1, 1]))  # both workers up
+        cpu0 = tree_cpu()
         t0 = time.perf_counter()
         failed = sum(ex.map(run_trues, [n // 2, n - n // 2]))
         elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
     if failed:
         raise TrialError(f"{failed} `true` runs failed")
-    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "workers": 2,
-            "layout": "2 processes", "how": "2 processes, each subprocess.run(['true']) N/2 times"}
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 processes", "how": "2 processes, each subprocess.run(['true']) N/2 times"}
 
 
 def floor_latency(P: dict) -> dict:
@@ -596,10 +653,12 @@ def floor_transfer(P: dict) -> dict:
 
 TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
     ("throughput", "hwf"): hwf_throughput,
+    ("throughput", "hwf-self"): lambda P: hwf_throughput(P, as_self=True),
     ("throughput", "dask"): dask_throughput,
     ("throughput", "ipyparallel"): ipp_throughput,
     ("throughput", "floor"): floor_throughput,
     ("latency", "hwf"): hwf_latency,
+    ("latency", "hwf-self"): lambda P: hwf_latency(P, as_self=True),
     ("latency", "dask"): dask_latency,
     ("latency", "ipyparallel"): ipp_latency,
     ("latency", "floor"): floor_latency,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_tiny_run_of_every_section(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(RUN), "--quick", "--runs", "1", "--tasks", "10", "--warmup", "2", "--rtt", "5",
          "--transfer-mib", "1", "--scale-daemons", "5", "--scale-tasks", "60", "--timeout", "120",
-         "--only", ",".join(["hwf", "floor", *missing]), "--out", str(out)],
+         "--only", ",".join(["hwf", "hwf-self", "floor", *missing]), "--out", str(out)],
         capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -62,6 +63,11 @@ def test_tiny_run_of_every_section(tmp_path):
         lat = median("latency", system)
         assert lat["n"] == 5 and 0 < lat["median_ms"] <= lat["p99_ms"]
     assert median("coldstart", "hwf")["seconds"] > 0
+    if os.geteuid() == 0:  # --run-as self differs from the default only for a root daemon
+        assert median("throughput", "hwf-self")["tasks_per_s"] > 0
+        assert median("latency", "hwf-self")["median_ms"] > 0
+    else:
+        assert res["throughput"]["hwf-self"]["status"] == "skipped"
 
     up = median("transfer", "hwf")
     assert up["bytes"] == size and up["up_dispatch_MBps"] > 0 and up["down_download_MBps"] > 0
