@@ -438,13 +438,17 @@ def render(report: dict) -> str:
             add(f"  {cfg['scale_daemons']} daemons connected + registered: {fmt(g('register_s'), 2)} s")
             add(f"  accept {cfg['scale_tasks']:,} tasks (dispatch_sync, {int(g('submits'))} submits): "
                 f"{fmt(g('accept_s'), 2)} s = {fmt(g('accept_tasks_per_s'))} tasks/s   runs: {spread(e, 'accept_s', 2)} s")
+            add(f"    CPU meanwhile: client {fmt(g('accept_client_cpu_s'), 2)} s (building, encoding), "
+                f"hub {fmt(g('accept_hub_cpu_s'), 2)} s (decoding, storing, scheduling the first chunks)")
             add(f"  scheduling decisions (assignments received by the daemons) per s: "
                 f"{fmt(g('assignments_per_s'))}   runs: {spread(e, 'assignments_per_s', 0)}")
             add(f"  submit start -> last task_done acked: {fmt(g('end_to_end_s'), 1)} s = "
                 f"{fmt(g('end_to_end_tasks_per_s'))} tasks/s")
             add(f"  hub peak RSS: {g('hub_peak_rss_bytes') / 2**20:.0f} MiB ({e['median']['hub_peak_rss_source']}; "
                 f"{g('hub_rss_registered_bytes') / 2**20:.0f} MiB with the daemons registered, before the submit)")
-            add(f"  CPU during the run: hub {fmt(g('hub_cpu_s'), 1)} s, simulator {fmt(g('sim_cpu_s'), 1)} s")
+            add(f"  CPU from submit to the last ack: hub {fmt(g('hub_cpu_s'), 1)} s "
+                f"({g('hub_cpu_s') / g('end_to_end_s') * 100:.0f}% of a core), simulator {fmt(g('sim_cpu_s'), 1)} s "
+                f"({g('sim_cpu_s') / g('end_to_end_s') * 100:.0f}%)")
         if e and status_note(e):
             add("  " + status_note(e))
     if "coldstart" in res:
