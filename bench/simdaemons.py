@@ -108,16 +108,17 @@ async def daemon(i: int, args: argparse.Namespace, token: str, stats: Stats, gat
         async for frame in ws:
             msg = _decode(frame)
             kind = msg.get("type")
-            if kind == "assign":
-                now = time.time()
-                stats.on_assign(now)
-                tid, attempt = msg["task_id"], msg["attempt"]
-                rid += 1
-                await ws.send(_encode({"type": "task_started", "task_id": tid, "attempt": attempt, "time": now})
-                              .decode())
-                await ws.send(_encode({"type": "task_done", "id": rid, "task_id": tid, "attempt": attempt,
-                                       "outcome": {"status": "finished", "exit_code": 0, "started": now,
-                                                   "finished": now}}).decode())
+            if kind in ("assign", "assignments"):  # protocol 2 batches a daemon's new tasks
+                for item in msg["items"] if kind == "assignments" else [msg]:
+                    now = time.time()
+                    stats.on_assign(now)
+                    tid, attempt = item["task_id"], item["attempt"]
+                    rid += 1
+                    await ws.send(_encode({"type": "task_started", "task_id": tid, "attempt": attempt,
+                                           "time": now}).decode())
+                    await ws.send(_encode({"type": "task_done", "id": rid, "task_id": tid, "attempt": attempt,
+                                           "outcome": {"status": "finished", "exit_code": 0, "started": now,
+                                                       "finished": now}}).decode())
             elif kind == "ok":
                 stats.on_ack(time.time())
             elif kind == "registered":
