@@ -30,6 +30,7 @@ from hub_server import protocol as p
 from hub_server.blobs import fileobj_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
 
+from . import spawner as spawners
 from . import tracking
 from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, TaskUser, task_env
 from .blobcache import copy_verified, open_cache
@@ -114,6 +115,9 @@ class Daemon:
         watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
         guardian = Guardian().start()
         tracking.set_guardian(guardian)
+        # Commands as other users (and the leftover killer) go through it.
+        spawner = spawners.Spawner().start() if self.accounts.isolated else None
+        spawners.set_spawner(spawner)
         delay = 0.2
         try:
             while not self._stop.is_set():
@@ -135,6 +139,9 @@ class Daemon:
             await self._shutdown()
             tracking.set_guardian(None)
             guardian.stop()
+            if spawner is not None:
+                spawners.set_spawner(None)
+                spawner.close()
             self.close()
 
     def close(self) -> None:

@@ -254,12 +254,12 @@ async def _run_command(
     track_ram: bool = True,
 ) -> tuple[CommandOutcome, Usage, float, bool]:
     """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
-    proc = TrackedProcess(cmd, workdir, env=env, user=user, track_ram=track_ram)
+    proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [
-        asyncio.create_task(_pump(proc.popen.stdout, out)),
-        asyncio.create_task(_pump(proc.popen.stderr, err)),
+        asyncio.create_task(_pump(proc.stdout, out)),
+        asyncio.create_task(_pump(proc.stderr, err)),
     ]
     try:
         cancelled = await _race(proc.wait(), cancel)

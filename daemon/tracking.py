@@ -1,19 +1,25 @@
-"""Run one shell command and measure its whole process tree.
+"""Run one command and measure its whole process tree.
 
 A task's command is often a script that starts other programs, so the
 numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
 
+* A command runs under ``bash -c``, or without bash when it is one program
+  with plain arguments (shellwords.py: same argv, environment, program and
+  errors as bash would give; if that exec fails, bash runs the command).
 * Each command runs in a new session, so its process group holds the whole
   tree and one ``killpg`` stops all of it.
-* A command may run as another account (``user``): Popen's ``user``/``group``
-  with no supplementary groups, so it keeps none of root's.  Python's child
-  chdir()s into the task dir before dropping privileges; the dir's
-  ancestors must still be traversable for absolute paths to work.  Python
-  cannot vfork when it must change uid, so this forks the whole daemon,
-  which is why daemons are started without the notebook library (cli.py).
-* If the daemon is killed outright, its ``Guardian`` (see guardian.py) kills
-  every command group still running, so commands never run on unsupervised.
-  No ``preexec_fn`` is used: it would force a full ``fork()`` of the daemon.
+* Commands as the daemon's own user are started with Popen (CPython's vfork
+  path: no copy of the daemon's memory) and reaped here.  Commands as
+  another account (``user``) are started by the spawner (spawnerd.py), a
+  small root process whose fork is cheap: the child chdir()s into the task
+  dir, drops every group, switches gid and uid and execs.  The spawner
+  reaps them and sends back their status and rusage.  The dir's ancestors
+  must still be traversable for absolute paths to work.
+* If the daemon is killed outright, nothing runs on unsupervised: its
+  ``Guardian`` (guardian.py) kills the groups of its own children, and the
+  spawner, seeing the daemon's end of their socket close, kills the groups
+  of its children.  No ``preexec_fn`` is used: it would force a full
+  ``fork()`` of the daemon.
 * The child is reaped with ``os.wait4``: its ``rusage`` gives exact CPU
   time and peak RSS, including every descendant the command waited for.
   The event loop watches a pidfd of the child (Linux 5.3+), which becomes
@@ -23,20 +29,22 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
   dedicated thread blocks in ``wait4`` instead (not a bounded pool: a long
   command must never delay the reaping of another).  What is left of the
   group is SIGKILLed while the leader is still a zombie, so its pid (the
-  group's id) cannot have been reused by then.
+  group's id) cannot have been reused by then (the spawner does the same).
 * Only when the stage tracks RAM, a sampler sums the RSS of the process
   and all its descendants every ``sample_interval`` seconds and keeps the
   maximum, because ``ru_maxrss`` is the peak of the single largest
   process, not of the tree.  Shared pages are counted once per process, so
   the tree sum can overestimate a little.  A sample walks every process of
   the machine (to find the descendants), so untracked stages skip it.
-* ``ru_maxrss`` has a Linux quirk: the direct child is a fork of the daemon,
-  and at ``exec`` the kernel records the forked copy's RSS as the child's
+* ``ru_maxrss`` has a Linux quirk: the direct child starts as a copy of its
+  parent's address space (a vfork shares the daemon's, a fork copies the
+  spawner's), and at ``exec`` the kernel records that RSS as the child's
   peak, so even ``true`` would "use" as much RAM as the daemon.  It is
-  therefore only trusted when it exceeds the daemon's RSS at spawn time;
-  below that, the sampled peak is the answer.  Each sample also reads every
-  process's own ``VmHWM`` (peak RSS since its exec, Linux), so a process
-  seen alive once reports its true peak even if it came between samples.
+  therefore only trusted when it exceeds the parent's RSS at spawn time
+  (the ``floor``); below that, the sampled peak is the answer.  Each sample
+  also reads every process's own ``VmHWM`` (peak RSS since its exec,
+  Linux), so a process seen alive once reports its true peak even if it
+  came between samples.
 
 POSIX only: Windows has no ``os.wait4`` nor process groups.
 """
@@ -46,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -54,16 +61,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import psutil
+
+from . import spawner as _spawner
+from .shellwords import SHELL, direct
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
 
 log = logging.getLogger(__name__)
 
-SHELL = "/bin/bash" if os.path.exists("/bin/bash") else (shutil.which("bash") or "/bin/sh")
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
@@ -71,6 +80,7 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 _guardian: Any = None
 FAST_SAMPLING_SECONDS = 1.0
 FAST_SAMPLE_INTERVAL = 0.01
+_devnull_fd: Optional[int] = None
 
 
 def set_guardian(guardian: Any) -> None:
@@ -79,48 +89,31 @@ def set_guardian(guardian: Any) -> None:
     _guardian = guardian
 
 
-# util-linux's setpriv switches uid/gid/groups and execs the command.
-# Going through it keeps CPython's cheap vfork spawn path (Popen's own
-# user=/group= forces a full fork of the daemon: 7.7 ms instead of 3.3 ms
-# per command from a 60 MB process here, on the event loop's thread).
-SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin")
+def shell_argv(cmd: str) -> list[str]:
+    """How bash runs ``cmd`` (also the fallback of a direct exec that failed)."""
+    return [SHELL, "-c", cmd]
 
 
-def as_user(user: "TaskUser") -> list[str]:
-    """The argv prefix that runs a command as ``user`` (needs SETPRIV)."""
-    assert SETPRIV is not None
-    return [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--"]
-
-
-def spawn(
-    cmd: str,
-    cwd: Union[str, Path],
-    env: Optional[Mapping[str, str]] = None,
-    user: Optional["TaskUser"] = None,
-) -> subprocess.Popen:
-    """Start ``cmd`` under bash in ``cwd``, leader of its own process group.
-
-    stdin is /dev/null (a task must never wait for input); stdout and stderr
-    are pipes the caller must read.  ``user``: run as that account.
-    """
-    ids: dict[str, Any] = {}
-    argv: Union[str, list[str]] = cmd
-    if user is not None and SETPRIV:
-        argv = [*as_user(user), SHELL, "-c", cmd]
-    elif user is not None:
-        ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
+def _popen(argv: list[str], exe: str, cwd: str, env: Mapping[str, str]) -> subprocess.Popen:
+    # stdin is /dev/null (a task must never wait for input); stdout and
+    # stderr are pipes the caller must read.
     return subprocess.Popen(
         argv,
-        shell=isinstance(argv, str),
-        executable=SHELL if isinstance(argv, str) else None,
-        cwd=str(cwd),
-        env=dict(env) if env is not None else None,
+        executable=exe,
+        cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        **ids,
     )
+
+
+def _devnull() -> int:
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull_fd
 
 
 @dataclass(frozen=True)
@@ -129,7 +122,7 @@ class Usage:
 
     exit_code: int  # negative: killed by that signal (subprocess convention)
     cpu_time: float  # user + system seconds, command and reaped descendants
-    peak_ram: int  # bytes: max(sampled tree RSS sum, ru_maxrss)
+    peak_ram: int  # bytes: max(sampled tree RSS sum, ru_maxrss); 0 if RAM is not tracked
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:
@@ -186,15 +179,39 @@ def _alive(proc: psutil.Process) -> bool:
 class TrackedProcess:
     """A running command whose tree is sampled and which is reaped by ``wait4``.
 
-    Construct it inside a running event loop.  The caller owns
-    ``popen.stdout`` / ``popen.stderr`` and must read (and close) them.
-    Await ``wait()`` for the result; ``terminate()`` stops the tree
-    politely, ``kill()`` at once.  ``track_ram=False``: no RSS sampling
-    (``Usage.peak_ram`` is then 0).
+    ``proc = await TrackedProcess.start(cmd, cwd, ...)`` inside a running
+    event loop.  The caller owns ``proc.stdout`` / ``proc.stderr`` (binary
+    pipes) and must read (and close) them.  Await ``wait()`` for the
+    result; ``terminate()`` stops the tree politely, ``kill()`` at once.
+    ``track_ram=False``: no RSS sampling (``Usage.peak_ram`` is then 0).
+    ``direct`` tells whether the command runs without bash.
     """
 
-    def __init__(
-        self,
+    stdout: IO[bytes]
+    stderr: IO[bytes]
+
+    def __init__(self, cmd: str, *, sample_interval: float = 0.05, track_ram: bool = True) -> None:
+        self.cmd = cmd
+        self._interval = sample_interval
+        self._track_ram = track_ram
+        self.popen: Optional[subprocess.Popen] = None  # only for commands run as this user
+        self.pid = 0
+        self.pgid = 0
+        self.direct = False
+        self.started = time.perf_counter()
+        self.ended: Optional[float] = None  # perf_counter when reaped
+        self._rss_floor = 0
+        self._peak_tree = 0
+        self._usage: Optional[Usage] = None
+        self._group_killed = False  # what was left of the group was SIGKILLed at exit
+        self._proc: Optional[psutil.Process] = None
+        self._parent = os.getpid()  # the process that reaps it (the spawner for another user)
+        self._reaped: asyncio.Future  # -> (exit code, cpu seconds, ru_maxrss bytes)
+        self._sampler: Optional[asyncio.Task] = None
+
+    @classmethod
+    async def start(
+        cls,
         cmd: str,
         cwd: Union[str, Path],
         *,
@@ -202,36 +219,99 @@ class TrackedProcess:
         user: Optional["TaskUser"] = None,
         sample_interval: float = 0.05,
         track_ram: bool = True,
-    ) -> None:
+    ) -> "TrackedProcess":
+        """Start ``cmd`` in ``cwd`` with ``env`` (None: this process's) as
+        ``user`` (None: as this process)."""
+        self = cls(cmd, sample_interval=sample_interval, track_ram=track_ram)
         loop = asyncio.get_running_loop()
-        self.cmd = cmd
-        self._rss_floor = _own_rss() if track_ram else 0  # see the ru_maxrss quirk above
-        self.started = time.perf_counter()
-        self.popen = spawn(cmd, cwd, env, user)
-        self.pid = self.popen.pid
-        self.pgid = self.pid  # start_new_session: the leader's pid names the group
-        if _guardian is not None:
-            _guardian.watch(self.pgid)
-        self.ended: Optional[float] = None  # perf_counter when reaped
-        self._interval = sample_interval
-        self._peak_tree = 0
-        self._usage: Optional[Usage] = None
-        self._group_killed = False  # SIGKILLed what was left of the group at exit
-        self._proc: Optional[psutil.Process] = None
-        self._reaped, threaded = self._start_reaper(loop)
+        cwd = os.fspath(cwd)
+        env = dict(env) if env is not None else dict(os.environ)
+        plan = direct(cmd, env, cwd, user)
+        if user is None:
+            threaded = self._start_here(loop, cmd, cwd, env, plan)
+        else:
+            await self._start_as(loop, cmd, cwd, env, plan, user)
+            threaded = False
         # A psutil handle pins the process's identity (pid + start time).
-        # With a pidfd it can be made lazily: the pid stays ours until the
-        # loop itself reaps it.  A reaper thread could reap it any time.
+        # Made lazily when nothing samples: the pid stays ours until it is
+        # reaped (a reaper thread could reap it any time: then made now).
         if track_ram or threaded:
             self._handle()
-        self._sampler: Optional[asyncio.Task] = (
-            loop.create_task(self._sample_loop()) if track_ram else None
-        )
+        if track_ram:
+            self._sampler = loop.create_task(self._sample_loop())
+        return self
+
+    def _start_here(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
+                    plan: Any) -> bool:
+        """Popen (vfork) the command as this process; True if a thread reaps it."""
+        if self._track_ram:
+            self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
+        popen = None
+        if plan is not None:
+            try:
+                popen = _popen(plan.argv, plan.exe, cwd, plan.env)
+                self.direct = True
+            except OSError:  # the exec failed: bash runs it, and says why
+                pass
+        if popen is None:
+            popen = _popen(shell_argv(cmd), SHELL, cwd, env)
+        self.popen = popen
+        assert popen.stdout is not None and popen.stderr is not None
+        self.stdout, self.stderr = popen.stdout, popen.stderr
+        self.pid = self.pgid = popen.pid  # start_new_session: the leader's pid names the group
+        if _guardian is not None:
+            _guardian.watch(self.pgid)
+        self._reaped, threaded = self._start_reaper(loop)
+        return threaded
+
+    async def _start_as(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
+                        plan: Any, user: "TaskUser") -> None:
+        """Have the spawner start the command as ``user``."""
+        sp = _spawner.current()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            fds = [_devnull(), out_w, err_w]
+            if plan is not None:
+                spawned = await sp.spawn(plan.exe, plan.argv, plan.env, cwd, user, fds,
+                                         fallback=(SHELL, shell_argv(cmd), env))
+                self.direct = not spawned.fell_back
+            else:
+                spawned = await sp.spawn(SHELL, shell_argv(cmd), env, cwd, user, fds)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.stdout = open(out_r, "rb", buffering=0)
+        self.stderr = open(err_r, "rb", buffering=0)
+        self.pid = self.pgid = spawned.pid
+        self._parent = sp.pid or 0
+        self._rss_floor = spawned.floor
+        self._group_killed = True  # the spawner does it before it reaps
+        self._reaped = loop.create_future()
+
+        def reaped(fut: asyncio.Future) -> None:
+            if fut.cancelled():
+                self._reaped.cancel()
+            elif fut.exception() is not None:
+                self._reaped.set_exception(fut.exception())  # type: ignore[arg-type]
+            else:
+                status, utime, stime, maxrss = fut.result()
+                self.ended = time.perf_counter()
+                self._reaped.set_result((os.waitstatus_to_exitcode(status), utime + stime, maxrss))
+
+        spawned.exited.add_done_callback(reaped)
 
     def _handle(self) -> Optional[psutil.Process]:
         if self._proc is None and not self._reaped.done():
             try:
-                self._proc = psutil.Process(self.pid)
+                proc = psutil.Process(self.pid)
+                # Still the process we started: its parent has not reaped it.
+                if self._parent == os.getpid() or proc.ppid() == self._parent:
+                    self._proc = proc
             except psutil.Error:
                 pass
         return self._proc
@@ -239,7 +319,7 @@ class TrackedProcess:
     # -------------------------------------------------------------- reaping
 
     def _start_reaper(self, loop: asyncio.AbstractEventLoop) -> tuple[asyncio.Future, bool]:
-        """A future of (exit code, rusage); True if a thread reaps (no pidfd)."""
+        """A future of (exit code, cpu, maxrss); True if a thread reaps (no pidfd)."""
         future: asyncio.Future = loop.create_future()
         try:
             fd = os.pidfd_open(self.pid)
@@ -273,11 +353,13 @@ class TrackedProcess:
         self._reaped_with(status, rusage, future)
 
     def _reaped_with(self, status: int, rusage: Any, future: asyncio.Future) -> None:
+        assert self.popen is not None
         # Tell Popen the child is gone so it never waits for it again.
         self.popen.returncode = os.waitstatus_to_exitcode(status)
         self.ended = time.perf_counter()
         if not future.done():
-            future.set_result((self.popen.returncode, rusage))
+            future.set_result((self.popen.returncode, rusage.ru_utime + rusage.ru_stime,
+                               rusage.ru_maxrss * _MAXRSS_UNIT))
 
     def _start_reaper_thread(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         def reap() -> None:
@@ -316,21 +398,17 @@ class TrackedProcess:
         """
         if self._usage is None:
             try:
-                exit_code, rusage = await asyncio.shield(self._reaped)
+                exit_code, cpu_time, maxrss = await asyncio.shield(self._reaped)
             except ChildProcessError:
                 raise RuntimeError(
                     f"the exit status of pid {self.pid} was collected by someone else"
                 ) from None
             if not self._group_killed:  # reaped by the fallback thread
                 self._signal_group(signal.SIGKILL)
-            if _guardian is not None:
+            if _guardian is not None and self.popen is not None:
                 _guardian.forget(self.pgid)
             await self._stop_sampler()
-            self._usage = Usage(
-                exit_code=exit_code,
-                cpu_time=rusage.ru_utime + rusage.ru_stime,
-                peak_ram=self._peak_ram(rusage.ru_maxrss * _MAXRSS_UNIT),
-            )
+            self._usage = Usage(exit_code=exit_code, cpu_time=cpu_time, peak_ram=self._peak_ram(maxrss))
         return self._usage
 
     def _peak_ram(self, maxrss: int) -> int:

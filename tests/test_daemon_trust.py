@@ -456,12 +456,16 @@ def test_artifacts_the_task_does_not_own_are_refused(tmp_path):
 
 # ------------------------------------------------------- leftover processes
 
+# A process that leaves the command's group (its own session) and stays; the
+# command ends only once it has left, so the group kill at exit cannot win.
+ESCAPE = ("rm -f escaped.pid; setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' > /dev/null 2>&1 < /dev/null & "
+          "while [ ! -s escaped.pid ]; do sleep 0.01; done; echo \"pid=$(cat escaped.pid) uid=$(id -u)\"")
+
 
 @pytest.mark.e2e
 @needs_root
 def test_processes_a_task_leaves_behind_are_killed(farm, client):
-    cmd = "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo \"pid=$! uid=$(id -u)\""
-    r = _run(client, Task(Stage("s", cmd=cmd), hardware={"daemon": "daemon-1"}))
+    r = _run(client, Task(Stage("s", cmd=ESCAPE), hardware={"daemon": "daemon-1"}))
     assert r.ok, r.error
     pid, uid = map(int, re.search(r"pid=(\d+) uid=(\d+)", r.output).groups())
     assert uid in _slot_uids(_daemon_log(farm))
@@ -496,7 +500,7 @@ def test_the_next_task_on_a_slot_never_meets_what_the_last_one_left(tmp_path):
     with LocalCluster(daemons=1, slots=1, state_dir=tmp_path / "c") as c:
         h = c.hub()
         try:
-            leave = "setsid sleep 1000 > /dev/null 2>&1 < /dev/null & echo \"pid=$! uid=$(id -u)\""
+            leave = ESCAPE
             for _ in range(3):
                 first, second = h.get_result_sync(
                     dispatch_sync([Task(Stage("leave", cmd=leave)), Task(Stage("look", cmd=STRANGERS))], h),
@@ -594,24 +598,45 @@ def test_output_pump_bounds_what_waits_and_sends_one_at_a_time():
 
 @needs_root
 @pytest.mark.e2e
-@pytest.mark.parametrize("via_setpriv", [True, False])
-def test_both_ways_of_switching_user_give_the_same_account(monkeypatch, tmp_path, via_setpriv):
-    """setpriv (cheap vfork path) where it exists, else Popen(user=): same uid,
-    gid, no supplementary groups; the leftover killer works either way."""
-    from hwf_daemon import tracking
+def test_commands_as_another_user_get_exactly_that_account(tmp_path):
+    """Through the spawner (a fork of a small root process, never of the
+    daemon), with bash or without: the slot's uid and gid and no
+    supplementary group of root's; the leftover killer, forked by the
+    spawner, and the blocking one of the daemon's start-up both work."""
+    from hwf_daemon import spawner
+    from hwf_daemon.leftovers import kill_leftovers, kill_processes_of, processes_of
+    from hwf_daemon.tracking import TrackedProcess
 
-    if via_setpriv and not tracking.SETPRIV:
-        pytest.skip("util-linux setpriv is not installed on this machine")
-    if not via_setpriv:
-        monkeypatch.setattr(tracking, "SETPRIV", None)
     uid = DEFAULT_SLOT_UID_BASE + 4000
     user = TaskUser(uid=uid, gid=uid, name="hwf-test", per_slot=True)
     os.chmod(tmp_path, 0o777)
-    proc = tracking.spawn("id -u; id -g; id -G; setsid sleep 1000 >/dev/null 2>&1 </dev/null &", tmp_path,
-                          user=user)
-    out, _ = proc.communicate(timeout=10)
-    assert out.decode().split() == [str(uid), str(uid), str(uid)]
-    from hwf_daemon.leftovers import kill_processes_of, processes_of
-    assert processes_of(uid)  # the setsid'd sleep escaped the command's group
-    assert kill_processes_of(user) == []
+
+    async def run(cmd):
+        proc = await TrackedProcess.start(cmd, tmp_path, user=user, track_ram=False)
+        out = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.read)
+        proc.stdout.close()
+        proc.stderr.close()
+        return proc, out.decode(), await proc.wait()
+
+    async def main():
+        with_bash, out, usage = await run(f"id -u; id -g; id -G; {ESCAPE}")
+        assert not with_bash.direct and usage.exit_code == 0
+        assert out.split()[:3] == [str(uid), str(uid), str(uid)]
+        plain, out, usage = await run("id")
+        assert plain.direct and usage.exit_code == 0
+        assert out.split() == [f"uid={uid}", f"gid={uid}", f"groups={uid}"]
+        assert psutil.Process(os.getpid()).pid != spawner.current().pid
+        assert processes_of(uid)  # the setsid'd sleep escaped the command's group
+        assert await kill_leftovers(user) == []
+        assert processes_of(uid) == []
+
+    asyncio.run(main())
+
+    async def leave_one():
+        _, out, _ = await run(ESCAPE)
+        return int(re.search(r"pid=(\d+)", out).group(1))
+
+    pid = asyncio.run(leave_one())
+    assert pid in processes_of(uid)
+    assert kill_processes_of(user) == []  # the blocking killer of the daemon's start-up
     assert processes_of(uid) == []

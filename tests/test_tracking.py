@@ -25,10 +25,10 @@ BURN = f"{PY} -c " + shlex.quote(
 
 
 async def _run(cmd: str, cwd: Path, **kw):
-    proc = TrackedProcess(cmd, cwd, **kw)
-    out = await asyncio.get_running_loop().run_in_executor(None, proc.popen.stdout.read)
-    proc.popen.stdout.close()
-    proc.popen.stderr.close()
+    proc = await TrackedProcess.start(cmd, cwd, **kw)
+    out = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.read)
+    proc.stdout.close()
+    proc.stderr.close()
     usage = await proc.wait()
     return proc, usage, out
 
@@ -38,7 +38,7 @@ def test_commands_are_reaped_on_a_pidfd_without_a_thread(tmp_path: Path) -> None
         pytest.skip("no os.pidfd_open on this platform")
 
     async def main():
-        proc = TrackedProcess("sleep 0.3; exit 7", tmp_path, track_ram=False)
+        proc = await TrackedProcess.start("sleep 0.3; exit 7", tmp_path, track_ram=False)
         names = [t.name for t in threading.enumerate()]
         usage = await proc.wait()
         return names, usage
@@ -55,7 +55,7 @@ def test_without_pidfd_a_thread_reaps_with_the_same_results(tmp_path: Path, monk
     monkeypatch.setattr(os, "pidfd_open", no_pidfd, raising=False)
 
     async def main():
-        proc = TrackedProcess(f"{BURN}; kill -TERM $$", tmp_path, track_ram=False)
+        proc = await TrackedProcess.start(f"{BURN}; kill -TERM $$", tmp_path, track_ram=False)
         names = [t.name for t in threading.enumerate()]
         return names, await proc.wait()
 

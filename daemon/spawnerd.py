@@ -1,0 +1,304 @@
+"""The spawner: a small root process that starts a daemon's commands as other users.
+
+Why a process of its own: CPython's subprocess can only vfork (no copy of
+the daemon's memory) when the child keeps the parent's uid; switching uid
+forces a full ``fork()`` of the daemon, which costs in proportion to its
+size (3.3 ms per command from a 30 MB daemon here, on the event loop).
+Going through util-linux ``setpriv`` keeps vfork but adds an exec of
+setpriv with its libraries and locale (1.7 ms of CPU per command).  This
+process imports only the standard library (``python -I -S``: ~10 MB), so
+its ``fork()`` is cheap; the child switches uid and execs the command, and
+the exec of a command that cannot run is reported back, so the daemon's
+bash-free plan (shellwords.py) can fall back to bash with no second
+message.  A command's leftovers are killed the same way: a forked child
+becomes the slot's uid and calls ``kill(-1, SIGKILL)``, with no exec at all.
+
+Every command is this process's child, so it also reaps them: it sends
+back the exit status and the ``wait4`` rusage (exact CPU time, and
+``ru_maxrss``, which starts from this process's own RSS at fork: the
+daemon compares it with the ``floor`` sent at start).  Before reaping a
+command it SIGKILLs what is left of its process group (the leader is a
+zombie then, so the group's id cannot have been reused).  When the daemon
+goes away (its end of the socket closes, even after ``kill -9``), every
+command group still running is SIGKILLed and the spawner exits: for the
+commands it starts, it is the daemon's guardian.
+
+Protocol, over a ``SOCK_STREAM`` unix socket pair: frames of a 4-byte
+big-endian length and a ``marshal``-ed tuple; file descriptors travel
+with the first bytes of their frame (``SCM_RIGHTS``).
+
+    daemon -> spawner
+      ("spawn", rid, exe, argv, env, cwd, uid, gid, fallback)  + fds stdin, stdout, stderr
+          exec ``exe`` with ``argv``; if that exec fails, ``fallback``
+          (exe, argv, env) when given.  uid/gid None: keep root's.
+      ("kill", rid, uid, gid)       SIGKILL every process of that uid
+    spawner -> daemon
+      ("started", rid, pid, fell_back, floor)
+      ("error", rid, errno, text)   nothing could be started
+      ("exit", pid, status, utime, stime, maxrss_kib)
+      ("killed", rid, ok)           ok False: could not become the uid
+
+``python -I -S spawnerd.py FD``: serve on socket FD.
+``python -I -S spawnerd.py --kill-as UID GID``: just become UID/GID and
+SIGKILL every process of that uid (the blocking form, at daemon start-up).
+"""
+
+import errno
+import marshal
+import os
+import resource
+import selectors
+import signal
+import socket
+import struct
+import sys
+
+_HEADER = struct.Struct(">I")
+_MAX_FRAME = 64 << 20
+_MAX_FDS = 3
+# What the interpreter (and this process) ignore, which exec would pass on.
+_RESTORE = [s for s in ("SIGPIPE", "SIGXFSZ", "SIGXFZ", "SIGINT") if hasattr(signal, s)]
+try:
+    _MAXFD = max(os.sysconf("SC_OPEN_MAX"), 256)
+except (OSError, ValueError):
+    _MAXFD = 1 << 16
+
+
+def _become(uid, gid):
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _kill_all_as(uid, gid):
+    """Become uid/gid and SIGKILL every process of that uid (not this one)."""
+    _become(uid, gid)
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:  # no other process at all
+        pass
+
+
+class Spawner:
+    def __init__(self, sock):
+        self.sock = sock
+        sock.setblocking(False)
+        self.inbuf = bytearray()
+        self.infds = []
+        self.out = bytearray()
+        self.writing = False
+        self.commands = set()  # pids of running commands (unreaped)
+        self.killers = {}  # pid -> rid
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.sel.register(self.wake_r, selectors.EVENT_READ)
+
+    # ------------------------------------------------------------- plumbing
+
+    def send(self, *msg):
+        data = marshal.dumps(msg)
+        self.out += _HEADER.pack(len(data)) + data
+        self.flush()
+
+    def flush(self):
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                break
+            except OSError:  # the daemon is gone: run() notices at the next read
+                self.out.clear()
+                break
+            del self.out[:n]
+        if bool(self.out) != self.writing:
+            self.writing = bool(self.out)
+            self.sel.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self.writing else 0))
+
+    def receive(self):
+        """Read what is there; False once the daemon has closed its end."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS * 4,
+                                                           socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            self.infds.extend(fds)
+            if not data:
+                return False
+            self.inbuf += data
+            while len(self.inbuf) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(self.inbuf)
+                if size > _MAX_FRAME:
+                    return False
+                if len(self.inbuf) < _HEADER.size + size:
+                    break
+                msg = marshal.loads(bytes(self.inbuf[_HEADER.size:_HEADER.size + size]))
+                del self.inbuf[:_HEADER.size + size]
+                self.handle(msg)
+
+    def run(self):
+        while True:
+            for key, events in self.sel.select():
+                if key.fileobj is self.sock:
+                    if events & selectors.EVENT_WRITE:
+                        self.flush()
+                    if events & selectors.EVENT_READ and not self.receive():
+                        self.shutdown()
+                        return
+                else:
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+
+    def shutdown(self):
+        """The daemon is gone: nothing it started may run on unsupervised."""
+        for pid in self.commands:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in list(self.commands) + list(self.killers):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+    # ------------------------------------------------------------- requests
+
+    def handle(self, msg):
+        kind, rid = msg[0], msg[1]
+        if kind == "spawn":
+            fds, self.infds = self.infds[:_MAX_FDS], self.infds[_MAX_FDS:]
+            try:
+                self.spawn(rid, *msg[2:], fds=fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        elif kind == "kill":
+            uid, gid = msg[2], msg[3]
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 0
+                try:
+                    _kill_all_as(uid, gid)
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            self.killers[pid] = rid
+
+    def spawn(self, rid, exe, argv, env, cwd, uid, gid, fallback, fds):
+        if len(fds) != _MAX_FDS:
+            self.send("error", rid, errno.EBADF, "the spawn request came without its 3 file descriptors")
+            return
+        pid, err = self.start(exe, argv, env, cwd, uid, gid, fds)
+        fell_back = False
+        if pid is None and fallback is not None:
+            fell_back = True
+            pid, err = self.start(*fallback, cwd, uid, gid, fds)
+        if pid is None:
+            code, text = err
+            self.send("error", rid, code, text)
+            return
+        self.commands.add(pid)
+        floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.send("started", rid, pid, fell_back, floor)
+
+    def start(self, exe, argv, env, cwd, uid, gid, fds):
+        """fork + exec; (pid, None), or (None, (errno, text)) if the exec failed."""
+        err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec worked
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(err_r)
+            os.close(err_w)
+            return None, (exc.errno or 0, f"fork: {exc.strerror}")
+        if pid == 0:  # pragma: no cover - the child
+            step = "setup"
+            try:
+                os.setsid()
+                for name in _RESTORE:
+                    signal.signal(getattr(signal, name), signal.SIG_DFL)
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                os.closerange(3, err_w)
+                os.closerange(err_w + 1, _MAXFD)
+                step = "chdir"
+                os.chdir(cwd)  # as root, like subprocess: the dir's ancestors need not be the user's
+                if uid is not None:
+                    step = "switch user"
+                    _become(uid, gid)
+                step = "exec"
+                os.execve(exe, argv, env)
+            except OSError as exc:
+                text = exc.strerror or str(exc)
+                if step != "exec":
+                    text = f"{step}: {text}"
+                os.write(err_w, marshal.dumps((exc.errno or 0, f"{text}: {exe if step == 'exec' else cwd}")))
+            except BaseException as exc:
+                os.write(err_w, marshal.dumps((0, f"{step}: {exc!r}")))
+            os._exit(255)
+        os.close(err_w)
+        chunks = []
+        while True:
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(err_r)
+        if not chunks:
+            return pid, None
+        os.waitpid(pid, 0)  # it has exited at once; reap it here, not in reap()
+        try:
+            return None, marshal.loads(b"".join(chunks))
+        except (EOFError, ValueError, TypeError):
+            return None, (0, "the child failed before its exec")
+
+    # ------------------------------------------------------------- children
+
+    def reap(self):
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            if pid in self.commands:
+                # A zombie still holds its pid, hence the group's id: the
+                # rest of the group is killed before the id can be reused.
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            _, status, ru = os.wait4(pid, 0)
+            if pid in self.commands:
+                self.commands.discard(pid)
+                self.send("exit", pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
+            elif pid in self.killers:
+                rid = self.killers.pop(pid)
+                self.send("killed", rid, os.waitstatus_to_exitcode(status) == 0)
+
+
+def main(argv):
+    if argv[:1] == ["--kill-as"]:
+        _kill_all_as(int(argv[1]), int(argv[2]))
+        return 0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the daemon's to handle
+    sock = socket.socket(fileno=int(argv[0]))
+    Spawner(sock).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
