@@ -214,7 +214,27 @@ class CpuMeter:
 # ---------------------------------------------------------------------- trials
 
 
-def run_trial(section: str, system: str, rnd: int, params: dict, work: Path, keep: bool) -> dict:
+def other_load_now(seconds: float = 0.5) -> float:
+    """Cores busy with processes that are not this run's, over ``seconds``."""
+    b0, o0, t0 = CpuMeter.busy(), CpuMeter.ours(), time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return max(0.0, (CpuMeter.busy() - b0 - (CpuMeter.ours() - o0)) / wall)
+
+
+def wait_for_quiet(limit: Optional[float], max_wait: float) -> tuple[float, Optional[float]]:
+    """Wait (up to ``max_wait`` s) until other processes use at most ``limit``
+    cores; returns (seconds waited, the load seen last)."""
+    if limit is None:
+        return 0.0, None
+    t0 = time.monotonic()
+    while True:
+        load = other_load_now()
+        if load <= limit or time.monotonic() - t0 >= max_wait:
+            return time.monotonic() - t0, load
+
+
+def run_trial(section: str, system: str, rnd: str, params: dict, work: Path, keep: bool) -> dict:
     tdir = work / f"{section}-{system}-r{rnd}"
     tdir.mkdir(parents=True)
     pfile, ofile, logf = tdir / "params.json", tdir / "result.json", tdir / "trial.log"
@@ -298,8 +318,9 @@ def fmt(x: Any, nd: int = 1) -> str:
 
 
 def spread(entry: dict, key: str, nd: int = 1) -> str:
-    vals = [r["metrics"][key] for r in entry.get("runs", []) if r["ok"] and r["metrics"].get(key) is not None]
-    return " / ".join(fmt(float(v), nd) for v in vals)
+    """Every run's value; '*' marks one taken while other processes used more than the limit."""
+    return " / ".join(fmt(float(r["metrics"][key]), nd) + ("*" if r.get("over_load_limit") else "")
+                      for r in entry.get("runs", []) if r["ok"] and r["metrics"].get(key) is not None)
 
 
 def med(results: dict, section: str, system: str, key: str) -> Optional[float]:
@@ -333,7 +354,10 @@ def render(report: dict) -> str:
         f"{m['ram_bytes'] / 2**30:.1f} GiB RAM, {m['os']}, {m['python']}")
     add("versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in ("hwf", "dask", "distributed",
                                                                             "ipyparallel", "websockets")))
-    add(f"method: median of {cfg['runs']} run(s) per number (runs listed as a / b / c), systems interleaved, "
+    limit = cfg.get("max_other_load")
+    add(f"method: median of {cfg['runs']} run(s) per number (runs listed as a / b / c"
+        + (f"; * = taken while other processes used more than {limit} cores" if limit is not None else "")
+        + "), systems interleaved, "
         f"each trial in a fresh process; HWF tasks run as {m['hwf_tasks_run_as']}"
         + ("; rows 'HWF, --run-as self': as the daemon's own user" if m.get("user") == "root" else ""))
     loads = [r["other_load_cores"] for sec in res.values() for e in sec.values() for r in e.get("runs", [])]
@@ -341,6 +365,13 @@ def render(report: dict) -> str:
         add(f"other load (CPU used by processes not of this run, in cores, per trial): median "
             f"{statistics.median(loads):.2f}, max {max(loads):.2f}; load average {m['loadavg_start'][0]:.2f} at start, "
             f"{report['loadavg_end'][0]:.2f} at end")
+        runs = [r for sec in res.values() for e in sec.values() for r in e.get("runs", [])]
+        again = sum(len(r.get("discarded_for_load", [])) for r in runs)
+        over = sum(1 for r in runs if r.get("over_load_limit"))
+        waited = sum(r.get("waited_for_quiet_s") or 0 for r in runs)
+        if limit is not None:
+            add(f"load limit {limit} cores: waited {waited:.0f}s in all for a quieter machine, {again} trial(s) "
+                f"run again, {over} kept over the limit (*)")
 
     def row(cols: list[str], widths: list[int]) -> str:
         return "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
@@ -482,9 +513,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     for k, v in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"default {v} (--quick: {QUICK[k]})")
     ap.add_argument("--out", default=str(HERE / "results" / "latest.json"))
+    ap.add_argument("--max-other-load", type=float, default=0.3, metavar="CORES",
+                    help="before each trial wait (up to --max-wait s) until other processes use at most this "
+                         "many cores, and run a trial again (up to --retries times) when they used more "
+                         "meanwhile; -1: never wait (default 0.3)")
+    ap.add_argument("--max-wait", type=float, default=120.0)
+    ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep every trial's dir and log (failed ones are kept anyway)")
     args = ap.parse_args(argv)
 
+    if args.max_other_load is not None and args.max_other_load < 0:
+        args.max_other_load = None
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in only:
@@ -498,6 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     cfg["quick"] = args.quick
+    cfg["max_other_load"] = args.max_other_load
     params = {k: cfg[k] for k in ("tasks", "warmup", "rtt", "scale_daemons", "scale_tasks", "timeout")}
     params["transfer_bytes"] = cfg["transfer_mib"] * 2**20
 
@@ -541,14 +581,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             for rnd in range(cfg["runs"]):
                 k = rnd % len(runnable) if runnable else 0
                 for s in runnable[k:] + runnable[:k]:
-                    print(f"[{time.time() - started:6.0f}s] {section} {s} run {rnd + 1}/{cfg['runs']} ...",
-                          end=" ", flush=True)
-                    r = run_trial(section, s, rnd, params, work, args.keep)
+                    discarded: list[dict] = []
+                    for attempt in range(1 + args.retries):
+                        waited, before = wait_for_quiet(args.max_other_load, args.max_wait)
+                        print(f"[{time.time() - started:6.0f}s] {section} {s} run {rnd + 1}/{cfg['runs']}"
+                              f"{f' (again: {attempt})' if attempt else ''}"
+                              f"{f' after waiting {waited:.0f}s for a quieter machine' if waited >= 2 else ''} ...",
+                              end=" ", flush=True)
+                        r = run_trial(section, s, f"{rnd}.{attempt}", params, work, args.keep)
+                        r["other_load_before_cores"] = before
+                        r["waited_for_quiet_s"] = waited
+                        loud = args.max_other_load is not None and r["other_load_cores"] > args.max_other_load
+                        r["over_load_limit"] = loud
+                        print(f"{'ok' if r['ok'] else 'FAILED: ' + r['error'][:200]} ({r['wall_s']:.0f}s, "
+                              f"other load {r['other_load_cores']:.2f} cores"
+                              f"{', over the limit' if loud else ''})", flush=True)
+                        if not (loud and r["ok"]) or attempt == args.retries:
+                            break
+                        discarded.append({k: r[k] for k in ("metrics", "other_load_cores", "wall_s") if k in r})
+                    if discarded:
+                        r["discarded_for_load"] = discarded
                     res[s]["runs"].append(r)
                     failures |= not r["ok"]
                     hwf_failed |= s == "hwf" and not r["ok"]
-                    print(f"{'ok' if r['ok'] else 'FAILED: ' + r['error'][:200]} ({r['wall_s']:.0f}s, "
-                          f"other load {r['other_load_cores']:.2f} cores)", flush=True)
             for s in runnable:
                 res[s] = summarize(res[s]["runs"])
     finally:
