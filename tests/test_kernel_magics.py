@@ -187,7 +187,7 @@ def test_config_traitlets_and_reattach_after_kernel_restart(cluster, tmp_path):
     try:
         k.run("%load_ext hwf_jupyter")
         k.run(f"%config HWFMagics.hub_url = {cluster.address!r}\n%config HWFMagics.token = {cluster.token!r}")
-        k.run("%%hwf_stage s\nsleep 2\necho late\n")
+        k.run("%%hwf_stage s\nsleep 8\necho late\n")  # still running after the restart
         session = k.run("sub = %hwf_dispatch --repeat 2\nprint(sub.session_id)").stdout.strip()
         k.km.restart_kernel(now=True)
         k.kc.wait_for_ready(timeout=60)
