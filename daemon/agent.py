@@ -36,7 +36,7 @@ from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, Ta
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
-from .leftovers import kill_leftovers
+from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
 from .runner import Cancel, cancel_error, run_task
@@ -98,6 +98,7 @@ class Daemon:
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
         self._cleaning: set[asyncio.Task] = set()  # slots being cleaned after their task
+        self._unclean: set[int] = set()  # slots whose last cleaning failed: kill without asking next time
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
@@ -268,13 +269,21 @@ class Daemon:
             self._free_slots.put_nowait(slot)
         return None
 
-    async def _clean_slot(self, user: Optional[TaskUser]) -> None:
-        """Kill what a task left running as its slot's uid (never a shared account)."""
+    async def _clean_slot(self, slot: int, user: Optional[TaskUser], since: Optional[int]) -> None:
+        """Kill what a task left running as its slot's uid (never a shared account).
+
+        ``since``: the last pid handed out before the task began."""
         if user is not None and user.per_slot:
             try:
-                await kill_leftovers(user)
+                survivors = await kill_leftovers(user, since)
             except Exception:  # the slot stays usable; say loudly that it may not be clean
                 log.exception("could not kill the processes left by uid %d", user.uid)
+                survivors = [-1]
+            # Only a clean slot lets the next cleaning look at new pids alone.
+            if survivors:
+                self._unclean.add(slot)
+            else:
+                self._unclean.discard(slot)
 
     async def _run(self, msg: p.Assign, cancel: Cancel) -> None:
         key = (msg.task_id, msg.attempt)
@@ -288,6 +297,8 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        # Every process this task makes is born after this pid (leftovers.py).
+        since = last_pid() if user is not None and user.per_slot and slot not in self._unclean else None
         timer = None
         pump: Optional[OutputPump] = None
         taskdir: Optional[Path] = None
@@ -298,7 +309,7 @@ class Daemon:
             # uid, so one pass (before artifacts are read) is enough.
             nonlocal cleaned
             if not cleaned:
-                await self._clean_slot(user)
+                await self._clean_slot(slot, user, since)
                 cleaned = True
 
         try:
@@ -355,19 +366,20 @@ class Daemon:
                 # The outcome is known: it goes out now, while the slot is
                 # cleaned.  The slot (its uid) takes no task before that is
                 # done, so nothing this task left runs beside the next one.
-                self._release(slot, user, taskdir, cleaned)
+                self._release(slot, user, since, taskdir, cleaned)
         await self._finish(key, outcome)
 
-    def _release(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path], cleaned: bool) -> None:
-        task = asyncio.ensure_future(self._clean_and_free(slot, user, taskdir, cleaned))
+    def _release(self, slot: int, user: Optional[TaskUser], since: Optional[int], taskdir: Optional[Path],
+                 cleaned: bool) -> None:
+        task = asyncio.ensure_future(self._clean_and_free(slot, user, since, taskdir, cleaned))
         self._cleaning.add(task)
         task.add_done_callback(self._cleaning.discard)
 
-    async def _clean_and_free(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path],
-                              cleaned: bool) -> None:
+    async def _clean_and_free(self, slot: int, user: Optional[TaskUser], since: Optional[int],
+                              taskdir: Optional[Path], cleaned: bool) -> None:
         try:
             if not cleaned:
-                await self._clean_slot(user)
+                await self._clean_slot(slot, user, since)
             if taskdir is not None and not self.config.keep_workdirs:
                 if not self.taskdirs.try_remove(taskdir):
                     await asyncio.to_thread(self.taskdirs.remove, taskdir)
