@@ -91,6 +91,7 @@ class Daemon:
         else:
             log.warning(SAME_USER_WARNING, os.geteuid())
         self._free_slots: asyncio.Queue[int] = asyncio.Queue()
+        self._slot_waiters = 0
         for k in range(config.slots):
             self._free_slots.put_nowait(k)
         self.hardware = detect_hardware()
@@ -98,7 +99,11 @@ class Daemon:
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
         self._cleaning: set[asyncio.Task] = set()  # slots being cleaned after their task
+        self._trash_job: Optional[asyncio.Future] = None
         self._unclean: set[int] = set()  # slots whose last cleaning failed: kill without asking next time
+        # What tasks inherit (task_env drops HWF_*), read once: iterating
+        # os.environ decodes every variable (30 us a task).
+        self._environ = dict(os.environ)
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
@@ -232,6 +237,8 @@ class Daemon:
             await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
         if self._cleaning:  # leftovers are killed and task dirs removed before we go
             await asyncio.wait(list(self._cleaning), timeout=10)
+        if self._trash_job is not None:
+            await asyncio.wait([self._trash_job], timeout=10)
 
     # -- assignments --------------------------------------------------------
 
@@ -254,11 +261,17 @@ class Daemon:
 
     async def _take_slot(self, cancel: Cancel) -> Optional[int]:
         """A free slot index, or None if the task is cancelled while waiting."""
+        if cancel.is_set():
+            return None
+        if not self._slot_waiters and not self._free_slots.empty():
+            return self._free_slots.get_nowait()  # no task waits before this one
+        self._slot_waiters += 1
         get = asyncio.ensure_future(self._free_slots.get())
         stop = asyncio.ensure_future(cancel.wait())
         try:
             await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._slot_waiters -= 1
             stop.cancel()
             if not get.done():
                 get.cancel()
@@ -317,7 +330,7 @@ class Daemon:
             taskdir = self.taskdirs.try_create(name, user)
             if taskdir is None:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
-            env = task_env(os.environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
+            env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
             await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
             if msg.spec.timeout:
@@ -375,13 +388,20 @@ class Daemon:
         self._cleaning.add(task)
         task.add_done_callback(self._cleaning.discard)
 
+    def _empty_trash_soon(self) -> None:
+        """One background job at a time removes the dirs of ended tasks."""
+        if self._trash_job is None or self._trash_job.done():
+            self._trash_job = asyncio.ensure_future(asyncio.to_thread(self.taskdirs.empty_trash))
+
     async def _clean_and_free(self, slot: int, user: Optional[TaskUser], since: Optional[int],
                               taskdir: Optional[Path], cleaned: bool) -> None:
         try:
             if not cleaned:
                 await self._clean_slot(slot, user, since)
             if taskdir is not None and not self.config.keep_workdirs:
-                if not self.taskdirs.try_remove(taskdir):
+                if self.taskdirs.discard(taskdir):
+                    self._empty_trash_soon()
+                elif not self.taskdirs.try_remove(taskdir):
                     await asyncio.to_thread(self.taskdirs.remove, taskdir)
         except Exception:
             log.exception("cleaning slot %d failed", slot)
