@@ -91,10 +91,18 @@ def _bash_is_quiet_with(lc_all: str) -> bool:
     return quiet
 
 
+_keys_seen: dict[frozenset, bool] = {}  # a daemon's tasks share one set of names
+
+
 def _bash_would_differ(env: Mapping[str, str]) -> bool:
-    for k in env:
-        if k in _BASH_VARIABLES or k.startswith("BASH"):
-            return True
+    keys = frozenset(env)
+    differ = _keys_seen.get(keys)
+    if differ is None:
+        differ = not _BASH_VARIABLES.isdisjoint(keys) or any(k.startswith("BASH") for k in keys)
+        if len(_keys_seen) < 64:
+            _keys_seen[keys] = differ
+    if differ:
+        return True
     lc_all = env.get("LC_ALL")
     return lc_all is not None and not _bash_is_quiet_with(lc_all)
 

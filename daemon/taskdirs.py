@@ -169,15 +169,18 @@ class TaskDirs:
         instead of the unlinks and rmdirs, which can wait on the disk
         (ext4 with ``discard`` here: 0.2 ms for an empty dir).  False if it
         cannot be moved (then remove it)."""
+        self._trashed += 1
+        target = self.trash / f"{path.name}.{self._trashed}"
         try:
-            try:
-                os.mkdir(self.trash, 0o700)
-            except FileExistsError:
-                st = os.lstat(self.trash)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                    return False
-            self._trashed += 1
-            os.rename(path, self.trash / f"{path.name}.{self._trashed}")
+            os.rename(path, target)
+            return True
+        except FileNotFoundError:
+            pass  # no trash yet (or no such task dir)
+        except OSError:
+            return False
+        try:
+            os.mkdir(self.trash, 0o700)
+            os.rename(path, target)
         except OSError:
             return False
         return True
