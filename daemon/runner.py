@@ -73,11 +73,29 @@ class Cancel:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.reason: Optional[str] = None
+        self._futures: set[asyncio.Future] = set()
 
     def set(self, reason: str = "cancelled") -> None:
         if self.reason is None:
             self.reason = reason
         self._event.set()
+        for fut in self._futures:
+            if not fut.done():
+                fut.set_result(None)
+        self._futures.clear()
+
+    def future(self) -> asyncio.Future:
+        """A future done once this is set (``discard`` it when done with it):
+        waiting on it costs no task, unlike ``wait()``."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._event.is_set():
+            fut.set_result(None)
+        else:
+            self._futures.add(fut)
+        return fut
+
+    def discard(self, fut: asyncio.Future) -> None:
+        self._futures.discard(fut)
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -259,6 +277,25 @@ async def _race(aw: Awaitable, cancel: Optional[CancelLike]) -> bool:
     return True
 
 
+async def _exited_or_cancelled(proc: TrackedProcess, cancel: Optional[CancelLike]) -> bool:
+    """Wait until the command exits, or until ``cancel`` is set; True if
+    cancel came first.  Futures only (no task) for a ``Cancel``."""
+    exited = proc.exited
+    if exited.done():
+        return False
+    if cancel is None:
+        await asyncio.wait({exited})
+        return False
+    if not isinstance(cancel, Cancel):
+        return await _race(asyncio.wait({exited}), cancel)
+    stop = cancel.future()
+    try:
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancel.discard(stop)
+    return not exited.done()
+
+
 async def _run_command(
     cmd: str,
     workdir: Path,
@@ -277,7 +314,7 @@ async def _run_command(
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [_pump(proc.stdout, out), _pump(proc.stderr, err)]
     try:
-        cancelled = await _race(proc.wait(), cancel)
+        cancelled = await _exited_or_cancelled(proc, cancel)
         if cancelled:
             await proc.terminate(kill_grace)
         usage = await proc.wait()
