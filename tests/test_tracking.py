@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -148,3 +149,30 @@ def test_the_daemon_never_forks_itself_to_start_a_command(tmp_path: Path) -> Non
     if os.geteuid() == 0:  # the spawner did fork: that is where the uid switches happen
         assert any(line.split()[0] != daemon and re.search(r"\bclone3?\(.*SIGCHLD", line)
                    and "CLONE_VM" not in line for line in lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the spawner runs commands as other users, as root")
+def test_a_spawner_that_dies_takes_its_commands_and_is_replaced(tmp_path: Path) -> None:
+    from hwf_daemon import spawner
+    from hwf_daemon.accounts import TaskUser
+
+    os.chmod(tmp_path, 0o777)
+    user = TaskUser(DEFAULT_SLOT_UID_BASE + 4500, DEFAULT_SLOT_UID_BASE + 4500, "x", per_slot=True)
+
+    async def main():
+        proc = await TrackedProcess.start("sleep 30", tmp_path, user=user, track_ram=False)
+        first = spawner.current()
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(spawner.SpawnerDied):
+            await asyncio.wait_for(proc.wait(), 10)
+        proc.stdout.close()
+        proc.stderr.close()
+        deadline = time.monotonic() + 5
+        while not _gone(proc.pid):  # its group was killed
+            assert time.monotonic() < deadline, "the command outlived its spawner"
+            await asyncio.sleep(0.01)
+        _, usage, out = await _run("echo again", tmp_path, user=user, track_ram=False)
+        assert usage.exit_code == 0 and out == b"again\n"
+        assert spawner.current() is first and first.pid is not None
+
+    asyncio.run(main())
