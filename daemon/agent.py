@@ -121,11 +121,12 @@ class Daemon:
         watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
         guardian = Guardian().start()
         tracking.set_guardian(guardian)
-        # Commands as other users (and the leftover killer) go through it.
-        spawner = spawners.Spawner().start() if self.accounts.isolated else None
-        spawners.set_spawner(spawner)
+        spawner: Optional[spawners.Spawner] = None
         delay = 0.2
         try:
+            # Commands as other users (and the leftover killer) go through it.
+            spawner = spawners.Spawner().start() if self.accounts.isolated else None
+            spawners.set_spawner(spawner)
             while not self._stop.is_set():
                 try:
                     await self._session()
