@@ -94,6 +94,8 @@ def last_pid() -> Optional[int]:
     global _last_pid_fd
     try:
         if _last_pid_fd is None:
+            if os.readlink("/proc/self") != str(os.getpid()):
+                return None  # this /proc is another pid namespace's: its pids are not ours
             _last_pid_fd = os.open(_LAST_PID, os.O_RDONLY | os.O_CLOEXEC)
         return int(os.pread(_last_pid_fd, 32, 0))
     except (OSError, ValueError):
