@@ -36,7 +36,7 @@ from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, Ta
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
-from .leftovers import kill_leftovers
+from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
 from .runner import Cancel, cancel_error, run_task
@@ -91,6 +91,7 @@ class Daemon:
         else:
             log.warning(SAME_USER_WARNING, os.geteuid())
         self._free_slots: asyncio.Queue[int] = asyncio.Queue()
+        self._slot_waiters = 0
         for k in range(config.slots):
             self._free_slots.put_nowait(k)
         self.hardware = detect_hardware()
@@ -98,6 +99,11 @@ class Daemon:
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
         self._cleaning: set[asyncio.Task] = set()  # slots being cleaned after their task
+        self._trash_job: Optional[asyncio.Future] = None
+        self._unclean: set[int] = set()  # slots whose last cleaning failed: kill without asking next time
+        # What tasks inherit (task_env drops HWF_*), read once: iterating
+        # os.environ decodes every variable (30 us a task).
+        self._environ = dict(os.environ)
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
@@ -115,11 +121,12 @@ class Daemon:
         watchers = [asyncio.ensure_future(self._watch_parent())] if self.config.parent_pid else []
         guardian = Guardian().start()
         tracking.set_guardian(guardian)
-        # Commands as other users (and the leftover killer) go through it.
-        spawner = spawners.Spawner().start() if self.accounts.isolated else None
-        spawners.set_spawner(spawner)
+        spawner: Optional[spawners.Spawner] = None
         delay = 0.2
         try:
+            # Commands as other users (and the leftover killer) go through it.
+            spawner = spawners.Spawner().start() if self.accounts.isolated else None
+            spawners.set_spawner(spawner)
             while not self._stop.is_set():
                 try:
                     await self._session()
@@ -231,6 +238,8 @@ class Daemon:
             await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
         if self._cleaning:  # leftovers are killed and task dirs removed before we go
             await asyncio.wait(list(self._cleaning), timeout=10)
+        if self._trash_job is not None:
+            await asyncio.wait([self._trash_job], timeout=10)
 
     # -- assignments --------------------------------------------------------
 
@@ -256,11 +265,17 @@ class Daemon:
 
     async def _take_slot(self, cancel: Cancel) -> Optional[int]:
         """A free slot index, or None if the task is cancelled while waiting."""
+        if cancel.is_set():
+            return None
+        if not self._slot_waiters and not self._free_slots.empty():
+            return self._free_slots.get_nowait()  # no task waits before this one
+        self._slot_waiters += 1
         get = asyncio.ensure_future(self._free_slots.get())
         stop = asyncio.ensure_future(cancel.wait())
         try:
             await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._slot_waiters -= 1
             stop.cancel()
             if not get.done():
                 get.cancel()
@@ -271,13 +286,21 @@ class Daemon:
             self._free_slots.put_nowait(slot)
         return None
 
-    async def _clean_slot(self, user: Optional[TaskUser]) -> None:
-        """Kill what a task left running as its slot's uid (never a shared account)."""
+    async def _clean_slot(self, slot: int, user: Optional[TaskUser], since: Optional[int]) -> None:
+        """Kill what a task left running as its slot's uid (never a shared account).
+
+        ``since``: the last pid handed out before the task began."""
         if user is not None and user.per_slot:
             try:
-                await kill_leftovers(user)
+                survivors = await kill_leftovers(user, since)
             except Exception:  # the slot stays usable; say loudly that it may not be clean
                 log.exception("could not kill the processes left by uid %d", user.uid)
+                survivors = [-1]
+            # Only a clean slot lets the next cleaning look at new pids alone.
+            if survivors:
+                self._unclean.add(slot)
+            else:
+                self._unclean.discard(slot)
 
     async def _run(self, msg: p.Assign, cancel: Cancel) -> None:
         key = (msg.task_id, msg.attempt)
@@ -291,6 +314,8 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        # Every process this task makes is born after this pid (leftovers.py).
+        since = last_pid() if user is not None and user.per_slot and slot not in self._unclean else None
         timer = None
         pump: Optional[OutputPump] = None
         taskdir: Optional[Path] = None
@@ -301,7 +326,7 @@ class Daemon:
             # uid, so one pass (before artifacts are read) is enough.
             nonlocal cleaned
             if not cleaned:
-                await self._clean_slot(user)
+                await self._clean_slot(slot, user, since)
                 cleaned = True
 
         try:
@@ -309,7 +334,7 @@ class Daemon:
             taskdir = self.taskdirs.try_create(name, user)
             if taskdir is None:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
-            env = task_env(os.environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
+            env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
             await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
             if msg.spec.timeout:
@@ -358,21 +383,29 @@ class Daemon:
                 # The outcome is known: it goes out now, while the slot is
                 # cleaned.  The slot (its uid) takes no task before that is
                 # done, so nothing this task left runs beside the next one.
-                self._release(slot, user, taskdir, cleaned)
+                self._release(slot, user, since, taskdir, cleaned)
         await self._finish(key, outcome)
 
-    def _release(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path], cleaned: bool) -> None:
-        task = asyncio.ensure_future(self._clean_and_free(slot, user, taskdir, cleaned))
+    def _release(self, slot: int, user: Optional[TaskUser], since: Optional[int], taskdir: Optional[Path],
+                 cleaned: bool) -> None:
+        task = asyncio.ensure_future(self._clean_and_free(slot, user, since, taskdir, cleaned))
         self._cleaning.add(task)
         task.add_done_callback(self._cleaning.discard)
 
-    async def _clean_and_free(self, slot: int, user: Optional[TaskUser], taskdir: Optional[Path],
-                              cleaned: bool) -> None:
+    def _empty_trash_soon(self) -> None:
+        """One background job at a time removes the dirs of ended tasks."""
+        if self._trash_job is None or self._trash_job.done():
+            self._trash_job = asyncio.ensure_future(asyncio.to_thread(self.taskdirs.empty_trash))
+
+    async def _clean_and_free(self, slot: int, user: Optional[TaskUser], since: Optional[int],
+                              taskdir: Optional[Path], cleaned: bool) -> None:
         try:
             if not cleaned:
-                await self._clean_slot(user)
+                await self._clean_slot(slot, user, since)
             if taskdir is not None and not self.config.keep_workdirs:
-                if not self.taskdirs.try_remove(taskdir):
+                if self.taskdirs.discard(taskdir):
+                    self._empty_trash_soon()
+                elif not self.taskdirs.try_remove(taskdir):
                     await asyncio.to_thread(self.taskdirs.remove, taskdir)
         except Exception:
             log.exception("cleaning slot %d failed", slot)

@@ -25,6 +25,7 @@ import asyncio
 import codecs
 import inspect
 import logging
+import os
 import signal
 import time
 from pathlib import Path, PurePosixPath
@@ -72,11 +73,29 @@ class Cancel:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.reason: Optional[str] = None
+        self._futures: set[asyncio.Future] = set()
 
     def set(self, reason: str = "cancelled") -> None:
         if self.reason is None:
             self.reason = reason
         self._event.set()
+        for fut in self._futures:
+            if not fut.done():
+                fut.set_result(None)
+        self._futures.clear()
+
+    def future(self) -> asyncio.Future:
+        """A future done once this is set (``discard`` it when done with it):
+        waiting on it costs no task, unlike ``wait()``."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._event.is_set():
+            fut.set_result(None)
+        else:
+            self._futures.add(fut)
+        return fut
+
+    def discard(self, fut: asyncio.Future) -> None:
+        self._futures.discard(fut)
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -148,7 +167,7 @@ class _Capture:
         self.on_output = on_output
         self.data = bytearray()
         self.truncated = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace") if on_output is not None else None
 
     def feed(self, chunk: bytes) -> None:
         room = self.limit - len(self.data)
@@ -157,11 +176,12 @@ class _Capture:
             self.truncated = True
         else:
             self.data += chunk
-        if self.on_output is not None:
+        if self._decoder is not None:
             self._forward(self._decoder.decode(chunk))
 
     def close(self) -> None:
-        self._forward(self._decoder.decode(b"", final=True))
+        if self._decoder is not None:
+            self._forward(self._decoder.decode(b"", final=True))
 
     def _forward(self, text: str) -> None:
         if text and self.on_output is not None:
@@ -174,29 +194,45 @@ class _Capture:
         return bytes(self.data).decode("utf-8", errors="replace")
 
 
-async def _pump(pipe: IO[bytes], capture: _Capture) -> None:
-    """Read a pipe to its end without blocking the event loop."""
+def _pump(pipe: IO[bytes], capture: _Capture) -> asyncio.Future:
+    """Read a pipe to its end on the event loop (a reader callback on its
+    fd: no transport, stream or task per pipe); done at EOF.  Cancelling
+    the future stops reading and closes the pipe."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=4 * _READ_CHUNK)
+    fd = pipe.fileno()
+    done: asyncio.Future = loop.create_future()
+
+    def ready() -> None:
+        for _ in range(4):  # a few chunks at a time: a flood must not starve the loop
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:  # read error: as good as the end
+                chunk = b""
+            if not chunk:
+                done.set_result(None)
+                return
+            capture.feed(chunk)
+
+    def finished(_: asyncio.Future) -> None:
+        loop.remove_reader(fd)
+        pipe.close()
+        capture.close()
+
     try:
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, ready)
     except BaseException:
         pipe.close()
         raise
-    try:
-        while True:
-            chunk = await reader.read(_READ_CHUNK)
-            if not chunk:
-                break
-            capture.feed(chunk)
-    finally:
-        transport.close()  # also closes the pipe
-        capture.close()
+    done.add_done_callback(finished)
+    return done
 
 
-async def _drain(readers: list[asyncio.Task]) -> None:
+async def _drain(readers: list[asyncio.Future]) -> None:
+    if all(r.done() and not r.cancelled() and r.exception() is None for r in readers):
+        return  # the common case: both pipes were read to their end
     _, pending = await asyncio.wait(readers, timeout=_PIPE_DRAIN_TIMEOUT)
     for task in pending:
         task.cancel()
@@ -241,6 +277,25 @@ async def _race(aw: Awaitable, cancel: Optional[CancelLike]) -> bool:
     return True
 
 
+async def _exited_or_cancelled(proc: TrackedProcess, cancel: Optional[CancelLike]) -> bool:
+    """Wait until the command exits, or until ``cancel`` is set; True if
+    cancel came first.  Futures only (no task) for a ``Cancel``."""
+    exited = proc.exited
+    if exited.done():
+        return False
+    if cancel is None:
+        await asyncio.wait({exited})
+        return False
+    if not isinstance(cancel, Cancel):
+        return await _race(asyncio.wait({exited}), cancel)
+    stop = cancel.future()
+    try:
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cancel.discard(stop)
+    return not exited.done()
+
+
 async def _run_command(
     cmd: str,
     workdir: Path,
@@ -257,12 +312,9 @@ async def _run_command(
     proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
-    readers = [
-        asyncio.create_task(_pump(proc.stdout, out)),
-        asyncio.create_task(_pump(proc.stderr, err)),
-    ]
+    readers = [_pump(proc.stdout, out), _pump(proc.stderr, err)]
     try:
-        cancelled = await _race(proc.wait(), cancel)
+        cancelled = await _exited_or_cancelled(proc, cancel)
         if cancelled:
             await proc.terminate(kill_grace)
         usage = await proc.wait()

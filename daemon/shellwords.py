@@ -35,6 +35,7 @@ relative entries.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -91,10 +92,18 @@ def _bash_is_quiet_with(lc_all: str) -> bool:
     return quiet
 
 
+_keys_seen: dict[frozenset, bool] = {}  # a daemon's tasks share one set of names
+
+
 def _bash_would_differ(env: Mapping[str, str]) -> bool:
-    for k in env:
-        if k in _BASH_VARIABLES or k.startswith("BASH"):
-            return True
+    keys = frozenset(env)
+    differ = _keys_seen.get(keys)
+    if differ is None:
+        differ = not _BASH_VARIABLES.isdisjoint(keys) or any(k.startswith("BASH") for k in keys)
+        if len(_keys_seen) < 64:
+            _keys_seen[keys] = differ
+    if differ:
+        return True
     lc_all = env.get("LC_ALL")
     return lc_all is not None and not _bash_is_quiet_with(lc_all)
 
@@ -229,7 +238,7 @@ def direct(cmd: str, env: Mapping[str, str], cwd: Union[str, os.PathLike],
     # bash keeps an inherited PWD naming the cwd; a task's never does.
     pwd = env.get("PWD")
     if not (pwd and pwd.startswith("/") and _same_dir(pwd, cwd)):
-        out["PWD"] = os.path.realpath(cwd)
+        out["PWD"] = _physical(cwd)
     shlvl = _shlvl(env.get("SHLVL"))
     if shlvl is None:
         return None
@@ -244,6 +253,23 @@ def direct(cmd: str, env: Mapping[str, str], cwd: Union[str, os.PathLike],
     # A relative path is exec'd as written, from the cwd, as bash does: the
     # user needs no right to the cwd's ancestors for that.
     return Direct(exe=exe, argv=words, env=out)
+
+
+@functools.lru_cache(maxsize=16)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _physical(cwd: str) -> str:
+    """``getcwd()`` once in ``cwd``: its real path.  The parent's is kept
+    (a daemon's task dirs share one), so a task dir costs one lstat."""
+    parent, name = os.path.split(cwd)
+    try:
+        if name in ("", ".", "..") or not parent.startswith("/") or stat.S_ISLNK(os.lstat(cwd).st_mode):
+            return os.path.realpath(cwd)
+    except OSError:
+        return os.path.realpath(cwd)
+    return os.path.join(_real_dir(parent), name)
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -389,6 +389,11 @@ class TrackedProcess:
         """True once the command (the group leader) has been reaped."""
         return self._reaped.done()
 
+    @property
+    def exited(self) -> asyncio.Future:
+        """Done once the command has been reaped (await ``wait()`` for the result)."""
+        return self._reaped
+
     async def wait(self) -> Usage:
         """Wait for the command to end; kill what it left behind; measure.
 

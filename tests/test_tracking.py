@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +18,7 @@ import psutil
 import pytest
 
 from hwf_daemon import tracking
+from hwf_daemon.accounts import DEFAULT_SLOT_UID_BASE
 from hwf_daemon.tracking import TrackedProcess
 
 pytestmark = pytest.mark.e2e  # every test here starts processes
@@ -101,3 +106,73 @@ def test_what_is_left_of_the_group_is_killed_when_the_leader_exits(tmp_path: Pat
     while not _gone(pid):
         assert time.monotonic() < deadline, "the background sleep survived its command"
         time.sleep(0.01)
+
+
+STRACED = r"""
+import asyncio, os, sys, tempfile
+from hwf_daemon.accounts import TaskUser
+from hwf_daemon.leftovers import kill_leftovers
+from hwf_daemon.tracking import TrackedProcess
+
+async def run(cmd, user=None):
+    proc = await TrackedProcess.start(cmd, sys.argv[1], user=user, track_ram=True)
+    proc.stdout.read(); proc.stderr.read()
+    return (await proc.wait()).exit_code
+
+async def main():
+    assert await run("true") == 0 and await run("echo x | cat") == 0
+    if os.geteuid() == 0:
+        user = TaskUser(int(sys.argv[2]), int(sys.argv[2]), "x", per_slot=True)
+        assert await run("true", user) == 0 and await run("echo x | cat", user) == 0
+        await kill_leftovers(user)  # the killer, forked by the spawner
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_the_daemon_never_forks_itself_to_start_a_command(tmp_path: Path) -> None:
+    """vfork (no copy of the daemon's memory) for its own user; as another
+    user, the spawner forks (a small process), never the daemon."""
+    os.chmod(tmp_path, 0o777)
+    trace = tmp_path / "trace"
+    uid = str(DEFAULT_SLOT_UID_BASE + 4400)
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=clone,clone3,fork,vfork", "-o", str(trace),
+                    sys.executable, "-c", STRACED, str(tmp_path), uid], check=True, timeout=120)
+    lines = trace.read_text().splitlines()
+    daemon = lines[0].split()[0]
+    made = [line for line in lines if line.split()[0] == daemon and "CLONE_THREAD" not in line
+            and re.search(r"\b(clone3?|fork|vfork)\(", line)]
+    assert made, lines
+    for line in made:
+        assert "vfork(" in line or ("CLONE_VM" in line and "CLONE_VFORK" in line), line
+    if os.geteuid() == 0:  # the spawner did fork: that is where the uid switches happen
+        assert any(line.split()[0] != daemon and re.search(r"\bclone3?\(.*SIGCHLD", line)
+                   and "CLONE_VM" not in line for line in lines)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the spawner runs commands as other users, as root")
+def test_a_spawner_that_dies_takes_its_commands_and_is_replaced(tmp_path: Path) -> None:
+    from hwf_daemon import spawner
+    from hwf_daemon.accounts import TaskUser
+
+    os.chmod(tmp_path, 0o777)
+    user = TaskUser(DEFAULT_SLOT_UID_BASE + 4500, DEFAULT_SLOT_UID_BASE + 4500, "x", per_slot=True)
+
+    async def main():
+        proc = await TrackedProcess.start("sleep 30", tmp_path, user=user, track_ram=False)
+        first = spawner.current()
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises(spawner.SpawnerDied):
+            await asyncio.wait_for(proc.wait(), 10)
+        proc.stdout.close()
+        proc.stderr.close()
+        deadline = time.monotonic() + 5
+        while not _gone(proc.pid):  # its group was killed
+            assert time.monotonic() < deadline, "the command outlived its spawner"
+            await asyncio.sleep(0.01)
+        _, usage, out = await _run("echo again", tmp_path, user=user, track_ram=False)
+        assert usage.exit_code == 0 and out == b"again\n"
+        assert spawner.current() is first and first.pid is not None
+
+    asyncio.run(main())
