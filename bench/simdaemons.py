@@ -54,6 +54,7 @@ class Stats:
         self.acked = 0
         self.last_ack: Optional[float] = None
         self.heartbeats = 0
+        self.per_second: list[int] = []  # assignments in each second after the first
         self.errors: list[str] = []
         self.lost: list[str] = []
         self.done = asyncio.Event()
@@ -63,6 +64,10 @@ class Stats:
         if self.first_assign is None:
             self.first_assign = now
         self.last_assign = now
+        second = int(now - self.first_assign)
+        while len(self.per_second) <= second:
+            self.per_second.append(0)
+        self.per_second[second] += 1
 
     def on_ack(self, now: float) -> None:
         self.acked += 1
@@ -75,7 +80,7 @@ class Stats:
         return {
             "registered": self.registered, "assigns": self.assigns, "acked": self.acked,
             "first_assign": self.first_assign, "last_assign": self.last_assign, "last_ack": self.last_ack,
-            "heartbeats": self.heartbeats, "errors": self.errors[:20], "n_errors": len(self.errors),
+            "heartbeats": self.heartbeats, "assigns_per_second": self.per_second, "errors": self.errors[:20], "n_errors": len(self.errors),
             "lost": self.lost[:20], "n_lost": len(self.lost),
             "cpu_s": cpu.user + cpu.system,
         }

@@ -447,7 +447,16 @@ def hwf_scale(P: dict) -> dict:
         "hub_vmhwm_bytes": hwm,
         "hub_peak_rss_sampled_bytes": peak["rss"],
         "heartbeats": stats["heartbeats"],
+        # Does the rate hold as the queue drains? Assignments per second in the first and
+        # last 5 whole seconds (the last, partial second left out).
+        "assigns_per_s_first_5s": _mean(stats["assigns_per_second"][:5]),
+        "assigns_per_s_last_5s": _mean(stats["assigns_per_second"][-6:-1]),
+        "assigns_per_second": stats["assigns_per_second"],
     }
+
+
+def _mean(xs: list) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
 
 
 # ------------------------------------------------------------------------ Dask
