@@ -44,6 +44,10 @@ from .taskdirs import TMP_NAME, TaskDirs
 
 log = logging.getLogger("hwf.daemon")
 
+# Results finishing in the same loop iteration share one tasks_done message:
+# an idle daemon sends at once, a busy one batches what piled up meanwhile.
+RESULT_COALESCE = 0.0
+
 
 @dataclass
 class DaemonConfig:
@@ -105,6 +109,8 @@ class Daemon:
         # os.environ decodes every variable (30 us a task).
         self._environ = dict(os.environ)
         self.outbox: dict[tuple[str, int], p.TaskDone] = {}
+        self._sending: set[tuple[str, int]] = set()  # results in a batch awaiting the hub's ack
+        self._results_ready = asyncio.Event()
         self._fetching: dict[str, asyncio.Future] = {}
         self._stop = asyncio.Event()
         self.draining = False
@@ -181,13 +187,16 @@ class Daemon:
             log.info("registered with %s as %s", link.url, reply.machine_id)
             if self.draining:
                 await link.send(p.Draining())
-            for key in list(self.outbox):
-                asyncio.ensure_future(self._deliver(key))
+            self._sending.clear()
+            if self.outbox:
+                self._results_ready.set()
             beat = asyncio.ensure_future(self._heartbeats(link))
+            flush = asyncio.ensure_future(self._flush_results(link))
             stop = asyncio.ensure_future(self._stop.wait())
             assert link.closed is not None
             await asyncio.wait([link.closed, stop], return_when=asyncio.FIRST_COMPLETED)
             beat.cancel()
+            flush.cancel()
             stop.cancel()
         finally:
             self.connected.clear()
@@ -416,24 +425,50 @@ class Daemon:
         self.running.pop(key, None)
         done = p.TaskDone(id=0, task_id=key[0], attempt=key[1], outcome=outcome)
         self.outbox[key] = fit_message(done, self.limits.max_message_bytes)
-        await self._deliver(key)
+        self._results_ready.set()
 
     @property
     def limits(self) -> p.Limits:
         return self.link.limits if self.link is not None else p.Limits()
 
-    async def _deliver(self, key: tuple[str, int]) -> None:
-        """Send a result; it stays in the outbox until the hub acks it."""
-        msg = self.outbox.get(key)
-        link = self.link
-        if msg is None or link is None:
-            return
-        msg.id = link.next_id()
+    async def _flush_results(self, link: Link) -> None:
+        """Send finished results in batches; each stays in the outbox until acked.
+
+        Results that finish in the same loop iteration (many, when the loop is
+        busy) share one ``tasks_done``: one hub transaction, one ack.
+        A batch is not awaited before the next is sent: no head-of-line wait.
+        """
+        batched = link.welcome is not None and link.welcome.version >= 2
+        while link.is_open:
+            await self._results_ready.wait()
+            await asyncio.sleep(RESULT_COALESCE)
+            self._results_ready.clear()
+            ready = [key for key in self.outbox if key not in self._sending]
+            if not batched:
+                for key in ready:
+                    self._send_results(link, [key])
+                continue
+            for keys in batch_by_size(ready, self.outbox, self.limits.max_message_bytes):
+                self._send_results(link, keys)
+
+    def _send_results(self, link: Link, keys: list[tuple[str, int]]) -> None:
+        self._sending.update(keys)
+        if len(keys) == 1:
+            msg: Any = self.outbox[keys[0]]
+            msg.id = link.next_id()
+        else:
+            msg = p.TasksDone(id=link.next_id(), done=[self.outbox[k] for k in keys])
+        asyncio.ensure_future(self._await_ack(link, msg, keys))
+
+    async def _await_ack(self, link: Link, msg: Any, keys: list[tuple[str, int]]) -> None:
         try:
             await link.request(msg)
         except HubError:
-            return  # resent after the next reconnect
-        self.outbox.pop(key, None)
+            return  # still in the outbox: resent after the next reconnect
+        finally:
+            self._sending.difference_update(keys)
+        for key in keys:
+            self.outbox.pop(key, None)
 
     async def _send_quietly(self, msg: Any) -> None:
         link = self.link
@@ -503,6 +538,24 @@ class Daemon:
             return sha, os.fstat(f.fileno()).st_size
 
         return await self._with_link(upload)
+
+
+def batch_by_size(keys: list[tuple[str, int]], outbox: dict[tuple[str, int], p.TaskDone],
+                  limit: int, max_count: int = 1000) -> list[list[tuple[str, int]]]:
+    """Split results into batches whose encoded size stays under 90% of ``limit``."""
+    batches: list[list[tuple[str, int]]] = []
+    current: list[tuple[str, int]] = []
+    size = 0
+    for key in keys:
+        n = len(p.encode(outbox[key])) + 1
+        if current and (size + n > limit * 0.9 or len(current) >= max_count):
+            batches.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
 
 
 def fit_message(done: p.TaskDone, limit: int) -> p.TaskDone:
