@@ -451,6 +451,12 @@ def render(report: dict) -> str:
                      fmt(raw_up), ""], w))
             add(row(["floor: raw websocket down (1 MiB frames)", fmt(med(res, "transfer", "floor", "down_s"), 2),
                      fmt(raw_down), ""], w))
+            disk = med(res, "transfer", "floor", "disk_s")
+            if disk is not None:
+                add(row(["floor: the same bytes written to a new file", fmt(disk, 2),
+                         fmt(med(res, "transfer", "floor", "disk_MBps")), ""], w))
+                add(f"    (and one sha256 of them: {fmt(med(res, 'transfer', 'floor', 'sha256_s'), 2)} s; HWF writes "
+                    "each file once on the hub and once at the receiver, and hashes it at both ends)")
         elif f:
             add("  floor: " + status_note(f))
     if "scale" in res:
