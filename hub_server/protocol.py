@@ -130,7 +130,10 @@ class StageSpec(msgspec.Struct, frozen=True):
 
 CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
 CounterName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
-Counters = Annotated[dict[CounterName, Annotated[int, Meta(ge=-(10**15), le=10**15)]], Meta(max_length=64)]
+# Counters are numbers summed on claim (CreditPiggy sends integers; the hub's
+# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).
+CounterValue = Union[Annotated[int, Meta(ge=-(10**15), le=10**15)], Annotated[float, Meta(ge=-1e15, le=1e15)]]
+Counters = Annotated[dict[CounterName, CounterValue], Meta(max_length=64)]
 MetaValues = Annotated[dict[CounterName, Text], Meta(max_length=64)]
 SlotReason = Annotated[str, Meta(max_length=64)]
 
@@ -625,7 +628,7 @@ class CreditTallyRow(msgspec.Struct):
     credits: int = 0
     slots: int = 0  # claimed slots
     pending: int = 0  # credits not yet paid to an owner (machine not linked)
-    counters: dict[str, int] = {}  # tasks, cpu_seconds, wall_seconds, gpu_seconds, custom
+    counters: dict[str, float] = {}  # tasks, cpu_seconds, wall_seconds, gpu_seconds, custom
 
 
 class CreditTally(_Msg, tag="credit_tally"):
@@ -658,7 +661,7 @@ class CreditSlotInfo(msgspec.Struct):
     allocated: Optional[float] = None
     expires: Optional[float] = None
     ended: Optional[float] = None  # claimed / discarded / expired at
-    counters: dict[str, int] = {}
+    counters: dict[str, float] = {}
     meta: dict[str, str] = {}
 
 
