@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Awaitable, BinaryIO, Callable, Mapping, Optional, Union
 
@@ -389,6 +390,20 @@ async def _fetch_stage_data(
     return None
 
 
+@dataclass
+class Spent:
+    """What a task used, measured whether or not its stages track it (rusage
+    is free): the hub pays credits by CPU-seconds."""
+
+    cpu_seconds: float = 0.0
+    gpu_seconds: Optional[float] = None
+
+    def add(self, cpu: float, wall: float, gpu_util: Optional[float]) -> None:
+        self.cpu_seconds += cpu
+        if gpu_util is not None:  # the sampler keeps peak %: an upper bound of GPU-busy time
+            self.gpu_seconds = (self.gpu_seconds or 0.0) + wall * gpu_util / 100.0
+
+
 async def _run_stage(
     stage: StageSpec,
     workdir: Path,
@@ -400,6 +415,7 @@ async def _run_stage(
     kill_grace: float,
     env: Optional[Mapping[str, str]] = None,
     user: Optional[TaskUser] = None,
+    spent: Optional["Spent"] = None,
 ) -> tuple[StageOutcome, Optional[_Failure]]:
     outcome = StageOutcome(name=stage.name, status="finished", comment=stage.comment)
     failure = await _fetch_stage_data(stage, workdir, fetch_data, cancel, user)
@@ -468,6 +484,8 @@ async def _run_stage(
         if gpu is not None:
             util, mem = await asyncio.to_thread(gpu.stop)
             outcome.gpu_util, outcome.gpu_mem = util, mem
+        if spent is not None:
+            spent.add(cpu_time, duration, outcome.gpu_util)
 
     outcome.commands = commands
     if failure is not None:
@@ -529,6 +547,7 @@ async def run_task(
     workdir = Path(workdir)
     outcome = TaskOutcome(status="finished", exit_code=0, started=time.time())
     failure: Optional[_Failure] = None
+    spent = Spent()
     try:
         for index, stage in enumerate(spec.stages):
             if failure is None and cancel is not None and cancel.is_set():
@@ -548,6 +567,7 @@ async def run_task(
                     kill_grace=kill_grace,
                     env=env,
                     user=user,
+                    spent=spent,
                 )
             outcome.stages.append(stage_outcome)
             await _notify(on_stage, index, stage_outcome)
@@ -582,4 +602,6 @@ async def run_task(
         outcome.error = failure.error
         outcome.reason = failure.reason
     outcome.finished = time.time()
+    outcome.cpu_seconds = round(spent.cpu_seconds, 6)
+    outcome.gpu_seconds = spent.gpu_seconds
     return outcome

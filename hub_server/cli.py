@@ -178,9 +178,11 @@ def token_cli(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """Register ``hub`` and ``token`` on an ``add_subparsers()`` object (for ``hwf``)."""
+    """Register ``hub``, ``token`` and ``credits`` on an ``add_subparsers()`` object (for ``hwf``)."""
     add_hub_arguments(sub.add_parser("hub", help="run a hub"))
     add_token_arguments(sub.add_parser("token", help="create, list or revoke access tokens (also while the hub runs)"))
+    from .credits_cli import add_credits_arguments
+    add_credits_arguments(sub.add_parser("credits", help="link machines to users, print credit tallies"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -39,6 +39,8 @@ from .events import (
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
 from .store import Store, dumps, loads
+from .ledger import Ledger, check_range
+from .requests import RequestError
 
 
 log = logging.getLogger("hwf.hub")
@@ -47,14 +49,6 @@ log = logging.getLogger("hwf.hub")
 OUTPUT_REPLAY_BYTES = 64 * 2**10
 # Tasks cancelled per batch: a huge cancellation leaves room for other work.
 CANCEL_CHUNK = 100
-
-
-class RequestError(Exception):
-    """A client or daemon asked for something invalid; ``code`` + message go back."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def instance_key(machine_id: str, instance: Optional[str]) -> str:
@@ -185,6 +179,7 @@ class HubCore:
         self._out: list[Instruction] = []
         self._dirty = True  # a scheduling pass is due at the end of the batch
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
+        self.ledger = Ledger(store, owner_of=lambda mid: m.owner if (m := self.machines.get(mid)) else None)
         self._load_machines()
         self._load_active()
         # After a restart, daemons get this long to come back for their attempts.
@@ -334,6 +329,8 @@ class HubCore:
         with self.store.transaction():
             self.store.add_session(session_id, now, user)
             self.store.insert_tasks(rows)
+            self.ledger.open_task_slots(
+                [(tid, user, session_id, spec.credits) for tid, spec in zip(ids, msg.tasks)], now)
             if msg.key is not None:
                 self.store.remember_submit(key, session_id, ids, now)
         for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
@@ -380,6 +377,8 @@ class HubCore:
             problem = unsafe_relative_path(pattern)
             if problem:
                 raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
+        if spec.credits is not None:
+            check_range(spec.credits.credits, spec.credits.min, spec.credits.max, f"{where} credits")
         return req
 
     # -- scheduling ---------------------------------------------------------
@@ -591,11 +590,12 @@ class HubCore:
             self._finish(
                 t, o.status, o.finished or now, error=o.error, reason=o.reason,
                 exit_code=o.exit_code, result=dumps(o), result_attempt=t.attempt,
-                started=o.started,
+                started=o.started, outcome=o,
             )
         return True
 
-    def _finish(self, t: ActiveTask, status: str, now: float, **fields: Any) -> None:
+    def _finish(self, t: ActiveTask, status: str, now: float, *,
+                outcome: Optional[p.TaskOutcome] = None, **fields: Any) -> None:
         task_state.check(t.status, status)
         if fields.get("started") is None:
             fields.pop("started", None)
@@ -603,6 +603,8 @@ class HubCore:
         self.store.set_status(
             t.task_id, status, now, attempt=t.attempt, reason=reason, finished=now, **fields
         )
+        # The task's credit slot settles in the same transaction as its end.
+        self.ledger.settle_task(t.task_id, status, reason, t.machine, t.spec.credits, outcome, now)
         t.status = status
         self.scheduler.remove(t.task_id)
         del self.active[t.task_id]
@@ -702,9 +704,10 @@ class HubCore:
     def _records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
         rows = self._visible_rows(task_ids, who)
         attempts = self.store.attempts(task_ids)
-        return [self._record(rows[tid], attempts.get(tid, [])) for tid in task_ids]
+        credits = self.store.claimed_credits(task_ids)
+        return [self._record(rows[tid], attempts.get(tid, []), credits.get(tid)) for tid in task_ids]
 
-    def _record(self, row: Any, attempts: list[Any]) -> p.TaskRecord:
+    def _record(self, row: Any, attempts: list[Any], credits: Optional[int] = None) -> p.TaskRecord:
         tid = row["task_id"]
         t = self.active.get(tid)
         spec = loads(row["spec"])
@@ -743,6 +746,7 @@ class HubCore:
             ],
             stages=stages,
             artifacts=artifacts,
+            credits=credits,
         )
 
     def _briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:
@@ -822,6 +826,7 @@ class HubCore:
         except hw.HardwareError as exc:
             raise RequestError("bad_hardware", str(exc)) from None
         out = []
+        earned = self.store.machine_credits()
         for m in sorted(self.machines.values(), key=lambda m: m.name):
             if not m.connected and not msg.include_offline:
                 continue
@@ -834,6 +839,7 @@ class HubCore:
                     machine_id=m.machine_id, name=m.name, state=state, hardware=m.hardware,
                     slots=m.slots, running=len(m.running), tags=m.tags, load=m.load,
                     first_seen=m.first_seen, last_seen=m.last_seen, owner=m.owner,
+                    credits=earned.get(m.machine_id, 0),
                 )
             )
         return out
@@ -928,6 +934,7 @@ class HubCore:
                 self._out.append(Close(peer, 1011, "heartbeat timeout"))
         while self._deadlines and self._deadlines[0][0] <= now:
             self._answer(heapq.heappop(self._deadlines)[2], timed_out=True)
+        self.ledger.expire(now)
         if self._grace_until is not None and now >= self._grace_until:
             self._grace_until = None
             self._expire_absent_daemons(now)
@@ -1081,6 +1088,42 @@ class HubCore:
         if ps.machine_id is not None:
             self._output(ps.machine_id, msg)
 
+    # -- credits (rules in ledger.py) ---------------------------------------
+
+    def _m_credit_alloc(self, peer: int, ps: _PeerState, msg: p.CreditAlloc) -> None:
+        self.ledger.alloc(msg, ps.who, self._now)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_credit_discard(self, peer: int, ps: _PeerState, msg: p.CreditDiscard) -> None:
+        self.ledger.discard(msg, ps.who, self._now)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_credit_counters(self, peer: int, ps: _PeerState, msg: p.CreditCounters) -> None:
+        self.ledger.counters(msg, ps.who)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_credit_meta(self, peer: int, ps: _PeerState, msg: p.CreditMeta) -> None:
+        self.ledger.meta(msg, ps.who)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_credit_claim(self, peer: int, ps: _PeerState, msg: p.CreditClaim) -> None:
+        # The server refuses other roles already (protocol.ALLOWED); checked
+        # here too, for peers that reach the core another way.
+        if ps.who.role not in ("admin", "daemon"):
+            raise RequestError("forbidden", "only admin and daemon tokens may claim credit slots")
+        self._send(peer, self.ledger.claim(msg, self._now))
+
+    def _m_credit_link(self, peer: int, ps: _PeerState, msg: p.CreditLink) -> None:
+        if not ps.who.is_admin:
+            raise RequestError("forbidden", "only an admin token may link machines to users")
+        self._send(peer, self.ledger.link(msg, self._now))
+
+    def _m_get_credit_tally(self, peer: int, ps: _PeerState, msg: p.GetCreditTally) -> None:
+        self._send(peer, self.ledger.tally(msg, ps.who))
+
+    def _m_get_credit_slots(self, peer: int, ps: _PeerState, msg: p.GetCreditSlots) -> None:
+        self._send(peer, self.ledger.slots(msg, ps.who))
+
     _MESSAGES: dict[type, Callable[..., None]] = {
         p.Submit: _m_submit,
         p.GetResults: _m_get_results,
@@ -1099,4 +1142,12 @@ class HubCore:
         p.TaskDone: _m_task_done,
         p.TasksDone: _m_tasks_done,
         p.Output: _m_output,
+        p.CreditAlloc: _m_credit_alloc,
+        p.CreditDiscard: _m_credit_discard,
+        p.CreditCounters: _m_credit_counters,
+        p.CreditMeta: _m_credit_meta,
+        p.CreditClaim: _m_credit_claim,
+        p.CreditLink: _m_credit_link,
+        p.GetCreditTally: _m_get_credit_tally,
+        p.GetCreditSlots: _m_get_credit_slots,
     }

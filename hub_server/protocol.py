@@ -128,6 +128,24 @@ class StageSpec(msgspec.Struct, frozen=True):
     comment: Text = ""
 
 
+CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
+CounterName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
+# Counters are numbers summed on claim (CreditPiggy sends integers; the hub's
+# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).
+CounterValue = Union[Annotated[int, Meta(ge=-(10**15), le=10**15)], Annotated[float, Meta(ge=-1e15, le=1e15)]]
+Counters = Annotated[dict[CounterName, CounterValue], Meta(max_length=64)]
+MetaValues = Annotated[dict[CounterName, Text], Meta(max_length=64)]
+SlotReason = Annotated[str, Meta(max_length=64)]
+
+
+class CreditSpec(msgspec.Struct, frozen=True):
+    """Fixed ``credits``, or a ``min``/``max`` range (fixed wins when both are given)."""
+
+    credits: Optional[CreditAmount] = None
+    min: Optional[CreditAmount] = None
+    max: Optional[CreditAmount] = None
+
+
 class TaskSpec(msgspec.Struct, frozen=True):
     """What a client submits: the task as the daemon will run it."""
 
@@ -139,6 +157,9 @@ class TaskSpec(msgspec.Struct, frozen=True):
     timeout: Optional[Seconds] = None
     label: Text = ""
     stream: bool = False  # send stdout/stderr live to watchers (costs messages)
+    # The task's credit slot: fixed credits, or a (min, max) range the hub
+    # clamps the measured CPU-seconds into; None = CPU-seconds rounded up, >= 1.
+    credits: Optional[CreditSpec] = None
 
 
 # ------------------------------------------------------------ task outcomes
@@ -193,6 +214,10 @@ class TaskOutcome(msgspec.Struct):
     finished: Optional[float] = None
     stages: list[StageOutcome] = []
     artifacts: list[ArtifactInfo] = []
+    # Always measured (rusage is free), for credits: CPU of every command and
+    # its reaped descendants; GPU-seconds where a GPU stage was tracked.
+    cpu_seconds: Optional[float] = None
+    gpu_seconds: Optional[float] = None
 
 
 class AttemptInfo(msgspec.Struct):
@@ -227,6 +252,7 @@ class TaskRecord(msgspec.Struct):
     attempts: list[AttemptInfo] = []
     stages: list[StageOutcome] = []
     artifacts: list[ArtifactInfo] = []
+    credits: Optional[int] = None  # claimed credits of the task's slot; None until claimed
 
 
 class TaskBrief(msgspec.Struct):
@@ -260,6 +286,7 @@ class MachineInfo(msgspec.Struct):
     first_seen: Optional[float] = None
     last_seen: Optional[float] = None
     owner: str = ""
+    credits: int = 0  # claimed credits earned on this machine (paid and pending)
 
 
 # ----------------------------------------------------------------- messages
@@ -516,6 +543,133 @@ class TasksDone(_Msg, tag="tasks_done"):
     done: Annotated[list[TaskDone], Meta(max_length=10_000)]
 
 
+# credits (CreditPiggy's slots) -- client/admin/daemon -> hub
+#
+# A slot id is unique on the hub (one hub = one CreditPiggy project); a task's
+# slot id is its task id.  A client may alloc, discard and set counters/meta
+# on its own slots (another user's slot answers as unknown); only admin and
+# daemon roles may claim or link.  Each request is acked with ``ok`` or
+# answered with ``error`` (codes: ``unknown_slot``, ``slot_exists``,
+# ``slot_not_allocated`` (claimed/discarded/expired; the text says which),
+# ``bad_credits``, ``forbidden``).
+
+
+class CreditAlloc(_Msg, tag="credit_alloc"):
+    id: RequestId
+    slot: Id
+    credits: Optional[CreditAmount] = None
+    min: Optional[CreditAmount] = None
+    max: Optional[CreditAmount] = None
+    expire: Optional[Seconds] = None  # default 24 h
+
+
+class CreditDiscard(_Msg, tag="credit_discard"):
+    id: RequestId
+    slot: Id
+    reason: Optional[SlotReason] = None
+
+
+class CreditClaim(_Msg, tag="credit_claim"):
+    """``machine`` is any string (CreditPiggy's machines need not be HWF daemons)."""
+
+    id: RequestId
+    slot: Id
+    machine: Id
+    credits: Optional[CreditAmount] = None
+
+
+class CreditClaimed(_Msg, tag="credit_claimed"):
+    id: int
+    slot: str
+    credits: int
+    owner: Optional[str] = None  # None: pending until the machine is linked
+
+
+class CreditCounters(_Msg, tag="credit_counters"):
+    id: RequestId
+    slot: Id
+    counters: Counters
+
+
+class CreditMeta(_Msg, tag="credit_meta"):
+    id: RequestId
+    slot: Id
+    meta: MetaValues
+
+
+class CreditLink(_Msg, tag="credit_link"):
+    """Admin: link a machine to a user; its pending credits are paid to them."""
+
+    id: RequestId
+    machine: Id
+    user: Name
+
+
+class CreditLinked(_Msg, tag="credit_linked"):
+    id: int
+    machine: str
+    user: str
+    paid_credits: int  # pending credits paid out by this link
+    paid_slots: int
+
+
+CreditGroup = Literal["machine", "owner", "user", "session"]
+
+
+class GetCreditTally(_Msg, tag="get_credit_tally"):
+    """Totals over claimed slots; a client sees only slots of its own tasks/allocations."""
+
+    id: RequestId
+    by: CreditGroup = "machine"
+
+
+class CreditTallyRow(msgspec.Struct):
+    key: Optional[str]  # machine id / owner / user / session id (None: no owner yet)
+    credits: int = 0
+    slots: int = 0  # claimed slots
+    pending: int = 0  # credits not yet paid to an owner (machine not linked)
+    counters: dict[str, float] = {}  # tasks, cpu_seconds, wall_seconds, gpu_seconds, custom
+
+
+class CreditTally(_Msg, tag="credit_tally"):
+    id: int
+    by: str
+    rows: list[CreditTallyRow]
+
+
+class GetCreditSlots(_Msg, tag="get_credit_slots"):
+    id: RequestId
+    state: Optional[Literal["allocated", "claimed", "discarded", "expired"]] = None
+    session_id: Optional[Id] = None
+    machine: Optional[Id] = None
+    slots: list[Id] = []
+    limit: Annotated[int, Meta(ge=1, le=100_000)] = 10_000
+
+
+class CreditSlotInfo(msgspec.Struct):
+    slot: str
+    state: Literal["allocated", "claimed", "discarded", "expired"]
+    user: str
+    session_id: Optional[str] = None
+    task_id: Optional[str] = None
+    credits: Optional[int] = None  # fixed at alloc, or the claimed amount
+    min: Optional[int] = None
+    max: Optional[int] = None
+    machine: Optional[str] = None
+    owner: Optional[str] = None
+    reason: Optional[str] = None  # discard reason
+    allocated: Optional[float] = None
+    expires: Optional[float] = None
+    ended: Optional[float] = None  # claimed / discarded / expired at
+    counters: dict[str, float] = {}
+    meta: dict[str, str] = {}
+
+
+class CreditSlots(_Msg, tag="credit_slots"):
+    id: int
+    slots: list[CreditSlotInfo]
+
+
 Message = Union[
     Hello,
     Welcome,
@@ -552,11 +706,25 @@ Message = Union[
     Cancelled,
     CancelTask,
     Draining,
+    CreditAlloc,
+    CreditDiscard,
+    CreditClaim,
+    CreditClaimed,
+    CreditCounters,
+    CreditMeta,
+    CreditLink,
+    CreditLinked,
+    GetCreditTally,
+    CreditTally,
+    GetCreditSlots,
+    CreditSlots,
 ]
 
 # What each role may send to the hub.
+CREDIT_REQUESTS = (CreditAlloc, CreditDiscard, CreditCounters, CreditMeta, GetCreditTally, GetCreditSlots)
 CLIENT_REQUESTS = (
     Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
+    *CREDIT_REQUESTS,
 )
 DAEMON_REQUESTS = (
     Register,
@@ -570,11 +738,13 @@ DAEMON_REQUESTS = (
     BlobsMissing,
     BlobPut,
     BlobGet,
+    *CREDIT_REQUESTS,
+    CreditClaim,
 )
 ALLOWED = {
     "client": CLIENT_REQUESTS,
     "daemon": DAEMON_REQUESTS,
-    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS)),
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink,))),
 }
 
 _encoder = msgspec.json.Encoder()

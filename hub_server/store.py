@@ -72,11 +72,27 @@ CREATE TABLE IF NOT EXISTS machines (
 -- 'd:<owner>' for blobs a daemon owner's machines uploaded.
 CREATE TABLE IF NOT EXISTS blob_refs (
     sha256 TEXT NOT NULL, principal TEXT NOT NULL, PRIMARY KEY (sha256, principal)) WITHOUT ROWID;
+-- Credit slots (CreditPiggy).  owner NULL on a claimed slot: pending payout
+-- until its machine is linked to a user.
+CREATE TABLE IF NOT EXISTS credit_slots (
+    slot TEXT PRIMARY KEY, state TEXT NOT NULL, user TEXT NOT NULL,
+    session_id TEXT, task_id TEXT, credits INTEGER, min INTEGER, max INTEGER,
+    machine TEXT, owner TEXT, reason TEXT,
+    allocated REAL NOT NULL, expires REAL, ended REAL);
+CREATE INDEX IF NOT EXISTS credit_slots_due ON credit_slots(expires) WHERE state = 'allocated';
+CREATE INDEX IF NOT EXISTS credit_slots_machine ON credit_slots(machine);
+CREATE TABLE IF NOT EXISTS credit_counters (
+    slot TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (slot, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credit_meta (
+    slot TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (slot, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credit_links (
+    machine TEXT PRIMARY KEY, user TEXT NOT NULL, linked REAL NOT NULL);
 """
 
 # 1: HWF 0.1 (no users).  2: users on tokens, sessions and tasks; token ids and
-# revocation; machine owners; blob access (HWF 0.2).
-SCHEMA_VERSION = 2
+# revocation; machine owners; blob access (HWF 0.2).  3: the credit ledger
+# (new tables only: an older store gets them empty).
+SCHEMA_VERSION = 3
 
 
 class SchemaError(RuntimeError):
@@ -455,6 +471,142 @@ class Store:
 
     def mark_all_machines_offline(self) -> None:
         self.db.execute("UPDATE machines SET state='offline' WHERE state!='offline'")
+
+
+    # -- credit ledger (rules in ledger.py) -----------------------------------
+
+    SLOT_COLUMNS = ("slot, state, user, session_id, task_id, credits, min, max, machine, owner, "
+                    "reason, allocated, expires, ended")
+
+    def credit_slot(self, slot: str) -> Optional[sqlite3.Row]:
+        return self.db.execute(
+            f"SELECT {self.SLOT_COLUMNS} FROM credit_slots WHERE slot = ?", (slot,)).fetchone()
+
+    def add_credit_slots(self, rows: Iterable[tuple]) -> None:
+        """rows: (slot, user, session_id, task_id, credits, min, max, allocated, expires)."""
+        self.db.executemany(
+            "INSERT INTO credit_slots (slot, state, user, session_id, task_id, credits, min, max, "
+            "allocated, expires) VALUES (?, 'allocated', ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def claim_credit_slot(self, slot: str, machine: str, credits: int, owner: Optional[str],
+                          at: float, counters: dict[str, float]) -> None:
+        self.db.execute(
+            "UPDATE credit_slots SET state = 'claimed', machine = ?, credits = ?, owner = ?, ended = ? "
+            "WHERE slot = ?", (machine, credits, owner, at, slot))
+        self.add_credit_counters(slot, counters)
+
+    def end_credit_slot(self, slot: str, state: str, reason: Optional[str], at: float) -> None:
+        self.db.execute("UPDATE credit_slots SET state = ?, reason = ?, ended = ? WHERE slot = ?",
+                        (state, reason, at, slot))
+
+    def set_credit_counters(self, slot: str, counters: dict[str, float]) -> None:
+        self.db.executemany(
+            "INSERT INTO credit_counters (slot, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (slot, name) DO UPDATE SET value = excluded.value",
+            [(slot, k, v) for k, v in counters.items()])
+
+    def add_credit_counters(self, slot: str, counters: dict[str, float]) -> None:
+        self.db.executemany(
+            "INSERT INTO credit_counters (slot, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (slot, name) DO UPDATE SET value = value + excluded.value",
+            [(slot, k, v) for k, v in counters.items()])
+
+    def set_credit_meta(self, slot: str, meta: dict[str, str]) -> None:
+        self.db.executemany(
+            "INSERT INTO credit_meta (slot, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (slot, name) DO UPDATE SET value = excluded.value",
+            [(slot, k, v) for k, v in meta.items()])
+
+    def expire_credit_slots(self, now: float) -> int:
+        """Allocated slots past their expiry become expired; returns how many."""
+        cur = self.db.execute(
+            "UPDATE credit_slots SET state = 'expired', reason = 'expired', ended = expires "
+            "WHERE state = 'allocated' AND expires IS NOT NULL AND expires <= ?", (now,))
+        return cur.rowcount
+
+    def next_credit_expiry(self) -> Optional[float]:
+        return self.db.execute(
+            "SELECT min(expires) FROM credit_slots WHERE state = 'allocated'").fetchone()[0]
+
+    def credit_link(self, machine: str) -> Optional[str]:
+        row = self.db.execute("SELECT user FROM credit_links WHERE machine = ?", (machine,)).fetchone()
+        return row[0] if row else None
+
+    def link_credit_machine(self, machine: str, user: str, at: float) -> tuple[int, int]:
+        """Link a machine to a user and pay its pending credits; returns (credits, slots) paid."""
+        self.db.execute(
+            "INSERT INTO credit_links (machine, user, linked) VALUES (?, ?, ?) "
+            "ON CONFLICT (machine) DO UPDATE SET user = excluded.user, linked = excluded.linked",
+            (machine, user, at))
+        credits, slots = self.db.execute(
+            "SELECT coalesce(sum(credits), 0), count(*) FROM credit_slots "
+            "WHERE machine = ? AND state = 'claimed' AND owner IS NULL", (machine,)).fetchone()
+        self.db.execute("UPDATE credit_slots SET owner = ? WHERE machine = ? AND state = 'claimed' "
+                        "AND owner IS NULL", (user, machine))
+        return credits, slots
+
+    _TALLY_KEYS = {"machine": "s.machine", "owner": "s.owner", "user": "s.user", "session": "s.session_id"}
+
+    def credit_tally(self, by: str, user: Optional[str] = None) -> list[dict[str, Any]]:
+        """Totals over claimed slots grouped by ``by``; only ``user``'s slots when given."""
+        key = self._TALLY_KEYS[by]
+        where, args = "s.state = 'claimed'", []
+        if user is not None:
+            where += " AND s.user = ?"
+            args.append(user)
+        rows = {}
+        for r in self.db.execute(
+            f"SELECT {key} AS k, sum(s.credits), count(*), "
+            f"sum(CASE WHEN s.owner IS NULL THEN s.credits ELSE 0 END) "
+            f"FROM credit_slots s WHERE {where} GROUP BY k", args):
+            rows[r[0]] = {"key": r[0], "credits": r[1] or 0, "slots": r[2], "pending": r[3] or 0, "counters": {}}
+        for k, name, total in self.db.execute(
+            f"SELECT {key} AS k, c.name, sum(c.value) FROM credit_slots s "
+            f"JOIN credit_counters c ON c.slot = s.slot WHERE {where} GROUP BY k, c.name", args):
+            if k in rows:
+                rows[k]["counters"][name] = total
+        return list(rows.values())
+
+    def credit_slots(self, *, user: Optional[str] = None, state: Optional[str] = None,
+                     session_id: Optional[str] = None, machine: Optional[str] = None,
+                     slots: Sequence[str] = (), limit: int = 10_000) -> list[dict[str, Any]]:
+        where, args = [], []
+        for col, val in (("user", user), ("state", state), ("session_id", session_id), ("machine", machine)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if slots:
+            where.append(f"slot IN ({','.join('?' * len(slots))})")
+            args.extend(slots)
+        sql = f"SELECT {self.SLOT_COLUMNS} FROM credit_slots"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY allocated, slot LIMIT ?"
+        out = [dict(r) for r in self.db.execute(sql, [*args, limit])]
+        if out:
+            by_slot = {r["slot"]: r for r in out}
+            for r in out:
+                r["counters"], r["meta"] = {}, {}
+            for table, field in (("credit_counters", "counters"), ("credit_meta", "meta")):
+                for i in range(0, len(out), 500):
+                    part = [r["slot"] for r in out[i:i + 500]]
+                    for slot, name, value in self.db.execute(
+                            f"SELECT slot, name, value FROM {table} WHERE slot IN ({','.join('?' * len(part))})", part):
+                        by_slot[slot][field][name] = value
+        return out
+
+    def claimed_credits(self, task_ids: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in range(0, len(task_ids), 500):
+            part = list(task_ids[i:i + 500])
+            out.update(self.db.execute(
+                f"SELECT slot, credits FROM credit_slots WHERE state = 'claimed' "
+                f"AND slot IN ({','.join('?' * len(part))})", part))
+        return out
+
+    def machine_credits(self) -> dict[str, int]:
+        return dict(self.db.execute(
+            "SELECT machine, sum(credits) FROM credit_slots WHERE state = 'claimed' GROUP BY machine"))
 
 
 class _Tx:

@@ -177,8 +177,10 @@ class LocalCluster:
         slots: Optional[int] = None,
         tags: Optional[list[str]] = None,
         wait: bool = True,
+        token: Optional[str] = None,
     ) -> str:
-        """Start one more daemon process; returns its name."""
+        """Start one more daemon process; returns its name.  ``token``: a daemon
+        token of another owner (``create_token("daemon", "ann")``)."""
         if name is None:
             n = len(self.daemon_processes) + 1
             while f"daemon-{n}" in self.daemon_processes:
@@ -192,7 +194,8 @@ class LocalCluster:
             args += ["--tags", ",".join(all_tags)]
         if self.ca_file:
             args += ["--ca-file", self.ca_file]
-        self.daemon_processes[name] = self._spawn(name, args, module="hwf_daemon", secret=self.daemon_token)
+        self.daemon_processes[name] = self._spawn(name, args, module="hwf_daemon",
+                                                    secret=token or self.daemon_token)
         if wait:
             self.wait_for_daemons(names=[name])
         return name

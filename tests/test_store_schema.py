@@ -129,3 +129,23 @@ def test_a_migrated_store_serves_its_old_results_through_a_real_hub(tmp_path):
         r = hub.get_result_sync(["t-old"])[0]
         assert r.status == "finished" and r.artifacts[0].path.read_bytes() == ARTIFACT
         hub.close_sync()
+
+
+def test_a_schema_2_store_gets_the_credit_ledger_empty_with_a_backup(tmp_path):
+    path = tmp_path / "hub.sqlite3"
+    store = Store(path)
+    store.add_session("s-2", 1.0, "alice")
+    store.close()
+    db = sqlite3.connect(path)  # what HWF 0.2 left: no credit tables, user_version 2
+    for table in ("credit_slots", "credit_counters", "credit_meta", "credit_links"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.session("s-2")["user"] == "alice"
+    store.add_credit_slots([("x", "alice", None, None, 3, None, None, 1.0, None)])
+    assert store.credit_slot("x")["state"] == "allocated"
+    assert (tmp_path / "hub.sqlite3.schema2.bak").exists()
+    store.close()
