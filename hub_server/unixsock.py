@@ -35,10 +35,13 @@ class UnixSocketFile:
     ident: tuple[int, int]  # (st_dev, st_ino) of the file, to remove only our own
 
     def remove(self) -> None:
-        """Remove the socket file if it is still ours (not replaced by a newer hub)."""
+        """Close the socket and remove its file if it is still ours: not
+        replaced by a newer process (inode numbers are reused, so a file
+        someone listens on is never removed either)."""
+        self.sock.close()
         with contextlib.suppress(OSError):
             st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self.ident:
+            if (st.st_dev, st.st_ino) == self.ident and not _listening(self.path):
                 os.unlink(self.path)
 
 
@@ -72,16 +75,26 @@ def _clear_stale(path: str, what: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise ListenError(f"{what} path {path} exists and is not a socket: not replacing it")
+    try:
+        live = _listening(path)
+    except OSError as exc:
+        raise ListenError(f"{what} {path} exists and cannot be probed ({exc}): not replacing it") from None
+    if live:
+        raise ListenError(f"another process is listening on {what} {path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens there any more
+
+
+def _listening(path: str) -> bool:
+    """Does a process accept connections on this socket file?"""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2)
         probe.connect(path)
+        return True
     except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ListenError(f"{what} {path} exists and cannot be probed ({exc.strerror}): not replacing it") from None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens there any more
-        return
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
     finally:
         probe.close()
-    raise ListenError(f"another process is listening on {what} {path}")
