@@ -164,8 +164,8 @@ class CreditLineServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.BaseTransport] = []
         self._unix_files: list[UnixSocketFile] = []
-        self._connections: set[asyncio.Task] = set()
-        self._in_flight = 0  # datagrams being answered
+        self._connections: set[asyncio.Task] = set()  # open unix/tcp connections
+        self._answering: set[asyncio.Task] = set()  # datagrams being answered
         self._refusal = _QuietLog()
 
     # -- lifecycle ------------------------------------------------------------
@@ -187,7 +187,7 @@ class CreditLineServer:
             server.close()
         for transport in self._transports:
             transport.close()
-        for task in list(self._connections):
+        for task in [*self._connections, *self._answering]:
             task.cancel()
         for f in self._unix_files:
             f.remove()
@@ -288,23 +288,19 @@ class CreditLineServer:
 
     def datagram(self, transport: asyncio.DatagramTransport, data: bytes, addr: Any) -> None:
         origin = f"udp {addr[0]}:{addr[1]}"
-        if self._in_flight >= self.max_datagrams:
+        if len(self._answering) >= self.max_datagrams:
             self._refusal(logging.WARNING, "creditpiggy %s: ER: %d datagrams in flight (the limit)",
-                          origin, self._in_flight)
+                          origin, len(self._answering))
             transport.sendto(creditline.ER, addr)
             return
-        self._in_flight += 1
         task = asyncio.ensure_future(self._answer(transport, data, addr, origin))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     async def _answer(self, transport: asyncio.DatagramTransport, data: bytes, addr: Any, origin: str) -> None:
-        try:
-            answer = await self.execute(data, origin)
-            if not transport.is_closing():
-                transport.sendto(answer, addr)
-        finally:
-            self._in_flight -= 1
+        answer = await self.execute(data, origin)
+        if not transport.is_closing():
+            transport.sendto(answer, addr)
 
 
 class _Datagrams(asyncio.DatagramProtocol):
