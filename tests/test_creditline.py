@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import socket
@@ -255,3 +256,94 @@ def test_remove_leaves_a_newer_socket_alone(tmp_path):
     finally:
         new.remove()
     assert not os.path.exists(path)
+
+
+# ------------------------------------------------------------ the edge, over a stand-in core
+
+
+class _Port:
+    """Stands in for HubServer's local-peer port: answers like the core would."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.peers: dict[int, object] = {}
+        self.got: list = []
+        self._ids = iter(range(1, 1000))
+
+    def attach(self, peer, who):
+        pid = next(self._ids)
+        self.peers[pid] = (peer, who)
+        return pid
+
+    def submit(self, pid, msg):
+        self.got.append((pid, msg))
+        peer = self.peers[pid][0]
+        reply = self.answer(msg)
+        if reply is not None:
+            asyncio.get_running_loop().call_soon(peer.post, reply)
+
+    def detach(self, pid):
+        del self.peers[pid]
+
+
+def _core_like(msg):
+    if isinstance(msg, p.CreditClaim):
+        return p.CreditClaimed(id=msg.id, slot=msg.slot, credits=1)
+    if msg.slot == "silent":
+        return None
+    if msg.slot == "bad":
+        return p.Error(id=msg.id, code="unknown_slot", message="no slot 'bad'")
+    return p.Ok(id=msg.id)
+
+
+async def _ask(server, path, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(data)
+    got = await reader.read()
+    writer.close()
+    return got
+
+
+def test_edge_turns_core_replies_into_OK_ER_and_acts_as_the_configured_user(tmp_path):
+    from hub_server.creditserver import CreditLineServer
+
+    async def main():
+        port = _Port(_core_like)
+        path = str(tmp_path / "cp.sock")
+        server = CreditLineServer(port, [Endpoint("unix", path=path), Endpoint("udp", host="127.0.0.1")],
+                                  user="jobs", reply_timeout=0.5)
+        await server.start()
+        try:
+            (pid, (_, who)), = port.peers.items()
+            assert (who.role, who.user) == ("admin", "jobs")
+            assert await _ask(server, path, b"alloc,slot=a,credits=3") == b"OK"
+            assert await _ask(server, path, b"CLAIM,slot=a,machine=m\n") == b"OK"
+            assert await _ask(server, path, b"DISCARD,slot=bad") == b"ER"
+            assert await _ask(server, path, b"nonsense") == b"ER"  # never reaches the core
+            assert await _ask(server, path, b"META,slot=silent,a=b") == b"ER"  # no answer in time
+            assert [type(m).__name__ for _, m in port.got] == ["CreditAlloc", "CreditClaim", "CreditDiscard",
+                                                                "CreditMeta"]
+            assert {q for q, _ in port.got} == {pid} and len({m.id for _, m in port.got}) == 4
+            # over UDP, the answer is a datagram to the sender
+            udp_port = int(server.bound[1].rsplit(":", 1)[1])
+            loop = asyncio.get_running_loop()
+            got = loop.create_future()
+
+            class Client(asyncio.DatagramProtocol):
+                def datagram_received(self, data, addr):
+                    got.set_result(data)
+
+            transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", udp_port))
+            transport.sendto(b"DISCARD,slot=x")
+            assert await asyncio.wait_for(got, 10) == b"OK"
+            transport.close()
+            # the core dropping the pseudo-peer: what waits gets ER, the next command a fresh peer
+            old_peer = port.peers[pid][0]
+            old_peer.close(1008, "dropped")
+            assert pid not in port.peers and len(port.peers) == 1
+            assert await _ask(server, path, b"DISCARD,slot=y") == b"OK"
+        finally:
+            await server.close()
+        assert port.peers == {} and not os.path.exists(path)
+
+    asyncio.run(main())
