@@ -41,6 +41,10 @@ DEFAULT_USER = "creditpiggy"
 # Never a real token id (those are ``tok-<hex>``): revoking tokens never
 # closes the line protocol's peer.
 TOKEN_ID = "creditpiggy-line"
+# After answering: how long and how much of a client's further input is read
+# and dropped before the connection is closed.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -275,7 +279,9 @@ class CreditLineServer:
             data = await asyncio.wait_for(reader.read(creditline.MAX_LINE_BYTES + 1), self.idle_timeout)
             if data:
                 writer.write(await self.execute(data, origin))
+                writer.write_eof()
                 await asyncio.wait_for(writer.drain(), self.idle_timeout)
+                await _linger(reader)
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
@@ -317,6 +323,19 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("creditpiggy udp: %s", exc)
+
+
+async def _linger(reader: asyncio.StreamReader) -> None:
+    """Read (and drop) what the client still sends, briefly: closing a socket
+    with unread input resets the connection, and the reset can overtake the
+    answer (e.g. after an over-long line)."""
+    dropped = 0
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+        while dropped < LINGER_BYTES:
+            chunk = await asyncio.wait_for(reader.read(65536), LINGER_SECONDS)
+            if not chunk:
+                return
+            dropped += len(chunk)
 
 
 def _origin(writer: asyncio.StreamWriter) -> str:
