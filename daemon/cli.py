@@ -35,7 +35,8 @@ class _RefuseToken(argparse.Action):
 
 def add_arguments(d: argparse.ArgumentParser) -> None:
     """The daemon's options, on ``hwf daemon`` or on the standalone parser."""
-    d.add_argument("--hub", required=True, help="hub address, e.g. ws://127.0.0.1:8765 or wss://hub:8765 (TLS)")
+    d.add_argument("--hub", required=True,
+                   help="hub address, e.g. ws://127.0.0.1:8765, wss://hub:8765 (TLS) or unix:/run/hwf/hub.sock")
     d.add_argument("--ca-file", default=None, metavar="PEM",
                    help="CA certificate that signs the hub's wss:// certificate (default: the system's CAs)")
     d.add_argument("--token-file", default=None, metavar="PATH",

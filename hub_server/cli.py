@@ -54,6 +54,24 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     hub.add_argument("--tls-key", default=None, help="the PEM private key of --tls-cert")
     hub.add_argument("--slow-reader-timeout", type=float, default=60.0,
                      help="disconnect a peer whose live output has been dropped this many seconds")
+    hub.add_argument("--unix", default=None, metavar="PATH",
+                     help="also serve the websocket protocol on this unix socket (same tokens); "
+                          "clients and daemons connect to unix:PATH")
+    hub.add_argument("--unix-mode", type=_octal, default=0o660, metavar="MODE",
+                     help="file mode of the --unix socket (default 660)")
+    hub.add_argument("--creditpiggy", action="append", default=[], metavar="ENDPOINT",
+                     help="serve CreditPiggy's daemon line protocol on unix:PATH, tcp:HOST:PORT or "
+                          "udp:HOST:PORT (repeatable); whoever can connect may alloc and claim credits")
+    hub.add_argument("--creditpiggy-user", default="creditpiggy", metavar="NAME",
+                     help="the user that line-protocol slots belong to (default creditpiggy)")
+    hub.add_argument("--creditpiggy-mode", type=_octal, default=0o600, metavar="MODE",
+                     help="file mode of a unix: creditpiggy socket (default 600: the hub's user only)")
+    hub.add_argument("--creditpiggy-allow-remote", action="store_true",
+                     help="let tcp:/udp: creditpiggy endpoints bind a non-loopback address")
+    hub.add_argument("--creditpiggy-idle-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="close a creditpiggy connection that sends no command this long (default 10)")
+    hub.add_argument("--creditpiggy-max-connections", type=int, default=256, metavar="N",
+                     help="creditpiggy connections open at once; more are answered ER (default 256)")
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
@@ -62,15 +80,38 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     hub.set_defaults(func=run_hub_cli)
 
 
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 600") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode (000-777)")
+    return mode
+
+
 def run_hub_cli(args: argparse.Namespace) -> int:
     """Run a hub until SIGTERM/SIGINT; 2 with a clear message if it cannot start."""
+    from .auth import AuthError, check_user
+    from .creditserver import parse_endpoint
     from .server import HubConfig, run_hub
     from .store import SchemaError
+    from .unixsock import ListenError
 
     overrides = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
     limits = p.Limits(**{**p.to_builtins(p.Limits()), **overrides})
     if bool(args.tls_cert) != bool(args.tls_key):
         print("hwf hub: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    try:
+        credit_endpoints = [parse_endpoint(spec, args.creditpiggy_allow_remote) for spec in args.creditpiggy]
+        check_user(args.creditpiggy_user)
+        if args.creditpiggy_idle_timeout <= 0 or args.creditpiggy_max_connections < 1:
+            raise ValueError("--creditpiggy-idle-timeout and --creditpiggy-max-connections must be positive")
+        if args.unix is not None and not os.path.isabs(args.unix):
+            raise ValueError(f"--unix {args.unix!r}: the socket path must be absolute")
+    except (ValueError, AuthError) as exc:
+        print(f"hwf hub: error: {exc}", file=sys.stderr)
         return 2
     config = HubConfig(
         state_dir=Path(args.state_dir),
@@ -83,10 +124,17 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         slow_reader_timeout=args.slow_reader_timeout,
+        unix_path=Path(args.unix) if args.unix else None,
+        unix_mode=args.unix_mode,
+        creditpiggy=credit_endpoints,
+        creditpiggy_user=args.creditpiggy_user,
+        creditpiggy_mode=args.creditpiggy_mode,
+        creditpiggy_idle_timeout=args.creditpiggy_idle_timeout,
+        creditpiggy_max_connections=args.creditpiggy_max_connections,
     )
     try:
         return run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
-    except SchemaError as exc:
+    except (SchemaError, ListenError) as exc:
         print(f"hwf hub: error: {exc}", file=sys.stderr)
         return 2
 

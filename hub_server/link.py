@@ -49,17 +49,29 @@ class LinkClosed(HubError, ConnectionError):
 
 
 def normalize_url(address: str) -> str:
-    """``host``, ``host:port`` or ``ws://host:port`` -> a ws:// URL."""
+    """``host``, ``host:port`` or ``ws://host:port`` -> a ws:// URL;
+    ``unix:/abs/path.sock`` or ``unix:///abs/path.sock`` -> ``unix:/abs/path.sock``."""
     address = address.strip()
+    if address.startswith("unix:"):
+        return "unix:" + unix_path(address)
     if "://" not in address:
         address = "ws://" + address
     scheme, rest = address.split("://", 1)
     if scheme not in ("ws", "wss"):
-        raise ValueError(f"hub address must be ws:// or wss://, got {address!r}")
+        raise ValueError(f"hub address must be ws://, wss:// or unix:/path, got {address!r}")
     hostport = rest.split("/", 1)[0]
     if ":" not in hostport.rsplit("]", 1)[-1]:
         rest = hostport + f":{p.DEFAULT_PORT}" + rest[len(hostport):]
     return f"{scheme}://{rest}"
+
+
+def unix_path(url: str) -> str:
+    """The socket path of a ``unix:/abs/path`` or ``unix:///abs/path`` URL."""
+    rest = url[len("unix:"):]
+    path = rest[2:] if rest.startswith("///") else rest
+    if not path.startswith("/") or path.startswith("//"):
+        raise ValueError(f"hub address {url!r}: expected unix:/absolute/path.sock or unix:///absolute/path.sock")
+    return path
 
 
 SSLArg = Union[None, str, os.PathLike, _ssl.SSLContext]
@@ -156,9 +168,12 @@ class Link:
 
     async def connect(self, timeout: float = 10.0) -> p.Welcome:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        where: dict[str, Any] = {"uri": self.url}
+        if self.url.startswith("unix:"):  # the hub's --unix socket: same handshake, no TLS
+            where = {"uri": "ws://localhost/", "unix": True, "path": unix_path(self.url)}
         try:
             self.ws = await connect(
-                self.url,
+                **where,
                 additional_headers=headers,
                 open_timeout=timeout,
                 max_size=None,  # the hub enforces limits; replies may be large

@@ -28,18 +28,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import websockets
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection, serve, unix_serve
 
 from . import auth
 from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError, BlobStore, BlobWriter
 from .core import HubCore
+from .creditserver import CreditLineServer
 from .events import (
     BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send, StreamBlob, Tick,
     TokensRevoked,
 )
 from .peer import Peer
+from .unixsock import UnixSocketFile, bind_unix
 
 log = logging.getLogger("hwf.hub")
 
@@ -66,6 +68,16 @@ class HubConfig:
     revocation_poll: float = 0.5
     # How often time is handed to the core (heartbeats, waits, grace periods).
     tick_interval: float = 0.1
+    # The websocket protocol also on a unix socket (same token auth), this mode.
+    unix_path: Optional[Path] = None
+    unix_mode: int = 0o660
+    # CreditPiggy's line protocol (creditserver.py): endpoints, and who its
+    # commands act as; trust comes from the socket (file mode, loopback).
+    creditpiggy: list[Any] = field(default_factory=list)  # creditserver.Endpoint
+    creditpiggy_user: str = "creditpiggy"
+    creditpiggy_mode: int = 0o600
+    creditpiggy_idle_timeout: float = 10.0
+    creditpiggy_max_connections: int = 256
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -95,6 +107,9 @@ class HubServer:
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._server: Any = None
+        self._unix_server: Any = None
+        self._unix_file: Optional[UnixSocketFile] = None
+        self.credit_lines: Optional[CreditLineServer] = None
         self._tasks: set[asyncio.Task] = set()
         self.port: Optional[int] = None
         self.started_at = time.time()
@@ -104,19 +119,20 @@ class HubServer:
     async def start(self) -> None:
         c = self.config
         tls = tls_context(c.tls_cert, c.tls_key) if c.tls_cert and c.tls_key else None
-        self._server = await serve(
-            self._handle,
-            c.host,
-            c.port,
-            process_request=self._authenticate,
-            max_size=c.limits.max_message_bytes,
-            compression=None,
-            ping_interval=20,
-            ping_timeout=60,
-            ssl=tls,
-        )
+        options = dict(process_request=self._authenticate, max_size=c.limits.max_message_bytes,
+                       compression=None, ping_interval=20, ping_timeout=60)
+        self._server = await serve(self._handle, c.host, c.port, ssl=tls, **options)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
+        if c.unix_path is not None:  # same handshake and tokens; no TLS on a local socket
+            self._unix_file = bind_unix(c.unix_path, c.unix_mode, "hub unix socket")
+            self._unix_server = await unix_serve(self._handle, sock=self._unix_file.sock, **options)
+            log.info("hub %s listening on unix:%s", self.core.hub_id, c.unix_path)
+        if c.creditpiggy:
+            self.credit_lines = CreditLineServer(
+                self, c.creditpiggy, user=c.creditpiggy_user, unix_mode=c.creditpiggy_mode,
+                idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections)
+            await self.credit_lines.start()
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
@@ -132,9 +148,14 @@ class HubServer:
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self.credit_lines is not None:
+            await self.credit_lines.close()
+        for server in (self._server, self._unix_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        if self._unix_file is not None:
+            self._unix_file.remove()
         self.store.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -142,6 +163,23 @@ class HubServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    # -- local peers: a way in for other protocols (creditserver.py) ----------
+
+    def attach(self, peer: Any, who: Principal) -> int:
+        """Connect a local pseudo-peer (``post(msg)``, ``close(code, reason)``)."""
+        pid = next(self._peer_ids)
+        self.peers[pid] = peer
+        self._feed(Connected(pid, who, p.PROTOCOL_VERSION))
+        return pid
+
+    def submit(self, pid: int, msg: Any) -> None:
+        """A request from a local peer, handled like a websocket frame's."""
+        self._feed(Received(pid, msg))
+
+    def detach(self, pid: int) -> None:
+        if self.peers.pop(pid, None) is not None:
+            self._feed(Disconnected(pid))
 
     # -- events in, instructions out -----------------------------------------
 
@@ -365,7 +403,11 @@ def _is_loopback(connection: ServerConnection) -> bool:
 async def run_hub(config: HubConfig, ready_file: Optional[str] = None) -> None:
     """Run until cancelled; write ``host port`` to ``ready_file`` once listening."""
     server = HubServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # e.g. a socket in use: leave no listener or socket file behind
+        await server.close()
+        raise
     if ready_file:
         tmp = ready_file + ".tmp"
         with open(tmp, "w") as f:
