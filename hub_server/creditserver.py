@@ -272,16 +272,17 @@ class CreditLineServer:
             if len(self._connections) >= self.max_connections:
                 self._refusal(logging.WARNING, "creditpiggy %s: ER: %d connections open (the limit)",
                               origin, len(self._connections))
-                writer.write(creditline.ER)
+                await _answer_and_linger(reader, writer, creditline.ER, self.idle_timeout)
                 return
             self._connections.add(task)
             # Like the CreditPiggy daemon: the first read is the command.
             data = await asyncio.wait_for(reader.read(creditline.MAX_LINE_BYTES + 1), self.idle_timeout)
             if data:
-                writer.write(await self.execute(data, origin))
-                writer.write_eof()
-                await asyncio.wait_for(writer.drain(), self.idle_timeout)
-                await _linger(reader)
+                answer = await self.execute(data, origin)
+                # Answered: lingering for the client's EOF holds no connection slot
+                # (a client that never half-closes must not starve the next ones).
+                self._connections.discard(task)
+                await _answer_and_linger(reader, writer, answer, self.idle_timeout)
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
@@ -323,6 +324,14 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("creditpiggy udp: %s", exc)
+
+
+async def _answer_and_linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes,
+                             timeout: float) -> None:
+    writer.write(answer)
+    writer.write_eof()
+    await asyncio.wait_for(writer.drain(), timeout)
+    await _linger(reader)
 
 
 async def _linger(reader: asyncio.StreamReader) -> None:

@@ -249,10 +249,11 @@ class LocalCluster:
             store.close()
 
     def hub(self, **kwargs) -> Hub:
-        """A client ``Hub`` for this cluster."""
+        """A client ``Hub`` for this cluster (``token=`` another, e.g. ``admin_token``)."""
         if self.ca_file:
             kwargs.setdefault("ssl", self.ca_file)
-        return Hub(self.address, token=self.token, **kwargs)
+        kwargs.setdefault("token", self.token)
+        return Hub(self.address, **kwargs)
 
     @property
     def pids(self) -> list[int]:

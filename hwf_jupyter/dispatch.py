@@ -6,6 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Union
 
+import msgspec
+
+from hub_server import protocol as p
 from hub_server.blobs import file_sha256
 
 from ._ioloop import on_io_loop, sync_twin
@@ -61,15 +64,17 @@ async def dispatch(
     session: Optional[str] = None,
     max_retries: int = 3,
     timeout: Optional[float] = None,
-    credits: Optional[int] = None,
+    credits: Union[int, tuple[int, int], None] = None,
     stream: bool = False,
 ) -> Submission:
     """Upload the tasks' Data files (once each) and queue the tasks on the hub.
 
     ``stream=True`` makes daemons send stdout/stderr live to watchers.
+    ``credits``: what each task's credit slot pays the machine that runs it:
+    ``N`` fixed, or ``(min, max)`` to clamp its CPU-seconds into; default:
+    its CPU-seconds rounded up, at least 1.
     """
-    if credits is not None:
-        raise NotImplementedError("credits= is not available yet: CreditPiggy slots are a later feature")
+    credit_spec = credit_spec_of(credits)
     if timeout is not None and timeout <= 0:
         raise TaskError(f"timeout must be > 0 seconds, got {timeout!r}")
     if not isinstance(max_retries, int) or max_retries < 0:
@@ -87,8 +92,29 @@ async def dispatch(
         t.spec(paths, priority=priority, max_retries=max_retries, timeout=timeout, stream=stream)
         for t in items
     ]
+    if credit_spec is not None:
+        specs = [msgspec.structs.replace(s, credits=credit_spec) for s in specs]
     session_id, ids = await hub._submit(specs, session)
     return Submission(ids, session_id, hub)
 
 
 dispatch_sync = sync_twin(dispatch)
+
+
+def credit_spec_of(credits: Union[int, tuple[int, int], None]) -> Optional[p.CreditSpec]:
+    """``N`` or ``(min, max)`` as the protocol's CreditSpec; a clear error otherwise."""
+    if credits is None:
+        return None
+    if isinstance(credits, bool):
+        raise TaskError(f"credits must be a whole number or a (min, max) pair, got {credits!r}")
+    if isinstance(credits, int):
+        if credits < 0:
+            raise TaskError(f"credits must be >= 0, got {credits}")
+        return p.CreditSpec(credits=credits)
+    if (isinstance(credits, (tuple, list)) and len(credits) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in credits)):
+        lo, hi = credits
+        if lo < 0 or hi < lo:
+            raise TaskError(f"credits=(min, max) needs 0 <= min <= max, got {tuple(credits)!r}")
+        return p.CreditSpec(min=lo, max=hi)
+    raise TaskError(f"credits must be a whole number or a (min, max) pair, got {credits!r}")

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from hub_server import protocol as p
@@ -24,6 +24,9 @@ from hub_server.link import (
 from hub_server.paths import unsafe_relative_path
 
 from ._ioloop import on_io_loop, sync_twin
+
+if TYPE_CHECKING:
+    import pandas as pd
 from .results import HardwarePool, ResultList
 
 TaskIds = Union[str, Iterable[str]]
@@ -245,6 +248,13 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    @on_io_loop
+    async def _request_any(self, make: Any) -> Any:
+        """One request from a blocking caller (the CreditPiggy facade)."""
+        return await self._request(make, idempotent=False)
+
+    _request_sync = sync_twin(_request_any)
+
     @property
     def limits(self) -> p.Limits:
         return self._link.limits if self._link is not None else p.Limits()
@@ -328,6 +338,36 @@ class Hub:
         )
         return HardwarePool.from_machines(reply.machines)
 
+    # -- credits ----------------------------------------------------------------
+
+    @on_io_loop
+    async def credit_tally(self, by: str = "owner") -> "pd.DataFrame":
+        """Credit totals by ``machine``, ``owner``, ``user`` or ``session``, ranked.
+
+        A client sees the slots of its own tasks and allocations; an admin, all."""
+        from .tally import tally_frame
+
+        if by not in ("machine", "owner", "user", "session"):
+            raise ValueError(f"by must be machine, owner, user or session, not {by!r}")
+        reply = await self._request(lambda rid: p.GetCreditTally(id=rid, by=by))
+        return tally_frame(by, reply.rows)
+
+    @on_io_loop
+    async def credit_slots(self, state: Optional[str] = None, *, session: Optional[str] = None,
+                           machine: Optional[str] = None, limit: int = 10_000) -> "pd.DataFrame":
+        """One row per credit slot (yours; an admin's: all), oldest first."""
+        from .tally import slots_frame
+
+        reply = await self._request(lambda rid: p.GetCreditSlots(
+            id=rid, state=state, session_id=session, machine=machine, limit=limit))
+        return slots_frame(reply.slots)
+
+    @on_io_loop
+    async def credit_link(self, machine: str, user: str) -> dict[str, Any]:
+        """Admin: link ``machine`` to ``user``; its pending credits are paid to them."""
+        r = await self._request(lambda rid: p.CreditLink(id=rid, machine=machine, user=user), idempotent=False)
+        return {"machine": r.machine, "user": r.user, "paid_credits": r.paid_credits, "paid_slots": r.paid_slots}
+
     # -- live events and sessions ---------------------------------------------
 
     @on_io_loop
@@ -404,6 +444,9 @@ class Hub:
     watch_sync = sync_twin(watch)
     cancel_sync = sync_twin(cancel)
     session_sync = sync_twin(session)
+    credit_tally_sync = sync_twin(credit_tally)
+    credit_slots_sync = sync_twin(credit_slots)
+    credit_link_sync = sync_twin(credit_link)
 
 
 __all__ = ["Hub", "HubError", "ConnectError", "RemoteError", "Session", "Watcher"]

@@ -208,6 +208,8 @@ class HWFMagics(Magics):
     @argument("--session", default=None, help="add to an existing session")
     @argument("--max-retries", type=int, default=3, help="retries after a lost daemon")
     @argument("--label", default="", help="a label kept with the tasks")
+    @argument("--credits", default=None, metavar="N|MIN:MAX",
+              help="credits each task pays its machine: N, or its CPU-seconds clamped into MIN:MAX")
     @line_magic
     @_one_line_errors
     def hwf_dispatch(self, line: str) -> Submission:
@@ -222,7 +224,7 @@ class HWFMagics(Magics):
                 raise UsageError("hwf: --across: no connected machine matches the draft's hardware")
         sub = dispatch_sync(task, hub, repeat=args.repeat, priority=args.priority, across=across,
                             session=args.session, max_retries=args.max_retries, timeout=args.timeout,
-                            stream=args.stream)
+                            stream=args.stream, credits=_credits_arg(args.credits))
         self.submissions.append(sub)
         view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:
@@ -291,6 +293,21 @@ class HWFMagics(Magics):
         return hub.get_hardware_pool_sync(*hardware).to_dataframe()
 
     @magic_arguments()
+    @argument("--by", default="owner", choices=["machine", "owner", "user", "session"],
+              help="group credits by machine, owner (default), user or session")
+    @argument("--board", action="store_true", help="show a live leaderboard widget instead of a DataFrame")
+    @line_magic
+    @_one_line_errors
+    def hwf_credits(self, line: str) -> Any:
+        """Credit tallies as a ranked DataFrame (yours; an admin's: everyone's)."""
+        args = parse_argstring(self.hwf_credits, line)
+        hub = self._require_hub()
+        if args.board:
+            from .widgets.credits import CreditBoard
+            return CreditBoard(hub, by=args.by)
+        return hub.credit_tally_sync(by=args.by)
+
+    @magic_arguments()
     @argument("ids", nargs="*", help="task ids")
     @argument("--session", default=None, help="cancel every unfinished task of a session")
     @line_magic
@@ -304,6 +321,19 @@ class HWFMagics(Magics):
                 raise UsageError("hwf: name task ids or --session S to cancel")
             args.session = self.submissions[-1].session_id
         return hub.cancel_sync(args.ids or None, session=args.session)
+
+
+def _credits_arg(text: Optional[str]) -> Any:
+    """``--credits N`` or ``MIN:MAX`` -> dispatch's credits= (checked there)."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            lo, hi = text.split(":", 1)
+            return (int(lo), int(hi))
+        return int(text)
+    except ValueError:
+        raise UsageError(f"hwf: --credits takes N or MIN:MAX (whole numbers), got {text!r}") from None
 
 
 def load_ipython_extension(ipython: Any) -> None:

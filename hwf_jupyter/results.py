@@ -191,6 +191,7 @@ class TaskResult:
     label: str = ""
     stages: list[StageResult] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
+    credits: Optional[int] = None  # what its credit slot paid the machine; None until claimed
 
     @classmethod
     def from_record(cls, rec: protocol.TaskRecord) -> TaskResult:
@@ -215,6 +216,7 @@ class TaskResult:
             label=rec.label,
             stages=[StageResult.from_outcome(s) for s in rec.stages],
             artifacts=[Artifact.from_info(a) for a in rec.artifacts],
+            credits=rec.credits,
         )
 
     @property
@@ -299,6 +301,7 @@ _TASK_COLUMNS: dict[str, str] = {
     "priority": "int64",
     "n_stages": "int64",
     "artifacts": "int64",
+    "credits": "Int64",  # what the task's credit slot paid; <NA> until claimed
 }
 
 _STAGE_COLUMNS: dict[str, str] = {
@@ -349,6 +352,8 @@ _MACHINE_COLUMNS: dict[str, str] = {
     "slots": "int64",
     "running": "int64",
     "tags": "str",
+    "owner": "str",
+    "credits": "int64",  # what its claimed slots paid (to its owner, or pending)
     "load_1m": "float64",
     "cpu_percent": "float64",
     "mem_percent": "float64",
@@ -396,6 +401,7 @@ def _task_row(t: TaskResult) -> dict[str, Any]:
         "priority": t.priority,
         "n_stages": len(t.stages),
         "artifacts": sum(a.ok for a in t.artifacts),
+        "credits": t.credits,
     }
 
 
@@ -512,6 +518,7 @@ class Machine:
     first_seen: Optional[float] = None
     last_seen: Optional[float] = None
     owner: str = ""  # who contributes the machine (its daemon token's owner)
+    credits: int = 0  # credits its claimed slots paid (to its owner, or pending)
 
     @classmethod
     def from_info(cls, info: protocol.MachineInfo) -> Machine:
@@ -527,6 +534,7 @@ class Machine:
             first_seen=info.first_seen,
             last_seen=info.last_seen,
             owner=info.owner,
+            credits=info.credits,
         )
 
     @property
@@ -571,6 +579,7 @@ def _machine_row(m: Machine) -> dict[str, Any]:
         "running": m.running,
         "tags": ", ".join(m.tags),
         "owner": m.owner,
+        "credits": m.credits,
         "load_1m": load_avg[0],
         "cpu_percent": load.get("cpu_percent"),
         "mem_percent": load.get("mem_percent"),

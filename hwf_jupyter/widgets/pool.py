@@ -7,17 +7,15 @@ view has something to show) waits.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import pandas as pd
 
-from .._ioloop import io_loop
 from ..results import HardwarePool
 from ._common import describe_error, error_html, esc, resolve_interactive
+from ._refresh import BackgroundRefresh, check_interval
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -57,7 +55,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-class PoolView:
+class PoolView(BackgroundRefresh):
     """Machines matching ``hardware`` (all without it), with a Refresh button and auto refresh."""
 
     def __init__(
@@ -68,8 +66,7 @@ class PoolView:
         interactive: Optional[bool] = None,
         include_offline: bool = False,
     ) -> None:
-        if refresh is not None and refresh <= 0:
-            raise ValueError(f"refresh must be > 0 seconds or None, got {refresh!r}")
+        check_interval(refresh)
         self.hub = hub
         self.hardware = hardware
         self.refresh_interval = refresh
@@ -80,16 +77,10 @@ class PoolView:
         self.updated: Optional[float] = None
         self._df = HardwarePool().to_dataframe()
         self._lock = threading.Lock()
-        self._auto: Optional[concurrent.futures.Future] = None
         self._box: Optional["ipywidgets.VBox"] = None
         if self.interactive:
             self._build_widgets()
-        if io_loop().in_loop_thread():
-            self.refresh()
-        else:
-            self.refresh_sync()
-        if self.interactive and refresh is not None:
-            self._auto = io_loop().submit(self._auto_refresh(refresh))
+        self._start_refreshing(refresh, auto=self.interactive)
 
     # -- fetching -------------------------------------------------------------
 
@@ -104,31 +95,6 @@ class PoolView:
                 self.pool, self._df, self.error = pool, pool.to_dataframe(), None
                 self.updated = time.time()
         self._render()
-
-    async def _auto_refresh(self, every: float) -> None:
-        while True:
-            await asyncio.sleep(every)
-            await self._fetch()
-
-    def refresh(self) -> concurrent.futures.Future:
-        """Ask the hub again in the background; returns at once."""
-        return io_loop().submit(self._fetch())
-
-    def refresh_sync(self) -> pd.DataFrame:
-        """Ask the hub again and wait for the answer (not from HWF's I/O thread)."""
-        io_loop().run_sync(self._fetch())
-        return self.to_dataframe()
-
-    def stop(self) -> None:
-        """Stop the auto refresh (the table keeps its last state)."""
-        fut, self._auto = self._auto, None
-        if fut is not None:
-            fut.cancel()
-
-    @property
-    def running(self) -> bool:
-        """Auto refresh is on."""
-        return self._auto is not None and not self._auto.done()
 
     def to_dataframe(self) -> pd.DataFrame:
         """The last pool as ``HardwarePool.to_dataframe()`` returned it."""
