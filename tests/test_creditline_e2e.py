@@ -300,13 +300,26 @@ def test_stale_socket_file_replaced_and_removed_at_exit(tmp_path):
 
 
 def test_idle_connections_are_bounded_and_closed(farm):
-    idle = [farm.connect("tcp" if i % 2 else "unix") for i in range(MAX_CONNECTIONS)]
+    def fill_then_knock():
+        """MAX idle connections, then one more: answered ER at once.  The unix and
+        tcp listeners accept independently, so the extra one can be counted
+        before an idle one: then all are dropped and the round is tried again."""
+        idle = [farm.connect("tcp" if i % 2 else "unix") for i in range(MAX_CONNECTIONS)]
+        time.sleep(0.2)  # let the hub accept (and count) them
+        with farm.connect("unix") as s:  # answered before it says anything
+            s.settimeout(1.0)
+            try:
+                got = _read_to_end(s)
+            except socket.timeout:
+                got = b""
+        if got == b"ER":
+            return idle
+        for sock in idle:
+            sock.close()
+        return None
+
+    idle = wait_until(fill_then_knock, what="the connection limit to apply")
     try:
-        # every connection slot is held: one more is answered ER and closed at once
-        def refused_extra():
-            with farm.connect("unix") as s:  # answered before it says anything
-                return _read_to_end(s) == b"ER"
-        wait_until(refused_extra, what="the connection limit to apply")
         # the hub closes the idle ones by itself (--creditpiggy-idle-timeout 2)
         for s in idle:
             s.settimeout(60)

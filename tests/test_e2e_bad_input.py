@@ -121,11 +121,11 @@ def test_file_above_size_limit_is_refused(tmp_path):
         hub.close_sync()
 
 
-def test_unknown_session_and_credits_not_yet(hub):
+def test_unknown_session_and_bad_credits(hub):
     with pytest.raises(RemoteError, match="unknown session 's-nope'"):
         dispatch_sync(Task(Stage("s", cmd="true")), hub, session="s-nope")
-    with pytest.raises(NotImplementedError, match="credits"):
-        dispatch_sync(Task(Stage("s", cmd="true")), hub, credits=5)
+    with pytest.raises(TaskError, match=r"min <= max, got \(5, 2\)"):
+        dispatch_sync(Task(Stage("s", cmd="true")), hub, credits=(5, 2))
 
 
 def test_protocol_version_mismatch_refused(cluster):

@@ -216,11 +216,11 @@ def test_result_list_summaries(results: ResultList) -> None:
 
 def test_task_dataframe(results: ResultList) -> None:
     df = results.to_dataframe()
-    assert df.shape == (2, 22)
+    assert df.shape == (2, 23)
     assert list(df.columns) == [
         "task_id", "session_id", "status", "exit_code", "machine", "os", "cpu", "cores",
         "ram", "submitted", "queued", "started", "finished", "queue_time", "duration", "attempts",
-        "error", "wait_reason", "label", "priority", "n_stages", "artifacts",
+        "error", "wait_reason", "label", "priority", "n_stages", "artifacts", "credits",
     ]
     assert list(df["machine"]) == ["daemon-1", "daemon-2"]
     assert list(df["os"]) == ["linux", "darwin"]
@@ -299,7 +299,7 @@ def test_command_dataframe(results: ResultList) -> None:
 
 
 @pytest.mark.parametrize(
-    ("level", "n_columns"), [("task", 22), ("stage", 15), ("command", 13)]
+    ("level", "n_columns"), [("task", 23), ("stage", 15), ("command", 13)]
 )
 def test_empty_result_list_has_columns(level: str, n_columns: int) -> None:
     full = ResultList.from_records([finished_record()]).to_dataframe(level)
@@ -349,10 +349,10 @@ def test_hardware_pool_objects() -> None:
 
 def test_hardware_pool_dataframe() -> None:
     df = HardwarePool.from_machines(machines()).to_dataframe()
-    assert df.shape == (2, 18)
+    assert df.shape == (2, 20)
     assert list(df.columns) == [
         "machine_id", "name", "state", "os", "distro", "arch", "cpu", "cores", "ram_gb",
-        "gpus", "slots", "running", "tags", "load_1m", "cpu_percent", "mem_percent",
+        "gpus", "slots", "running", "tags", "owner", "credits", "load_1m", "cpu_percent", "mem_percent",
         "disk_percent", "last_seen",
     ]
     assert df["name"].tolist() == ["gpu-box", "laptop"]
@@ -371,4 +371,4 @@ def test_empty_hardware_pool() -> None:
     pool = HardwarePool.from_machines([])
     assert len(pool) == 0 and pool.names == []
     assert repr(pool) == "<HardwarePool 0 machines>"
-    assert pool.to_dataframe().shape == (0, 18)
+    assert pool.to_dataframe().shape == (0, 20)
