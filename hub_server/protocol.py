@@ -141,7 +141,6 @@ class PyCall(msgspec.Struct, frozen=True):
     pickled_file: Optional[Text] = None
     ref: Optional[Text] = None
     arg: Optional[str] = None
-    stdin: Optional[str] = None  # for shell-runtime calls given data on stdin (MECA runtime="shell")
 
 
 class ContainerCall(msgspec.Struct, frozen=True):
@@ -168,6 +167,7 @@ class StageSpec(msgspec.Struct, frozen=True):
     comment: Text = ""
     call: Optional[PyCall] = None
     container: Optional[ContainerCall] = None
+    stdin: Optional[Annotated[str, Meta(max_length=16 * 2**20)]] = None  # given to each command (MECA runtime="shell")
 
 
 CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
