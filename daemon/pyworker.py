@@ -309,6 +309,10 @@ def serve(req):
             return reply
         except BaseException as exc:  # unpickling or importing ran the user's code, or failed
             reply["error"] = "could not load the call: %s: %s" % (type(exc).__name__, exc)
+            if isinstance(exc, ImportError) and req.get("ref") is None:
+                reply["error"] += (" (a function from an importable module is pickled by reference: that module "
+                                   "must be importable on the daemon too, or be pickled by value with "
+                                   "cloudpickle.register_pickle_by_value)")
             reply["value"] = encode_error(exc, inline_max)
             return reply
         if req.get("grid"):

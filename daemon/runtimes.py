@@ -85,8 +85,11 @@ def _candidates(isolated: bool) -> list[str]:
 
 
 def site_dirs() -> list[str]:
-    """The daemon's own package dirs (venv or system site-packages)."""
-    dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    """The daemon's own package dirs (venv or system site-packages), and the
+    dirs of its ``PYTHONPATH`` (where an operator puts a grid handler's module;
+    workers run ``python -I``, which reads no environment)."""
+    extra = [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d]
+    dirs = extra + [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
     with_site = getattr(site, "getsitepackages", lambda: [])()
     paths = sysconfig.get_paths()
     dirs += list(with_site) + [paths.get("purelib", ""), paths.get("platlib", "")]
@@ -129,7 +132,7 @@ def python_runtime(explicit: Optional[str] = None, *, isolated: bool) -> Optiona
                     "function tasks (give one with --python PATH)")
         return None
     python, version = chosen[0]
-    paths = site_dirs() if version == OWN_VERSION else []
+    paths = site_dirs() if version == OWN_VERSION else [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d]
     return PythonRuntime(python=python, version=version, argv=worker_argv(python, isolated), paths=paths)
 
 
