@@ -183,3 +183,13 @@ def test_grid_handler_checks():
     assert gridcall.check_handler("pkg.mod:fn") is None and gridcall.check_handler("./run.sh") is None
     assert gridcall.check_ref("@grid") is None and gridcall.check_ref("@grid:m:f") is None
     assert gridcall.check_ref("m") and gridcall.check_ref("@gridm:f")
+
+
+def test_the_pool_frame_shows_runtimes():
+    from hwf_jupyter.results import HardwarePool
+
+    info = p.MachineInfo(machine_id="d1", name="d1", state="online", slots=2,
+                         hardware={"os": "linux", "runtimes": ["shell", "python3.11", "docker"]})
+    old = p.MachineInfo(machine_id="d0", name="d0", state="online", slots=1, hardware={"os": "linux"})
+    df = HardwarePool.from_machines([info, old]).to_dataframe()
+    assert list(df["runtimes"]) == ["shell, python3.11, docker", ""]

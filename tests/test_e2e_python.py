@@ -318,3 +318,66 @@ def test_a_seed_grid_config_waits_clearly_where_no_handler_exists(hub, cluster):
         grid.cancel_sessions([sub["session_id"]])
     finally:
         grid.close()
+
+
+# ------------------------------------------------------------------ attacks and limits
+
+
+def _forge_reply(kind):
+    """Task code writing on its worker's channel to the daemon (it can: same process)."""
+    import stat
+    import struct
+    chan = next(fd for fd in range(3, 64) if _is_socket(fd, stat))
+    if kind == "huge":
+        os.write(chan, struct.pack(">I", 2**31))
+    else:  # well framed, badly typed
+        body = json.dumps({"op": "done", "id": "x", "ok": True, "value": {"pickled": 5}}).encode()
+        os.write(chan, struct.pack(">I", len(body)) + body)
+    time.sleep(30)  # the daemon must not wait for this
+    return "unreachable"
+
+
+def _is_socket(fd, stat):
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kind", ["huge", "mistyped"])
+def test_a_call_forging_its_workers_reply_fails_alone(hub, kind):
+    (tid,) = submit(hub, [call(_forge_reply, kind, max_retries=2)])
+    (r,) = results(hub, [tid])
+    assert r.status == "failed" and [a.state for a in r.attempts] == ["failed"]  # its own doing: no retry
+    assert "the Python worker sent" in r.error
+    # The daemon goes on serving calls.
+    ids = submit(hub, [call(_double, 21)])
+    assert value(results(hub, ids)[0]) == 42
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+
+def test_a_call_past_its_timeout_is_killed_and_failed(hub):
+    (tid,) = submit(hub, [call(_sleep, 60, timeout=1)])
+    (r,) = results(hub, [tid])
+    assert r.status == "failed" and r.reason == "timeout" and r.error == "timed out"
+    ids = submit(hub, [call(_double, 4)])
+    assert value(results(hub, ids)[0]) == 8  # a new worker took over the slot
+
+
+def test_commands_get_the_stage_stdin(hub):
+    big = "x" * (3 * 2**20) + "\n"
+    stages = [
+        p.StageSpec(name="echo", cmds=["cat", "wc -c"], stdin="hello\n"),
+        p.StageSpec(name="big", cmds=["wc -c"], stdin=big),
+        p.StageSpec(name="ignores", cmds=["true"], stdin=big),  # never reads it: no hang
+    ]
+    ids = submit(hub, [p.TaskSpec(stages=stages)])
+    (r,) = results(hub, ids)
+    assert r.status == "finished", r.error
+    echo, wc = r.stages[0].commands
+    assert echo.stdout == "hello\n" and wc.stdout.strip() == "6"
+    assert r.stages[1].commands[0].stdout.strip() == str(len(big))
