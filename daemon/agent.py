@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
+from hub_server import gridcall
 from hub_server import protocol as p
 from hub_server.blobs import fileobj_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
@@ -39,6 +40,9 @@ from .hardware import detect_hardware
 from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
+from .pystage import CallContext
+from .pyworkers import PyWorkers
+from .runtimes import RuntimeConfigError, detect_runtimes, python_runtime
 from .runner import Cancel, cancel_error, run_task
 from .taskdirs import TMP_NAME, TaskDirs
 
@@ -68,6 +72,12 @@ class DaemonConfig:
     slot_uid_base: int = DEFAULT_SLOT_UID_BASE
     # wss:// hubs: trust this CA file (default: the system's CAs).
     ca_file: Optional[str] = None
+    # The warm Python workers: their interpreter (None: found, see runtimes.py)
+    # and how many calls one serves before it is replaced.
+    python: Optional[str] = None
+    python_max_tasks: int = 1000
+    # HTC-Grid tasks that leave the handler to the farm: "module:function" or a shell command.
+    grid_handler: Optional[str] = None
 
 
 @dataclass
@@ -98,7 +108,19 @@ class Daemon:
         self._slot_waiters = 0
         for k in range(config.slots):
             self._free_slots.put_nowait(k)
+        try:
+            problem = gridcall.check_handler(config.grid_handler) if config.grid_handler is not None else None
+            if problem:
+                raise RuntimeConfigError(f"--grid-handler: {problem}")
+            runtime = python_runtime(config.python, isolated=self.accounts.isolated)
+        except RuntimeConfigError:
+            self.close()
+            raise
+        self.pyworkers = PyWorkers(runtime, max_tasks=config.python_max_tasks) if runtime is not None else None
         self.hardware = detect_hardware()
+        self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler)
+        if runtime is not None:
+            log.info("Python tasks run on warm workers of %s (%s)", runtime.python, runtime.name)
         self.link: Optional[Link] = None
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
@@ -245,6 +267,8 @@ class Daemon:
             r.cancel.set("daemon stopped")
         if self.running:
             await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
+        if self.pyworkers is not None:
+            await self.pyworkers.close()
         if self._cleaning:  # leftovers are killed and task dirs removed before we go
             await asyncio.wait(list(self._cleaning), timeout=10)
         if self._trash_job is not None:
@@ -323,6 +347,12 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        if self.pyworkers is not None and any(st.call is not None for st in msg.spec.stages):
+            # Started before ``since``: a warm worker is not this task's leftover.
+            try:
+                await self.pyworkers.ensure(slot, user, msg.user_key)
+            except Exception as exc:  # the stage reports it when it runs
+                log.warning("python worker for slot %d: %s", slot, exc)
         # Every process this task makes is born after this pid (leftovers.py).
         since = last_pid() if user is not None and user.per_slot and slot not in self._unclean else None
         timer = None
@@ -374,6 +404,7 @@ class Daemon:
                 env=env,
                 # Artifacts are read from a dir nothing of the task still writes to.
                 before_artifacts=clean if msg.spec.artifacts else None,
+                calls=CallContext(self.pyworkers, slot, user, msg.user_key, self.config.grid_handler),
             )
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)

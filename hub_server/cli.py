@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Coroutine, Optional, Sequence
 
 from . import __version__
+from . import gridcall
 from . import protocol as p
 
 # Hub limits settable on the command line: Limits field -> help.
@@ -57,6 +58,9 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
+    hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
+                     help="HTC-Grid handler for tasks whose client config names none, on daemons without "
+                          "their own --grid-handler: 'module:function' or a shell command")
     hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=run_hub_cli)
@@ -83,7 +87,13 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         slow_reader_timeout=args.slow_reader_timeout,
+        grid_handler=args.grid_handler,
     )
+    if args.grid_handler is not None:
+        problem = gridcall.check_handler(args.grid_handler)
+        if problem:
+            print(f"hwf hub: error: --grid-handler: {problem}", file=sys.stderr)
+            return 2
     try:
         return run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
     except SchemaError as exc:

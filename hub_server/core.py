@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import collections
 import heapq
+import hmac
 import itertools
 import logging
+import re
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from . import gridcall
 from . import hardware as hw
 from . import protocol as p
 from . import task_state
@@ -55,6 +58,36 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+_PYTHON_VERSION = re.compile(r"^[0-9]{1,2}\.[0-9]{1,3}$")
+
+
+def _stage_problem(stage: p.StageSpec) -> Optional[str]:
+    """What is wrong with a stage's shape (commands, a Python call or a container), or None."""
+    kinds = bool(stage.cmds) + (stage.call is not None) + (stage.container is not None)
+    if kinds == 0:
+        return "has no commands (nor a Python call or a container)"
+    if kinds > 1:
+        return "has more than one of commands, a Python call and a container: give one"
+    if stage.stdin is not None and not stage.cmds:
+        return "has stdin but no commands to give it to"
+    call = stage.call
+    if call is None:
+        return None
+    if not _PYTHON_VERSION.match(call.python):
+        return f"call: python {call.python[:20]!r} is not a major.minor version like '3.11'"
+    if (call.pickled is not None) + (call.pickled_file is not None) + (call.ref is not None) != 1:
+        return "call: give exactly one of pickled, pickled_file and ref"
+    if call.pickled_file is not None and call.pickled_file not in {d.filename for d in stage.data}:
+        return f"call: pickled_file {call.pickled_file[:200]!r} is not one of the stage's data files"
+    if call.ref is not None:
+        problem = gridcall.check_ref(call.ref)
+        if problem:
+            return f"call: {problem}"
+    elif call.arg is not None:
+        return "call: arg goes with ref (a pickled call carries its own arguments)"
+    return None
 
 
 def instance_key(machine_id: str, instance: Optional[str]) -> str:
@@ -160,8 +193,11 @@ class _Replay:
 class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
-                 reconnect_grace: float = 15.0) -> None:
+                 reconnect_grace: float = 15.0, grid_handler: Optional[str] = None) -> None:
         self.store = store
+        # HTC-Grid tasks that leave the handler to the farm get this one on
+        # daemons without their own (gridcall.py).
+        self.grid_handler = grid_handler.strip() if grid_handler and grid_handler.strip() else None
         self.blobs = blobs
         self.limits = limits
         # Daemons beat often enough that several beats fit in the timeout: a
@@ -185,6 +221,8 @@ class HubCore:
         self._out: list[Instruction] = []
         self._dirty = True  # a scheduling pass is due at the end of the batch
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
+        self._user_keys: dict[str, str] = {}
+        self._key_secret = (store.meta("user_key_secret") or self._init_key_secret()).encode()
         self._load_machines()
         self._load_active()
         # After a restart, daemons get this long to come back for their attempts.
@@ -242,6 +280,19 @@ class HubCore:
         hub_id = new_id("hub-")
         self.store.set_meta("hub_id", hub_id)
         return hub_id
+
+    def _init_key_secret(self) -> str:
+        secret = secrets.token_hex(32)
+        self.store.set_meta("user_key_secret", secret)
+        return secret
+
+    def user_key(self, user: str) -> str:
+        """The opaque key of a user that daemons see (their warm Python workers
+        serve one key): stable, but not the name, nor guessable from it."""
+        key = self._user_keys.get(user)
+        if key is None:
+            key = self._user_keys[user] = hmac.new(self._key_secret, user.encode(), "sha256").hexdigest()[:32]
+        return key
 
     def _load_machines(self) -> None:
         self.store.mark_all_machines_offline()
@@ -365,8 +416,9 @@ class HubCore:
         if spec.timeout is not None and spec.timeout <= 0:
             raise RequestError("bad_task", f"{where}: timeout must be > 0 seconds")
         for stage in spec.stages:
-            if not stage.cmds:
-                raise RequestError("bad_task", f"{where}: stage {stage.name!r} has no commands")
+            problem = _stage_problem(stage)
+            if problem:
+                raise RequestError("bad_task", f"{where}: stage {stage.name!r} {problem}")
             for d in stage.data:
                 problem = unsafe_relative_path(d.filename)
                 if problem:
@@ -380,6 +432,11 @@ class HubCore:
             problem = unsafe_relative_path(pattern)
             if problem:
                 raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
+        if any(gridcall.needs_handler(s) for s in spec.stages):
+            # Only daemons that can run the farm's handler: their own, or the hub's.
+            need = gridcall.handler_runtime(self.grid_handler)
+            if need is not None:
+                req = hw.normalize({**req, "runtime": ",".join(filter(None, [req.get("runtime"), need]))})
         return req
 
     # -- scheduling ---------------------------------------------------------
@@ -417,7 +474,11 @@ class HubCore:
             t.status = "assigned"
             t.machine = machine_id
             self.machines[machine_id].running.add(task_id)
-            by_machine.setdefault(machine_id, []).append(p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec))
+            spec = t.spec
+            if self.grid_handler is not None and "grid" not in hw.machine_runtimes(self.machines[machine_id].hardware):
+                spec = gridcall.spec_with_handler(spec, self.grid_handler)
+            by_machine.setdefault(machine_id, []).append(
+                p.Assign(task_id=task_id, attempt=t.attempt, spec=spec, user_key=self.user_key(t.user)))
             self._emit(t, "assigned", machine=machine_id)
         for machine_id, assigns in by_machine.items():
             peer = self.daemon_peer.get(machine_id)
@@ -583,6 +644,10 @@ class HubCore:
         self.machines[machine_id].running.discard(t.task_id)
         self.scheduler.release(machine_id)
         self._dirty = True
+        if o.status == "lost":  # its worker died, not the task: retried like a lost daemon's
+            reason = (o.error or "the attempt was lost on its daemon")[:1000]
+            self._lose_attempts(machine_id, [t.task_id], now, reason=reason, exclude=False)
+            return True
         with self.store.transaction():
             self.store.update_attempt(
                 t.task_id, t.attempt, state=o.status, ended=o.finished or now, reason=o.reason,
@@ -743,6 +808,7 @@ class HubCore:
             ],
             stages=stages,
             artifacts=artifacts,
+            value=outcome.value if outcome is not None else None,
         )
 
     def _briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:

@@ -558,6 +558,10 @@ class Assign(_Msg, tag="assign"):
     task_id: str
     attempt: int
     spec: TaskSpec
+    # Opaque per-user key (a keyed hash, not the name): a daemon's warm Python
+    # worker serves the tasks of one key only, so no user inherits another's
+    # interpreter state.
+    user_key: Id = ""
 
 
 class Assignments(_Msg, tag="assignments"):

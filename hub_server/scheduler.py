@@ -255,7 +255,11 @@ class Scheduler:
             what = hw.describe(group.req)
             if group.excluded:
                 what += f" (excluding {', '.join(sorted(group.excluded))}, which lost it)"
-            return f"waiting for matching hardware: no connected daemon has {what}"
+            reason = f"waiting for matching hardware: no connected daemon has {what}"
+            if "runtime" in group.req and self._machines:
+                offered = sorted({r for m in self._machines.values() for r in hw.machine_runtimes(m.facts)})
+                reason += f" (connected daemons run: {', '.join(offered)})"
+            return reason
         if not any(m.accepting for m in fits):
             return "waiting: every matching daemon is draining"
         return f"waiting for a free slot on {len(fits)} matching daemon(s)"

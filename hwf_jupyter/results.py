@@ -401,6 +401,7 @@ _MACHINE_COLUMNS: dict[str, str] = {
     "slots": "int64",
     "running": "int64",
     "tags": "str",
+    "runtimes": "str",
     "load_1m": "float64",
     "cpu_percent": "float64",
     "mem_percent": "float64",
@@ -660,6 +661,7 @@ def _machine_row(m: Machine) -> dict[str, Any]:
         "slots": m.slots,
         "running": m.running,
         "tags": ", ".join(m.tags),
+        "runtimes": ", ".join(str(r) for r in hw.get("runtimes") or []),  # shell, python3.11, docker...
         "owner": m.owner,
         "load_1m": load_avg[0],
         "cpu_percent": load.get("cpu_percent"),
