@@ -32,6 +32,7 @@ import base64
 import hashlib
 import io
 import linecache
+import os
 import pickle
 import re
 import sys
@@ -131,6 +132,50 @@ def _is_small_atom(obj: Any) -> bool:
         isinstance(obj, (str, bytes)) and len(obj) < 1024)
 
 
+_INSTALLED_ROOTS: Optional[tuple[str, ...]] = None
+_BY_VALUE: set[str] = set()
+_OWN_PACKAGES = ("hwf_jupyter", "hub_server", "hwf_daemon", "daemon")
+
+
+def _installed_roots() -> tuple[str, ...]:
+    global _INSTALLED_ROOTS
+    if _INSTALLED_ROOTS is None:
+        import site
+        import sysconfig
+
+        roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+        roots.update(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib"))
+        try:
+            roots.update(site.getsitepackages())
+            roots.add(site.getusersitepackages())
+        except AttributeError:  # some embedded interpreters
+            pass
+        _INSTALLED_ROOTS = tuple(os.path.realpath(r) + os.sep for r in roots if r)
+    return _INSTALLED_ROOTS
+
+
+def send_local_module_by_value(fn: Any) -> None:
+    """Functions of a module that lives only here (a script or module next to
+    the notebook, not an installed package) are sent with their code:
+    daemons could not import that module.  Installed packages are sent by
+    name, as cloudpickle does, and must be installed on the daemons too."""
+    name = getattr(fn, "__module__", None)
+    if not name or name in _BY_VALUE or name == "__main__" or name.split(".")[0] in _OWN_PACKAGES:
+        return
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if module is None or not path:
+        return
+    real = os.path.realpath(path)
+    if real.startswith(_installed_roots()):
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except ValueError:  # not importable under its name: cloudpickle sends it by value anyway
+        pass
+    _BY_VALUE.add(name)
+
+
 class CallEncoder:
     """Pickles calls for one submission (``submit`` or a whole ``map``).
 
@@ -176,6 +221,7 @@ class CallEncoder:
         self._keep.append(obj)
 
     def encode(self, fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> EncodedCall:
+        send_local_module_by_value(fn)
         call = (fn, tuple(args), dict(kwargs))
         data, used = self._dumps_call(call)
         if len(data) > self.arg_max:

@@ -264,3 +264,25 @@ def test_pyvalue_on_the_wire_is_strict():
     with pytest.raises(p.ProtocolError):
         p.decode(msgspec.json.encode({"type": "results", "id": 1, "tasks": [
             {"task_id": "t", "session_id": "s", "status": "finished", "value": {"size": -1}}]}))
+
+
+def test_functions_of_a_local_module_travel_by_value(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    (tmp_path / "my_local_helpers.py").write_text("OFFSET = 40\n\ndef add(x):\n    return x + OFFSET\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_local_helpers
+
+    enc = CallEncoder()
+    encoded = enc.encode(my_local_helpers.add, (2,), {})
+    blob = tmp_path / "call.pkl"
+    blob.write_bytes(_call_bytes(enc, encoded))
+    # Elsewhere, where my_local_helpers cannot be imported (as on a daemon):
+    code = "import pickle,sys; fn,a,k=pickle.load(open(sys.argv[1],'rb')); print(fn(*a))"
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], cwd="/", capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert out.stdout.strip() == "42", out.stderr
+    enc2 = CallEncoder()
+    installed = enc2.encode(np.sum, ([1],), {})
+    assert b"numpy" in base64.b64decode(installed.pickled), "installed packages go by name"
