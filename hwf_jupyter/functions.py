@@ -58,6 +58,10 @@ log = logging.getLogger("hwf.functions")
 
 TRACKS = ("time", "ram", "cpu", "gpu")
 FETCH_BATCH = 500  # ids per get_results: records carry stdout, keep replies modest
+# While more tasks are still running, a fetch waits this long for others to
+# end, so a map's results come in a few large get_results, not one per task
+# (each costs the hub a store read); a lone task is fetched at once.
+FETCH_GATHER_SECONDS = 0.02
 STAGE_NAME = "python"
 
 
@@ -325,6 +329,8 @@ class FunctionClient:
 
     async def _fetch(self) -> None:
         while self._ended:
+            if len(self._ended) < min(FETCH_BATCH, len(self._futures)):
+                await asyncio.sleep(FETCH_GATHER_SECONDS)
             ids = list(self._ended)[:FETCH_BATCH]
             for tid in ids:
                 del self._ended[tid]

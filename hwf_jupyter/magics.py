@@ -315,7 +315,10 @@ class HWFMagics(Magics):
         hardware = _key_values(args.hardware)
         if not cell.strip():
             raise UsageError("hwf_px: the cell is empty")
-        names, skipped = cell_names(cell, self.shell.user_ns if self.shell is not None else {})
+        try:
+            names, skipped = cell_names(cell, self.shell.user_ns if self.shell is not None else {})
+        except SyntaxError as exc:
+            raise UsageError(f"hwf_px: the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
         hub = self._require_hub()
         opts = make_options(hardware, 0, 3, args.timeout, "time", None, label="hwf_px")
         pins: Optional[list[str]] = None
