@@ -246,7 +246,10 @@ class FunctionClient:
                 except Exception as exc:  # the hub refused, or it is unreachable
                     for b in group:
                         for f in b.futures:
-                            f._refused(exc)
+                            if f.task_id is None:
+                                f._refused(exc)
+                            elif self._futures.pop(f.task_id, None) is not None:
+                                f._settle(exc=exc)  # accepted, but it could not be watched
 
     async def _upload(self, blobs: dict[str, bytes]) -> None:
         if not blobs:
@@ -297,7 +300,8 @@ class FunctionClient:
         for chunk, watch in zip(chunks, watches):
             # The snapshot in the reply reports tasks that ended before the
             # watch began, so subscribing after the submit misses nothing.
-            watch.watcher = await self.hub.watch(chunk, on_event=self._on_event, on_snapshot=self._on_snapshot)
+            watch.watcher = await self.hub._on_link(
+                lambda link, chunk=chunk: self.hub.watch(chunk, on_event=self._on_event, on_snapshot=self._on_snapshot))
             self.stats["watches"] += 1
             self._close_watch_if_done(watch)
 
@@ -413,28 +417,16 @@ class FunctionClient:
         while self._futures and not self.closed:
             link = self.hub._link
             if link is None or not link.is_open:
-                if not await self._reconnect():
+                try:
+                    await self.hub._on_link(_nothing)
+                except HubError as exc:
+                    self._fail_all(ConnectError(f"lost the hub and could not reconnect within "
+                                                f"{self.hub.reconnect_timeout:.0f}s: {exc}"))
                     return
                 continue
             assert link.closed is not None
-            done, _ = await asyncio.wait({link.closed}, timeout=5.0)
-            # (the timeout only rechecks whether futures are still waiting)
-
-    async def _reconnect(self) -> bool:
-        deadline = time.monotonic() + self.hub.reconnect_timeout
-        delay = 0.1
-        while not self.closed:
-            try:
-                await self.hub._connected()
-                return True
-            except ConnectError as exc:
-                if time.monotonic() >= deadline:
-                    self._fail_all(ConnectError(f"lost the hub and could not reconnect within "
-                                                f"{self.hub.reconnect_timeout:.0f}s: {exc}"))
-                    return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        return False
+            # The timeout only rechecks whether futures are still waiting.
+            await asyncio.wait({link.closed}, timeout=5.0)
 
     def _fail_all(self, exc: BaseException) -> None:
         futures, self._futures = self._futures, {}
@@ -451,6 +443,10 @@ class FunctionClient:
         self._queue = []
         self._fail_all(ConnectError("the Hub was closed while this task ran; its result is still on the hub: "
                                     "hub.get_result(task_id) from a new Hub"))
+
+
+async def _nothing(link: Any) -> None:
+    """An attempt that only needs the link open (reconnecting renews the watches)."""
 
 
 def client_of(hub: "Hub") -> FunctionClient:

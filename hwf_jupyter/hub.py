@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, TypeVar, Union
 from urllib.parse import urlsplit
 
 from hub_server import protocol as p
@@ -31,6 +31,7 @@ from .functions import map_calls as _map_calls
 from .functions import submit as _submit_call
 from .results import HardwarePool, ResultList
 
+T = TypeVar("T")
 TaskIds = Union[str, Iterable[str], Iterable[PyFuture]]
 log = logging.getLogger("hwf.client")
 EventCallback = Callable[[p.TaskEvent], None]
@@ -228,18 +229,23 @@ class Hub:
                 w._call(w.on_event if isinstance(msg, p.TaskEvent) else w.on_output, msg)
 
     async def _request(self, make: Any, *, idempotent: bool = True) -> Any:
-        """Send ``make(request_id)`` and return the reply.
+        """Send ``make(request_id)`` and return the reply, reconnecting as
+        ``_on_link`` does.  ``make`` is called per try, so it can recompute
+        what depends on time (a wait's remaining timeout)."""
+        return await self._on_link(lambda link: link.request(make(link.next_id())), idempotent=idempotent)
+
+    async def _on_link(self, attempt: Callable[[Link], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """``attempt(link)`` on the open connection.
 
         If a connection that worked drops (hub restart, network blip), reconnect
-        with backoff for up to ``reconnect_timeout`` s and send again -- only for
-        requests that are safe to repeat.  ``make`` is called per try, so it can
-        recompute what depends on time (a wait's remaining timeout)."""
+        with backoff for up to ``reconnect_timeout`` s and try again -- only for
+        work that is safe to repeat."""
         deadline: Optional[float] = None
         delay = 0.1
         while True:
             try:
                 link = await self._connected()
-                return await link.request(make(link.next_id()))
+                return await attempt(link)
             except (LinkClosed, ConnectError) as exc:
                 if not (idempotent and self._ever_connected) or isinstance(exc, AccessRefused):
                     raise

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hwf_jupyter import Hub, PyFuture, RemoteError, RemoteTraceback, TaskFailed
+from hwf_jupyter import Hub, LocalCluster, PyFuture, RemoteError, RemoteTraceback, TaskFailed
 from hwf_jupyter.widgets import watch_progress
 
 pytestmark = pytest.mark.e2e
@@ -227,3 +227,19 @@ def test_closing_the_hub_fails_waiting_futures_clearly(cluster):
     hub.close_sync()
     with pytest.raises(Exception, match="closed"):
         fut.result(timeout=30)
+
+
+def test_futures_survive_a_hub_restart(tmp_path):
+    with LocalCluster(daemons=1, slots=2, state_dir=tmp_path / "c") as c:
+        hub = c.hub()
+        assert hub.submit(_square, 2).result(timeout=120) == 4
+        slow = hub.submit(_sleep, 3)
+        slow.submitted.result(timeout=60)
+        c.hub_process.kill()
+        c.hub_process.wait()
+        c.restart_hub()
+        # Nobody calls the hub here: the waiting future reconnects by itself, its
+        # watch is renewed, and the task's end (during or after the outage) completes it.
+        assert slow.result(timeout=120) == "woke"
+        assert hub.submit(_square, 3).result(timeout=120) == 9
+        hub.close_sync()
