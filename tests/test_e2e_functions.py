@@ -20,18 +20,9 @@ import pytest
 
 from hwf_jupyter import Hub, LocalCluster, PyFuture, RemoteError, RemoteTraceback, TaskFailed
 from hwf_jupyter.widgets import watch_progress
+from waiting import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_until(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _square(x):

@@ -22,6 +22,7 @@ import cloudpickle
 import psutil
 import pytest
 from task_python import TASK_PY, needs_task_python
+from waiting import wait_until
 
 from hub_server import protocol as p
 from hwf_jupyter import LocalCluster
@@ -71,16 +72,6 @@ async def _records(hub, ids):
     link = await hub._connected()
     reply = await link.request(p.GetResults(id=link.next_id(), task_ids=list(ids)))
     return reply.tasks
-
-
-def wait_until(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _double(x):
