@@ -27,6 +27,7 @@ import asyncio
 import base64
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
@@ -449,10 +450,15 @@ async def _nothing(link: Any) -> None:
     """An attempt that only needs the link open (reconnecting renews the watches)."""
 
 
+_client_lock = threading.Lock()
+
+
 def client_of(hub: "Hub") -> FunctionClient:
-    if hub._functions is None:
-        hub._functions = FunctionClient(hub)
-    return hub._functions
+    """The hub's FunctionClient, made on first use (by whichever thread submits first)."""
+    with _client_lock:
+        if hub._functions is None:
+            hub._functions = FunctionClient(hub)
+        return hub._functions
 
 
 def submit(hub: "Hub", fn: Callable[..., Any], args: tuple, kwargs: dict, opts: Options) -> PyFuture:

@@ -67,9 +67,8 @@ class PyFuture(concurrent.futures.Future):
         """Complete the future unless it is done already (a local cancel wins)."""
         if info is not None:
             self.info = info
-        with self._condition:
-            if self._state != concurrent.futures._base.PENDING:
-                return False
+        if self.done():
+            return False
         try:
             if cancelled:
                 return concurrent.futures.Future.cancel(self)

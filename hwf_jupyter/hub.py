@@ -295,6 +295,8 @@ class Hub:
         Waiting is event-driven: the hub answers when the last task ends (or
         ``timeout`` seconds pass, returning what is known then).
         """
+        if isinstance(job_ids, PyFuture):
+            job_ids = [job_ids]
         ids = _id_list(job_ids if isinstance(job_ids, str) else await task_ids_async(job_ids))
         if not ids:
             return ResultList()

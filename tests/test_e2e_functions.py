@@ -145,6 +145,7 @@ def test_callbacks_values_output_and_tracking(hub):
     stage = fut.info.stages[0]
     assert stage.duration is not None and stage.cpu_time is not None and stage.peak_ram and stage.peak_ram > 0
     assert stage.commands[0].stdout == "summing 5\n"
+    assert hub.get_result_sync(fut)[0].task_id == fut.task_id  # one future, too
     results = hub.get_result_sync([fut])
     df = results.to_dataframe()
     assert list(df["value"]) == [20.0] and results[0].value == 20.0
