@@ -284,8 +284,8 @@ class Daemon:
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect
-            if len(self.running) >= self.config.slots:
-                log.warning("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
+            if len(self.running) >= self.config.slots:  # prefetched (a Python call), or a hub's error
+                log.debug("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
             self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
