@@ -358,9 +358,12 @@ class PyWorkers:
             w.kill()  # cancelled or timed out: the call cannot be stopped otherwise
             await w.died()
             return None
-        except BaseException:
+        except BaseException:  # it broke the protocol, or we are cancelled: it cannot serve on
             w.kill()
-            self._workers.pop(slot, None)
+            w.detach()
+            w.close()
+            if self._workers.get(slot) is w:
+                del self._workers[slot]
             raise
         finally:
             if not reply_fut.done():
