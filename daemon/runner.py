@@ -148,15 +148,19 @@ def _short(cmd: str, limit: int = 80) -> str:
     return cmd if len(cmd) <= limit else cmd[: limit - 3] + "..."
 
 
-def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
-    head = f"stage {stage!r} command {n} ({_short(cmd)!r})"
+def exit_text(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal)."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown signal"
-        return f"{head} was killed by signal {-code} ({name})"
-    return f"{head} exited with code {code}"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
+    return f"stage {stage!r} command {n} ({_short(cmd)!r}) {exit_text(code)}"
 
 
 # ------------------------------------------------------------------ output

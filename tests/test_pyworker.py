@@ -64,7 +64,7 @@ def test_another_pythons_pickle_is_refused_before_unpickling(folder):
     req["pickled"] = base64.b64encode(pickle.dumps((Tripwire(), (), {}))).decode()
     reply = pw.serve(req)
     assert not reply["ok"] and not marker.exists()
-    assert f"pickled by Python 3.99" in reply["error"] and f"runs Python {PY}" in reply["error"]
+    assert "pickled by Python 3.99" in reply["error"] and f"runs Python {PY}" in reply["error"]
 
 
 def test_the_value_goes_to_a_file_above_the_inline_limit(folder):
