@@ -170,3 +170,12 @@ def test_a_value_that_does_not_pickle_fails_the_call_clearly(folder):
     reply = pw.serve(request(folder, make_lock))
     assert not reply["ok"] and "could not be pickled" in reply["error"]
     assert reply["value"]["repr"].startswith("<unlocked _thread.lock")
+
+
+def _huge_error():
+    raise ValueError("x" * 10**6)
+
+
+def test_a_huge_exception_text_is_bounded(folder):
+    reply = pw.serve(request(folder, _huge_error))
+    assert not reply["ok"] and len(reply["error"]) < 5000 and len(reply["value"]["traceback"]) <= 70_000
