@@ -545,6 +545,10 @@ async def run_task(
     failure: Optional[_Failure] = None
     try:
         for index, stage in enumerate(spec.stages):
+            if stage.call is not None:
+                from . import pystage  # it builds on this module
+
+                stage = pystage.resolve_grid(stage, calls)  # a shell grid handler makes it commands
             if failure is None and cancel is not None and cancel.is_set():
                 failure = _cancelled(cancel)
             if failure is not None:
@@ -552,10 +556,8 @@ async def run_task(
                     name=stage.name, status="skipped", comment=stage.comment
                 )
             elif stage.call is not None:
-                from . import pystage  # it builds on this module
-
                 stage_outcome, failure, value = await pystage.run_call_stage(
-                    pystage.resolve_grid(stage, calls),
+                    stage,
                     workdir,
                     calls=calls,
                     fetch_data=fetch_data,

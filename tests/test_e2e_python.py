@@ -396,3 +396,11 @@ def test_a_grid_configs_handler_overrides_the_farms(lone, handler_dir):
     finally:
         grid.close()
     assert res["finished_OUTPUT"] == ["other [1, 2]"]
+
+
+@needs_task_python
+def test_a_seed_grid_config_runs_on_a_daemons_shell_handler(lone):
+    handler = f"{TASK_PY} -c 'import json,sys; e=json.load(sys.stdin); print(max(e[\"values\"]))'"
+    c = lone("--grid-handler", handler)
+    res = _run_seed_client(c)["res"]
+    assert [o.strip() for o in res["finished_OUTPUT"]] == ["2", "30"]
