@@ -51,6 +51,9 @@ log = logging.getLogger("hwf.daemon")
 # Results finishing in the same loop iteration share one tasks_done message:
 # an idle daemon sends at once, a busy one batches what piled up meanwhile.
 RESULT_COALESCE = 0.0
+# A task of Python calls only is reported running after this long (if it
+# still runs): a trivial call's result arrives first and says when it started.
+STARTED_DELAY = 0.05
 
 
 @dataclass
@@ -284,8 +287,8 @@ class Daemon:
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect
-            if len(self.running) >= self.config.slots:
-                log.warning("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
+            if len(self.running) >= self.config.slots:  # prefetched (a Python call), or a hub's error
+                log.debug("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
             self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
@@ -356,6 +359,7 @@ class Daemon:
         # Every process this task makes is born after this pid (leftovers.py).
         since = last_pid() if user is not None and user.per_slot and slot not in self._unclean else None
         timer = None
+        announce: Optional[asyncio.TimerHandle] = None
         pump: Optional[OutputPump] = None
         taskdir: Optional[Path] = None
         cleaned = False
@@ -375,7 +379,14 @@ class Daemon:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
-            await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
+            began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
+            if all(st.call is not None for st in msg.spec.stages):
+                # Most calls end within milliseconds: their result says when they
+                # started, and one message (and hub transaction) less per task counts.
+                loop = asyncio.get_running_loop()
+                announce = loop.call_later(STARTED_DELAY, lambda: asyncio.ensure_future(self._send_quietly(began)))
+            else:
+                await self._send_quietly(began)
             if msg.spec.timeout:
                 timer = asyncio.get_running_loop().call_later(msg.spec.timeout, cancel.set, "timeout")
 
@@ -413,6 +424,8 @@ class Daemon:
         finally:
             if timer is not None:
                 timer.cancel()
+            if announce is not None:
+                announce.cancel()
             try:
                 if pump is not None:
                     try:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 VALUE_FILE = "hwf-value.pkl"
 MAX_TRACEBACK = 64 * 1024
+MAX_ERROR = 4096
 
 
 @dataclass
@@ -148,7 +149,7 @@ async def run_call_stage(
         command.exit_code = 0 if reply.ok else 1
         value = _bounded(reply.value, inline_max)
         if not reply.ok:
-            failure = _Failure(f"stage {stage.name!r}: {reply.error or 'the call failed'}", exit_code=1)
+            failure = _Failure(f"stage {stage.name!r}: {(reply.error or 'the call failed')[:MAX_ERROR]}", exit_code=1)
         if stage.track_time:
             command.duration = reply.wall
         if stage.track_cpu:

@@ -61,6 +61,7 @@ ARG_PREFIX = "hwf-arg-"
 INLINE_MAX = 64 * 1024
 MAX_TRACEBACK = 64 * 1024
 MAX_REPR = 200
+MAX_ERROR = 2000
 GRID_OUTPUT_MAX = 16 * 2**20
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -288,6 +289,13 @@ def _flush():
 def serve(req):
     """Run one call request in this process; the reply dict.  Never raises
     (but for BaseExceptions that end the worker: os._exit, a signal)."""
+    reply = _serve(req)
+    if reply.get("error") and len(reply["error"]) > 2 * MAX_ERROR:  # an exception's text can be huge
+        reply["error"] = reply["error"][:2 * MAX_ERROR] + " [...]"
+    return reply
+
+
+def _serve(req):
     reply = {"op": "done", "id": req.get("id"), "ok": False, "describe": "python: ?", "value": None,
              "error": None, "wall": 0.0, "cpu": 0.0, "peak_ram": None}
     added_path = None
@@ -328,7 +336,8 @@ def serve(req):
             reply["wall"] = time.perf_counter() - t0
             reply["cpu"] = _cpu() - cpu0
             reply["value"] = encode_error(exc, inline_max)
-            reply["error"] = "%s raised %s" % (reply["describe"], traceback.format_exception_only(type(exc), exc)[-1].strip())
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            reply["error"] = "%s raised %s" % (reply["describe"], last[:MAX_ERROR])
         else:
             reply["wall"] = time.perf_counter() - t0
             reply["cpu"] = _cpu() - cpu0

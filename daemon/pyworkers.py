@@ -43,6 +43,7 @@ import msgspec
 from hub_server.protocol import PyValue
 
 from . import spawner as spawners
+from .runner import exit_text
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
@@ -109,16 +110,7 @@ class PythonRuntime:
 
 
 def _exit_text(status: Optional[int]) -> str:
-    if status is None:
-        return "ended"
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "unknown signal"
-        return f"was killed by signal {-code} ({name})"
-    return f"exited with code {code}"
+    return "ended" if status is None else exit_text(os.waitstatus_to_exitcode(status))
 
 
 class Worker:
@@ -358,9 +350,12 @@ class PyWorkers:
             w.kill()  # cancelled or timed out: the call cannot be stopped otherwise
             await w.died()
             return None
-        except BaseException:
+        except BaseException:  # it broke the protocol, or we are cancelled: it cannot serve on
             w.kill()
-            self._workers.pop(slot, None)
+            w.detach()
+            w.close()
+            if self._workers.get(slot) is w:
+                del self._workers[slot]
             raise
         finally:
             if not reply_fut.done():

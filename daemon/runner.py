@@ -148,15 +148,19 @@ def _short(cmd: str, limit: int = 80) -> str:
     return cmd if len(cmd) <= limit else cmd[: limit - 3] + "..."
 
 
-def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
-    head = f"stage {stage!r} command {n} ({_short(cmd)!r})"
+def exit_text(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal)."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown signal"
-        return f"{head} was killed by signal {-code} ({name})"
-    return f"{head} exited with code {code}"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
+    return f"stage {stage!r} command {n} ({_short(cmd)!r}) {exit_text(code)}"
 
 
 # ------------------------------------------------------------------ output
@@ -541,6 +545,10 @@ async def run_task(
     failure: Optional[_Failure] = None
     try:
         for index, stage in enumerate(spec.stages):
+            if stage.call is not None:
+                from . import pystage  # it builds on this module
+
+                stage = pystage.resolve_grid(stage, calls)  # a shell grid handler makes it commands
             if failure is None and cancel is not None and cancel.is_set():
                 failure = _cancelled(cancel)
             if failure is not None:
@@ -548,10 +556,8 @@ async def run_task(
                     name=stage.name, status="skipped", comment=stage.comment
                 )
             elif stage.call is not None:
-                from . import pystage  # it builds on this module
-
                 stage_outcome, failure, value = await pystage.run_call_stage(
-                    pystage.resolve_grid(stage, calls),
+                    stage,
                     workdir,
                     calls=calls,
                     fetch_data=fetch_data,

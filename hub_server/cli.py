@@ -61,6 +61,9 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
                      help="HTC-Grid handler for tasks whose client config names none, on daemons without "
                           "their own --grid-handler: 'module:function' or a shell command")
+    hub.add_argument("--prefetch", type=int, default=1, metavar="N",
+                     help="Python-call tasks a daemon may hold per slot beyond its slots, each starting the "
+                          "moment a slot frees (0: none; default 1)")
     hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=run_hub_cli)
@@ -88,7 +91,11 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         slow_reader_timeout=args.slow_reader_timeout,
         grid_handler=args.grid_handler,
+        prefetch=args.prefetch,
     )
+    if not 0 <= args.prefetch <= 64:
+        print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)
+        return 2
     if args.grid_handler is not None:
         problem = gridcall.check_handler(args.grid_handler)
         if problem:

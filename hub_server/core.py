@@ -90,6 +90,12 @@ def _stage_problem(stage: p.StageSpec) -> Optional[str]:
     return None
 
 
+def _prefetchable(spec: p.TaskSpec) -> bool:
+    """Python calls only (warm workers: short, no start-up): a daemon may hold
+    them beyond its slots, to start each the moment a slot frees."""
+    return all(st.call is not None and not gridcall.needs_handler(st) for st in spec.stages)
+
+
 def instance_key(machine_id: str, instance: Optional[str]) -> str:
     """What a lost attempt excludes: this daemon process, not the name forever."""
     return f"{machine_id}#{instance}" if instance else machine_id
@@ -193,8 +199,11 @@ class _Replay:
 class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
-                 reconnect_grace: float = 15.0, grid_handler: Optional[str] = None) -> None:
+                 reconnect_grace: float = 15.0, grid_handler: Optional[str] = None,
+                 prefetch: int = 1) -> None:
         self.store = store
+        # Python-call tasks a daemon may hold per slot beyond its slots (scheduler.py).
+        self.prefetch = max(0, prefetch)
         # HTC-Grid tasks that leave the handler to the farm get this one on
         # daemons without their own (gridcall.py).
         self.grid_handler = grid_handler.strip() if grid_handler and grid_handler.strip() else None
@@ -390,7 +399,7 @@ class HubCore:
         for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
             t = ActiveTask(tid, session_id, first + i, spec, req, "queued", user=user)
             self.active[tid] = t
-            self.scheduler.enqueue(tid, req, spec.priority, order=t.seq, user=user)
+            self._enqueue(t)
             self._emit(t, "queued")
         self.active_by_user[user] += len(ids)
         self._dirty = True
@@ -463,9 +472,7 @@ class HubCore:
         except Exception:
             for task_id, machine_id in pairs:
                 self.scheduler.release(machine_id)
-                t = self.active[task_id]
-                self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
-                                       user=t.user)
+                self._enqueue(self.active[task_id])
             raise
         by_machine: dict[str, list[p.Assign]] = {}
         for task_id, machine_id in pairs:
@@ -497,8 +504,11 @@ class HubCore:
             self.store.set_status(t.task_id, "queued", now, attempt=t.attempt, queued=now, machine=None)
             self._emit(t, "queued")
         t.machine = None
+        self._enqueue(t)
+
+    def _enqueue(self, t: ActiveTask) -> None:
         self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
-                               user=t.user)
+                               user=t.user, prefetch=self.prefetch > 0 and _prefetchable(t.spec))
 
     # -- daemons ------------------------------------------------------------
 
@@ -541,7 +551,8 @@ class HubCore:
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
         self.scheduler.add_machine(name, hardware, msg.slots, name=name, tags=tags,
                                    busy=len(still) + len(m.cancelling),
-                                   instance_key=instance_key(name, msg.instance))
+                                   instance_key=instance_key(name, msg.instance),
+                                   extra=msg.slots * self.prefetch)
         self._dirty = True
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=self.heartbeat_interval)
 

@@ -193,3 +193,19 @@ def test_the_pool_frame_shows_runtimes():
     old = p.MachineInfo(machine_id="d0", name="d0", state="online", slots=1, hardware={"os": "linux"})
     df = HardwarePool.from_machines([info, old]).to_dataframe()
     assert list(df["runtimes"]) == ["shell, python3.11, docker", ""]
+
+
+@pytest.mark.parametrize("prefetch,held", [(0, 1), (1, 2), (2, 3)])
+def test_a_daemon_holds_prefetched_calls_but_shell_tasks_wait_for_a_slot(tmp_path, prefetch, held):
+    f = Farm(tmp_path, prefetch=prefetch)
+    f.connect(CLIENT, ALICE)
+    f.connect(DAEMON, OWNER)
+    register(f, "d1", ["shell", "python3.11"], slots=1)
+    f.submit(*[call_spec() for _ in range(5)])
+    assert len(assigned(f.last)) == held
+    g = Farm(tmp_path / "shell", prefetch=prefetch) if (tmp_path / "shell").mkdir() is None else None
+    g.connect(CLIENT, ALICE)
+    g.connect(DAEMON, OWNER)
+    register(g, "d1", ["shell"], slots=1)
+    g.submit(*[p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["true"])]) for _ in range(5)])
+    assert len(assigned(g.last)) == 1

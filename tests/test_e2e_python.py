@@ -372,3 +372,26 @@ def test_commands_get_the_stage_stdin(hub):
     echo, wc = r.stages[0].commands
     assert echo.stdout == "hello\n" and wc.stdout.strip() == "6"
     assert r.stages[1].commands[0].stdout.strip() == str(len(big))
+
+
+def test_a_grid_configs_handler_overrides_the_farms(lone, handler_dir):
+    (handler_dir / "other_lambda.py").write_text("def handler(event):\n    return 'other %s' % event['values']\n")
+    os.chmod(handler_dir / "other_lambda.py", 0o644)
+    c = lone("--grid-handler", "seed_lambda:lambda_handler")
+    grid = GridConnector({**SEED_CONFIG, "public_api_gateway_url": c.address, "token": c.token,
+                          "handler": "other_lambda:handler"})
+    grid.authenticate()
+    try:
+        sub = grid.send([{"values": [1, 2]}])
+        res = grid.get_results(sub, timeout_sec=120)
+    finally:
+        grid.close()
+    assert res["finished_OUTPUT"] == ["other [1, 2]"]
+
+
+@needs_task_python
+def test_a_seed_grid_config_runs_on_a_daemons_shell_handler(lone):
+    handler = f"{TASK_PY} -c 'import json,sys; e=json.load(sys.stdin); print(max(e[\"values\"]))'"
+    c = lone("--grid-handler", handler)
+    res = _run_seed_client(c)["res"]
+    assert [o.strip() for o in res["finished_OUTPUT"]] == ["2", "30"]

@@ -64,7 +64,7 @@ def test_another_pythons_pickle_is_refused_before_unpickling(folder):
     req["pickled"] = base64.b64encode(pickle.dumps((Tripwire(), (), {}))).decode()
     reply = pw.serve(req)
     assert not reply["ok"] and not marker.exists()
-    assert f"pickled by Python 3.99" in reply["error"] and f"runs Python {PY}" in reply["error"]
+    assert "pickled by Python 3.99" in reply["error"] and f"runs Python {PY}" in reply["error"]
 
 
 def test_the_value_goes_to_a_file_above_the_inline_limit(folder):
@@ -170,3 +170,12 @@ def test_a_value_that_does_not_pickle_fails_the_call_clearly(folder):
     reply = pw.serve(request(folder, make_lock))
     assert not reply["ok"] and "could not be pickled" in reply["error"]
     assert reply["value"]["repr"].startswith("<unlocked _thread.lock")
+
+
+def _huge_error():
+    raise ValueError("x" * 10**6)
+
+
+def test_a_huge_exception_text_is_bounded(folder):
+    reply = pw.serve(request(folder, _huge_error))
+    assert not reply["ok"] and len(reply["error"]) < 5000 and len(reply["value"]["traceback"]) <= 70_000

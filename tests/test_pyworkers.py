@@ -81,3 +81,25 @@ def test_the_workers_python_is_checked_at_start(tmp_path):
     rt = python_runtime(None, isolated=True)  # found: one every user can run
     from hwf_daemon.runtimes import everyone_can_run
     assert rt is None or everyone_can_run(rt.python)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--python", "/nonexistent/python3"], "--python /nonexistent/python3: not a Python interpreter"),
+    (["--python-max-tasks", "0"], "--python-max-tasks must be at least 1"),
+    (["--grid-handler", " "], "--grid-handler: a grid handler is 'module:function' or a shell command"),
+])
+def test_bad_runtime_options_stop_the_daemon_with_a_clear_error(tmp_path, argv, message):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "hwf_daemon", "--hub", "ws://127.0.0.1:9", "--token-file", "-",
+                           "--workdir", str(tmp_path / "w"), *argv], input="tok\n", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_bad_hub_grid_handler_stops_the_hub_with_a_clear_error(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "hub_server", "--port", "0", "--state-dir", str(tmp_path / "s"),
+                           "--grid-handler", "a\nb"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--grid-handler: a grid handler must be one line" in proc.stderr
