@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
+from hub_server import gridcall
 from hub_server import protocol as p
 from hub_server.blobs import fileobj_sha256
 from hub_server.link import ConnectError, HubError, Link, LinkClosed
@@ -39,6 +40,9 @@ from .hardware import detect_hardware
 from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
+from .pystage import CallContext
+from .pyworkers import PyWorkers
+from .runtimes import RuntimeConfigError, detect_runtimes, python_runtime
 from .runner import Cancel, cancel_error, run_task
 from .taskdirs import TMP_NAME, TaskDirs
 
@@ -47,6 +51,9 @@ log = logging.getLogger("hwf.daemon")
 # Results finishing in the same loop iteration share one tasks_done message:
 # an idle daemon sends at once, a busy one batches what piled up meanwhile.
 RESULT_COALESCE = 0.0
+# A task of Python calls only is reported running after this long (if it
+# still runs): a trivial call's result arrives first and says when it started.
+STARTED_DELAY = 0.05
 
 
 @dataclass
@@ -68,6 +75,12 @@ class DaemonConfig:
     slot_uid_base: int = DEFAULT_SLOT_UID_BASE
     # wss:// hubs: trust this CA file (default: the system's CAs).
     ca_file: Optional[str] = None
+    # The warm Python workers: their interpreter (None: found, see runtimes.py)
+    # and how many calls one serves before it is replaced.
+    python: Optional[str] = None
+    python_max_tasks: int = 1000
+    # HTC-Grid tasks that leave the handler to the farm: "module:function" or a shell command.
+    grid_handler: Optional[str] = None
 
 
 @dataclass
@@ -98,7 +111,19 @@ class Daemon:
         self._slot_waiters = 0
         for k in range(config.slots):
             self._free_slots.put_nowait(k)
+        try:
+            problem = gridcall.check_handler(config.grid_handler) if config.grid_handler is not None else None
+            if problem:
+                raise RuntimeConfigError(f"--grid-handler: {problem}")
+            runtime = python_runtime(config.python, isolated=self.accounts.isolated)
+        except RuntimeConfigError:
+            self.close()
+            raise
+        self.pyworkers = PyWorkers(runtime, max_tasks=config.python_max_tasks) if runtime is not None else None
         self.hardware = detect_hardware()
+        self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler)
+        if runtime is not None:
+            log.info("Python tasks run on warm workers of %s (%s)", runtime.python, runtime.name)
         self.link: Optional[Link] = None
         self.connected = asyncio.Event()
         self.running: dict[tuple[str, int], _Running] = {}
@@ -245,6 +270,8 @@ class Daemon:
             r.cancel.set("daemon stopped")
         if self.running:
             await asyncio.wait([r.task for r in self.running.values()], timeout=self.config.kill_grace + 2)
+        if self.pyworkers is not None:
+            await self.pyworkers.close()
         if self._cleaning:  # leftovers are killed and task dirs removed before we go
             await asyncio.wait(list(self._cleaning), timeout=10)
         if self._trash_job is not None:
@@ -260,8 +287,8 @@ class Daemon:
             key = (msg.task_id, msg.attempt)
             if key in self.running or key in self.outbox:
                 return  # a duplicate after a reconnect
-            if len(self.running) >= self.config.slots:
-                log.warning("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
+            if len(self.running) >= self.config.slots:  # prefetched (a Python call), or a hub's error
+                log.debug("task %s assigned with every slot busy: it waits for a slot", msg.task_id)
             cancel = Cancel()
             task = asyncio.ensure_future(self._run(msg, cancel))
             self.running[key] = _Running(msg.task_id, msg.attempt, cancel, task)
@@ -323,9 +350,16 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        if self.pyworkers is not None and any(st.call is not None for st in msg.spec.stages):
+            # Started before ``since``: a warm worker is not this task's leftover.
+            try:
+                await self.pyworkers.ensure(slot, user, msg.user_key)
+            except Exception as exc:  # the stage reports it when it runs
+                log.warning("python worker for slot %d: %s", slot, exc)
         # Every process this task makes is born after this pid (leftovers.py).
         since = last_pid() if user is not None and user.per_slot and slot not in self._unclean else None
         timer = None
+        announce: Optional[asyncio.TimerHandle] = None
         pump: Optional[OutputPump] = None
         taskdir: Optional[Path] = None
         cleaned = False
@@ -345,7 +379,14 @@ class Daemon:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None)
-            await self._send_quietly(p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time()))
+            began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
+            if all(st.call is not None for st in msg.spec.stages):
+                # Most calls end within milliseconds: their result says when they
+                # started, and one message (and hub transaction) less per task counts.
+                loop = asyncio.get_running_loop()
+                announce = loop.call_later(STARTED_DELAY, lambda: asyncio.ensure_future(self._send_quietly(began)))
+            else:
+                await self._send_quietly(began)
             if msg.spec.timeout:
                 timer = asyncio.get_running_loop().call_later(msg.spec.timeout, cancel.set, "timeout")
 
@@ -374,6 +415,7 @@ class Daemon:
                 env=env,
                 # Artifacts are read from a dir nothing of the task still writes to.
                 before_artifacts=clean if msg.spec.artifacts else None,
+                calls=CallContext(self.pyworkers, slot, user, msg.user_key, self.config.grid_handler),
             )
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)
@@ -382,6 +424,8 @@ class Daemon:
         finally:
             if timer is not None:
                 timer.cancel()
+            if announce is not None:
+                announce.cancel()
             try:
                 if pump is not None:
                     try:

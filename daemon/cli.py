@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from hub_server.cli import version_line
 
 from .accounts import DEFAULT_SLOT_UID_BASE, AccountError
+from .runtimes import RuntimeConfigError
 from .taskdirs import TaskDirError
 from .tokens import ON_COMMAND_LINE, TOKEN_ENV, TokenError, daemon_token
 
@@ -57,6 +58,15 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--drain-timeout", type=float, default=300.0,
                    help="on SIGTERM, let running tasks finish for up to this many seconds (SIGINT: stop now)")
     d.add_argument("--keep-workdirs", action="store_true", help="keep each task's working dir")
+    d.add_argument("--python", default=None, metavar="PATH",
+                   help="the Python interpreter of the warm workers that run Python function tasks (default: "
+                        "the daemon's own if the task users can run it, else a python3.X of the same version "
+                        "that they can)")
+    d.add_argument("--python-max-tasks", type=int, default=1000, metavar="N",
+                   help="replace a slot's Python worker after it has served N calls (default 1000)")
+    d.add_argument("--grid-handler", default=None, metavar="HANDLER",
+                   help="the HTC-Grid handler for tasks whose client config names none: 'module:function' "
+                        "(called with each task dict) or a shell command (the task dict as JSON on stdin)")
     d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=run)
 
@@ -93,12 +103,18 @@ def run(args: argparse.Namespace) -> int:
         run_as=args.run_as,
         slot_uid_base=args.slot_uid_base,
         ca_file=args.ca_file,
+        python=args.python,
+        python_max_tasks=args.python_max_tasks,
+        grid_handler=args.grid_handler,
     )
+    if args.python_max_tasks < 1:
+        print("hwf daemon: error: --python-max-tasks must be at least 1", file=sys.stderr)
+        return 2
     try:
         daemon = Daemon(config)
         if config.ca_file and not Path(config.ca_file).is_file():
             raise TaskDirError(f"--ca-file {config.ca_file}: no such file")
-    except (AccountError, TaskDirError) as exc:
+    except (AccountError, TaskDirError, RuntimeConfigError) as exc:
         print(f"hwf daemon: error: {exc}", file=sys.stderr)
         return 2
     asyncio.run(daemon.run())

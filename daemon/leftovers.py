@@ -131,9 +131,22 @@ _PID_MAX = _read_pid_max()  # only root may change it, and nobody does on a runn
 _PROBE_LIMIT = 32
 
 
-def born_since(uid: int, since: Optional[int]) -> bool:
+def born_since(uid: int, since: Optional[int], tries: int = 3) -> bool:
     """False only if surely no process of ``uid`` born after pid ``since``
-    runs now (see above); True if one may."""
+    runs now (see above); True if one may.
+
+    A birth during the walk (any process of the machine) makes the walk
+    inconclusive; it is walked again, up to ``tries`` times, before "maybe":
+    on a busy machine a "maybe" would kill the slot's warm Python worker too."""
+    for _ in range(tries):
+        answer = _born_since_once(uid, since)
+        if answer is not None:
+            return answer
+    return True
+
+
+def _born_since_once(uid: int, since: Optional[int]) -> Optional[bool]:
+    """True / False, or None when a birth during the walk leaves it open."""
     if since is None:
         return True
     before = last_pid()
@@ -156,7 +169,7 @@ def born_since(uid: int, since: Optional[int]) -> bool:
         uids = _uids(name)
         if uids is None or want in uids.split():  # real, effective, saved or fs uid
             return True
-    return last_pid() != before  # a birth meanwhile: it may have been missed
+    return None if last_pid() != before else False  # a birth meanwhile: it may have been missed
 
 
 def _kill_blocking(user: "TaskUser") -> None:

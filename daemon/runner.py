@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Awaitable, BinaryIO, Callable, Mapping, Optional, Union
+from typing import IO, TYPE_CHECKING, Awaitable, BinaryIO, Callable, Mapping, Optional, Union
 
 from hwf_daemon.accounts import TaskUser
 from hwf_daemon.artifacts import UploadArtifact, collect_artifacts
@@ -46,6 +46,9 @@ from hub_server.protocol import (
     TaskOutcome,
     TaskSpec,
 )
+
+if TYPE_CHECKING:
+    from hwf_daemon.pystage import CallContext
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class _Failure:
         self.error = error
         self.exit_code = exit_code
         self.reason = reason
+        self.lost = False  # not the task's doing (its Python worker died): the hub retries it
 
 
 def _cancelled(cancel: CancelLike) -> _Failure:
@@ -145,15 +149,19 @@ def _short(cmd: str, limit: int = 80) -> str:
     return cmd if len(cmd) <= limit else cmd[: limit - 3] + "..."
 
 
-def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
-    head = f"stage {stage!r} command {n} ({_short(cmd)!r})"
+def exit_text(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal)."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown signal"
-        return f"{head} was killed by signal {-code} ({name})"
-    return f"{head} exited with code {code}"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
+    return f"stage {stage!r} command {n} ({_short(cmd)!r}) {exit_text(code)}"
 
 
 # ------------------------------------------------------------------ output
@@ -308,9 +316,10 @@ async def _run_command(
     env: Optional[Mapping[str, str]] = None,
     user: Optional[TaskUser] = None,
     track_ram: bool = True,
+    stdin: Optional[bytes] = None,
 ) -> tuple[CommandOutcome, Usage, float, bool]:
     """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
-    proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram)
+    proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram, stdin=stdin)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [_pump(proc.stdout, out), _pump(proc.stderr, err)]
@@ -433,6 +442,7 @@ async def _run_stage(
             outcome.note = NO_GPU_NOTE
 
     commands: list[CommandOutcome] = []
+    stdin = stage.stdin.encode("utf-8") if stage.stdin is not None else None
     cpu_time = 0.0
     peak_ram = 0
     started = time.time()
@@ -453,6 +463,7 @@ async def _run_stage(
                     env=env,
                     user=user,
                     track_ram=stage.track_ram,
+                    stdin=stdin,
                 )
             except Exception as exc:
                 failure = _Failure(
@@ -529,6 +540,7 @@ async def run_task(
     user: Optional[TaskUser] = None,
     env: Optional[Mapping[str, str]] = None,
     before_artifacts: Optional[Callable[[], Awaitable[None]]] = None,
+    calls: Optional["CallContext"] = None,
 ) -> TaskOutcome:
     """Run every stage of ``spec`` in ``workdir`` and report how it went.
 
@@ -540,7 +552,9 @@ async def run_task(
     stop what the task left running before its files are read.
     ``on_stage(index, outcome)`` (sync or async) is called once per stage,
     skipped ones included; ``on_output(stream, text)`` receives all output
-    live, untruncated.  The first failing command fails the task and skips
+    live, untruncated.  Stages with a Python ``call`` run on the warm
+    worker of ``calls`` (pystage.py); the last call's value (or exception)
+    is ``outcome.value``.  The first failing command fails the task and skips
     the rest.  Never raises, except ``CancelledError`` when the calling
     asyncio task itself is cancelled (the running command is killed first).
     """
@@ -550,12 +564,29 @@ async def run_task(
     spent = Spent()
     try:
         for index, stage in enumerate(spec.stages):
+            if stage.call is not None:
+                from . import pystage  # it builds on this module
+
+                stage = pystage.resolve_grid(stage, calls)  # a shell grid handler makes it commands
             if failure is None and cancel is not None and cancel.is_set():
                 failure = _cancelled(cancel)
             if failure is not None:
                 stage_outcome = StageOutcome(
                     name=stage.name, status="skipped", comment=stage.comment
                 )
+            elif stage.call is not None:
+                stage_outcome, failure, value = await pystage.run_call_stage(
+                    stage,
+                    workdir,
+                    calls=calls,
+                    fetch_data=fetch_data,
+                    on_output=on_output,
+                    max_output_bytes=max_output_bytes,
+                    cancel=cancel,
+                    env=env,
+                )
+                if value is not None:
+                    outcome.value = value
             else:
                 stage_outcome, failure = await _run_stage(
                     stage,
@@ -585,19 +616,22 @@ async def run_task(
             await before_artifacts()
         except Exception:
             log.exception("before_artifacts callback failed")
+    patterns = list(spec.artifacts)
+    if outcome.value is not None and outcome.value.artifact is not None:
+        patterns.append(outcome.value.artifact)  # a value too large to send inline
     try:
         outcome.artifacts = await collect_artifacts(
-            spec.artifacts, workdir, upload_artifact, owner=user.uid if user is not None else None
+            patterns, workdir, upload_artifact, owner=user.uid if user is not None else None
         )
     except Exception as exc:
         log.exception("collecting artifacts failed")
         outcome.artifacts = [
             ArtifactInfo(pattern=p, error=f"artifact collection failed: {_describe_exc(exc)}")
-            for p in spec.artifacts
+            for p in patterns
         ]
 
     if failure is not None:
-        outcome.status = "failed"
+        outcome.status = "lost" if failure.lost else "failed"
         outcome.exit_code = failure.exit_code
         outcome.error = failure.error
         outcome.reason = failure.reason

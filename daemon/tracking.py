@@ -94,15 +94,16 @@ def shell_argv(cmd: str) -> list[str]:
     return [SHELL, "-c", cmd]
 
 
-def _popen(argv: list[str], exe: str, cwd: str, env: Mapping[str, str]) -> subprocess.Popen:
-    # stdin is /dev/null (a task must never wait for input); stdout and
-    # stderr are pipes the caller must read.
+def _popen(argv: list[str], exe: str, cwd: str, env: Mapping[str, str], stdin: bool = False) -> subprocess.Popen:
+    # stdin is /dev/null (a task must never wait for input) unless the stage
+    # gives its bytes (then a pipe the caller feeds); stdout and stderr are
+    # pipes the caller must read.
     return subprocess.Popen(
         argv,
         executable=exe,
         cwd=cwd,
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -114,6 +115,36 @@ def _devnull() -> int:
     if _devnull_fd is None:
         _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     return _devnull_fd
+
+
+class _Feeder:
+    """Writes a command's stdin bytes from the event loop (no thread), then
+    closes the pipe; a command that stops reading just gets the rest dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, data: bytes) -> None:
+        self.loop, self.fd, self.view, self.pos = loop, fd, memoryview(data), 0
+        os.set_blocking(fd, False)
+        if data:
+            loop.add_writer(fd, self._writable)
+        else:
+            self.close()
+
+    def _writable(self) -> None:
+        try:
+            self.pos += os.write(self.fd, self.view[self.pos:self.pos + 65536])
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: the command exited or closed its stdin
+            self.close()
+            return
+        if self.pos >= len(self.view):
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_writer(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -208,6 +239,7 @@ class TrackedProcess:
         self._parent = os.getpid()  # the process that reaps it (the spawner for another user)
         self._reaped: asyncio.Future  # -> (exit code, cpu seconds, ru_maxrss bytes)
         self._sampler: Optional[asyncio.Task] = None
+        self._feeder: Optional[_Feeder] = None
 
     @classmethod
     async def start(
@@ -219,18 +251,20 @@ class TrackedProcess:
         user: Optional["TaskUser"] = None,
         sample_interval: float = 0.05,
         track_ram: bool = True,
+        stdin: Optional[bytes] = None,
     ) -> "TrackedProcess":
         """Start ``cmd`` in ``cwd`` with ``env`` (None: this process's) as
-        ``user`` (None: as this process)."""
+        ``user`` (None: as this process); ``stdin``: bytes to give it (None:
+        /dev/null)."""
         self = cls(cmd, sample_interval=sample_interval, track_ram=track_ram)
         loop = asyncio.get_running_loop()
         cwd = os.fspath(cwd)
         env = dict(env) if env is not None else dict(os.environ)
         plan = direct(cmd, env, cwd, user)
         if user is None:
-            threaded = self._start_here(loop, cmd, cwd, env, plan)
+            threaded = self._start_here(loop, cmd, cwd, env, plan, stdin)
         else:
-            await self._start_as(loop, cmd, cwd, env, plan, user)
+            await self._start_as(loop, cmd, cwd, env, plan, user, stdin)
             threaded = False
         # A psutil handle pins the process's identity (pid + start time).
         # Made lazily when nothing samples: the pid stays ours until it is
@@ -242,19 +276,25 @@ class TrackedProcess:
         return self
 
     def _start_here(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
-                    plan: Any) -> bool:
+                    plan: Any, stdin: Optional[bytes] = None) -> bool:
         """Popen (vfork) the command as this process; True if a thread reaps it."""
         if self._track_ram:
             self._rss_floor = _own_rss()  # see the ru_maxrss quirk above
         popen = None
+        piped = stdin is not None
         if plan is not None:
             try:
-                popen = _popen(plan.argv, plan.exe, cwd, plan.env)
+                popen = _popen(plan.argv, plan.exe, cwd, plan.env, piped)
                 self.direct = True
             except OSError:  # the exec failed: bash runs it, and says why
                 pass
         if popen is None:
-            popen = _popen(shell_argv(cmd), SHELL, cwd, env)
+            popen = _popen(shell_argv(cmd), SHELL, cwd, env, piped)
+        if popen.stdin is not None:
+            fd = os.dup(popen.stdin.fileno())
+            popen.stdin.close()
+            popen.stdin = None
+            self._feeder = _Feeder(loop, fd, stdin or b"")
         self.popen = popen
         assert popen.stdout is not None and popen.stderr is not None
         self.stdout, self.stderr = popen.stdout, popen.stderr
@@ -265,13 +305,14 @@ class TrackedProcess:
         return threaded
 
     async def _start_as(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
-                        plan: Any, user: "TaskUser") -> None:
+                        plan: Any, user: "TaskUser", stdin: Optional[bytes] = None) -> None:
         """Have the spawner start the command as ``user``."""
         sp = _spawner.current()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        in_r, in_w = os.pipe() if stdin is not None else (-1, -1)
         try:
-            fds = [_devnull(), out_w, err_w]
+            fds = [_devnull() if in_r < 0 else in_r, out_w, err_w]
             if plan is not None:
                 spawned = await sp.spawn(plan.exe, plan.argv, plan.env, cwd, user, fds,
                                          fallback=(SHELL, shell_argv(cmd), env))
@@ -281,10 +322,16 @@ class TrackedProcess:
         except BaseException:
             os.close(out_r)
             os.close(err_r)
+            if in_w >= 0:
+                os.close(in_w)
             raise
         finally:
             os.close(out_w)
             os.close(err_w)
+            if in_r >= 0:
+                os.close(in_r)
+        if in_w >= 0:
+            self._feeder = _Feeder(loop, in_w, stdin or b"")
         self.stdout = open(out_r, "rb", buffering=0)
         self.stderr = open(err_r, "rb", buffering=0)
         self.pid = self.pgid = spawned.pid
@@ -412,6 +459,8 @@ class TrackedProcess:
                 self._signal_group(signal.SIGKILL)
             if _guardian is not None and self.popen is not None:
                 _guardian.forget(self.pgid)
+            if self._feeder is not None:
+                self._feeder.close()  # what it did not read is dropped
             await self._stop_sampler()
             self._usage = Usage(exit_code=exit_code, cpu_time=cpu_time, peak_ram=self._peak_ram(maxrss))
         return self._usage
@@ -480,5 +529,7 @@ class TrackedProcess:
     def kill(self) -> None:
         """SIGKILL the whole tree now (for paths that cannot await)."""
         self._signal_group(signal.SIGKILL, self._snapshot())
+        if self._feeder is not None:
+            self._feeder.close()
         if self._sampler is not None:
             self._sampler.cancel()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Coroutine, Optional, Sequence
 
 from . import __version__
+from . import gridcall
 from . import protocol as p
 
 # Hub limits settable on the command line: Limits field -> help.
@@ -75,6 +76,12 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
+    hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
+                     help="HTC-Grid handler for tasks whose client config names none, on daemons without "
+                          "their own --grid-handler: 'module:function' or a shell command")
+    hub.add_argument("--prefetch", type=int, default=1, metavar="N",
+                     help="Python-call tasks a daemon may hold per slot beyond its slots, each starting the "
+                          "moment a slot frees (0: none; default 1)")
     hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=run_hub_cli)
@@ -131,7 +138,17 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         creditpiggy_mode=args.creditpiggy_mode,
         creditpiggy_idle_timeout=args.creditpiggy_idle_timeout,
         creditpiggy_max_connections=args.creditpiggy_max_connections,
+        grid_handler=args.grid_handler,
+        prefetch=args.prefetch,
     )
+    if not 0 <= args.prefetch <= 64:
+        print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)
+        return 2
+    if args.grid_handler is not None:
+        problem = gridcall.check_handler(args.grid_handler)
+        if problem:
+            print(f"hwf hub: error: --grid-handler: {problem}", file=sys.stderr)
+            return 2
     try:
         return run_until_signal(run_hub(config, args.ready_file), args.parent_pid)
     except (SchemaError, ListenError) as exc:

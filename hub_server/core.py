@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import collections
 import heapq
+import hmac
 import itertools
 import logging
+import re
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from . import gridcall
 from . import hardware as hw
 from . import protocol as p
 from . import task_state
@@ -49,6 +52,42 @@ log = logging.getLogger("hwf.hub")
 OUTPUT_REPLAY_BYTES = 64 * 2**10
 # Tasks cancelled per batch: a huge cancellation leaves room for other work.
 CANCEL_CHUNK = 100
+
+
+_PYTHON_VERSION = re.compile(r"^[0-9]{1,2}\.[0-9]{1,3}$")
+
+
+def _stage_problem(stage: p.StageSpec) -> Optional[str]:
+    """What is wrong with a stage's shape (commands, a Python call or a container), or None."""
+    kinds = bool(stage.cmds) + (stage.call is not None) + (stage.container is not None)
+    if kinds == 0:
+        return "has no commands (nor a Python call or a container)"
+    if kinds > 1:
+        return "has more than one of commands, a Python call and a container: give one"
+    if stage.stdin is not None and not stage.cmds:
+        return "has stdin but no commands to give it to"
+    call = stage.call
+    if call is None:
+        return None
+    if not _PYTHON_VERSION.match(call.python):
+        return f"call: python {call.python[:20]!r} is not a major.minor version like '3.11'"
+    if (call.pickled is not None) + (call.pickled_file is not None) + (call.ref is not None) != 1:
+        return "call: give exactly one of pickled, pickled_file and ref"
+    if call.pickled_file is not None and call.pickled_file not in {d.filename for d in stage.data}:
+        return f"call: pickled_file {call.pickled_file[:200]!r} is not one of the stage's data files"
+    if call.ref is not None:
+        problem = gridcall.check_ref(call.ref)
+        if problem:
+            return f"call: {problem}"
+    elif call.arg is not None:
+        return "call: arg goes with ref (a pickled call carries its own arguments)"
+    return None
+
+
+def _prefetchable(spec: p.TaskSpec) -> bool:
+    """Python calls only (warm workers: short, no start-up): a daemon may hold
+    them beyond its slots, to start each the moment a slot frees."""
+    return all(st.call is not None and not gridcall.needs_handler(st) for st in spec.stages)
 
 
 def instance_key(machine_id: str, instance: Optional[str]) -> str:
@@ -154,8 +193,14 @@ class _Replay:
 class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
-                 reconnect_grace: float = 15.0) -> None:
+                 reconnect_grace: float = 15.0, grid_handler: Optional[str] = None,
+                 prefetch: int = 1) -> None:
         self.store = store
+        # Python-call tasks a daemon may hold per slot beyond its slots (scheduler.py).
+        self.prefetch = max(0, prefetch)
+        # HTC-Grid tasks that leave the handler to the farm get this one on
+        # daemons without their own (gridcall.py).
+        self.grid_handler = grid_handler.strip() if grid_handler and grid_handler.strip() else None
         self.blobs = blobs
         self.limits = limits
         # Daemons beat often enough that several beats fit in the timeout: a
@@ -180,6 +225,8 @@ class HubCore:
         self._dirty = True  # a scheduling pass is due at the end of the batch
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
         self.ledger = Ledger(store, owner_of=lambda mid: m.owner if (m := self.machines.get(mid)) else None)
+        self._user_keys: dict[str, str] = {}
+        self._key_secret = (store.meta("user_key_secret") or self._init_key_secret()).encode()
         self._load_machines()
         self._load_active()
         # After a restart, daemons get this long to come back for their attempts.
@@ -237,6 +284,19 @@ class HubCore:
         hub_id = new_id("hub-")
         self.store.set_meta("hub_id", hub_id)
         return hub_id
+
+    def _init_key_secret(self) -> str:
+        secret = secrets.token_hex(32)
+        self.store.set_meta("user_key_secret", secret)
+        return secret
+
+    def user_key(self, user: str) -> str:
+        """The opaque key of a user that daemons see (their warm Python workers
+        serve one key): stable, but not the name, nor guessable from it."""
+        key = self._user_keys.get(user)
+        if key is None:
+            key = self._user_keys[user] = hmac.new(self._key_secret, user.encode(), "sha256").hexdigest()[:32]
+        return key
 
     def _load_machines(self) -> None:
         self.store.mark_all_machines_offline()
@@ -336,7 +396,7 @@ class HubCore:
         for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs)):
             t = ActiveTask(tid, session_id, first + i, spec, req, "queued", user=user)
             self.active[tid] = t
-            self.scheduler.enqueue(tid, req, spec.priority, order=t.seq, user=user)
+            self._enqueue(t)
             self._emit(t, "queued")
         self.active_by_user[user] += len(ids)
         self._dirty = True
@@ -362,8 +422,9 @@ class HubCore:
         if spec.timeout is not None and spec.timeout <= 0:
             raise RequestError("bad_task", f"{where}: timeout must be > 0 seconds")
         for stage in spec.stages:
-            if not stage.cmds:
-                raise RequestError("bad_task", f"{where}: stage {stage.name!r} has no commands")
+            problem = _stage_problem(stage)
+            if problem:
+                raise RequestError("bad_task", f"{where}: stage {stage.name!r} {problem}")
             for d in stage.data:
                 problem = unsafe_relative_path(d.filename)
                 if problem:
@@ -379,6 +440,11 @@ class HubCore:
                 raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
         if spec.credits is not None:
             check_range(spec.credits.credits, spec.credits.min, spec.credits.max, f"{where} credits")
+        if any(gridcall.needs_handler(s) for s in spec.stages):
+            # Only daemons that can run the farm's handler: their own, or the hub's.
+            need = gridcall.handler_runtime(self.grid_handler)
+            if need is not None:
+                req = hw.normalize({**req, "runtime": ",".join(filter(None, [req.get("runtime"), need]))})
         return req
 
     # -- scheduling ---------------------------------------------------------
@@ -405,9 +471,7 @@ class HubCore:
         except Exception:
             for task_id, machine_id in pairs:
                 self.scheduler.release(machine_id)
-                t = self.active[task_id]
-                self.scheduler.enqueue(task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
-                                       user=t.user)
+                self._enqueue(self.active[task_id])
             raise
         by_machine: dict[str, list[p.Assign]] = {}
         for task_id, machine_id in pairs:
@@ -416,7 +480,11 @@ class HubCore:
             t.status = "assigned"
             t.machine = machine_id
             self.machines[machine_id].running.add(task_id)
-            by_machine.setdefault(machine_id, []).append(p.Assign(task_id=task_id, attempt=t.attempt, spec=t.spec))
+            spec = t.spec
+            if self.grid_handler is not None and "grid" not in hw.machine_runtimes(self.machines[machine_id].hardware):
+                spec = gridcall.spec_with_handler(spec, self.grid_handler)
+            by_machine.setdefault(machine_id, []).append(
+                p.Assign(task_id=task_id, attempt=t.attempt, spec=spec, user_key=self.user_key(t.user)))
             self._emit(t, "assigned", machine=machine_id)
         for machine_id, assigns in by_machine.items():
             peer = self.daemon_peer.get(machine_id)
@@ -435,8 +503,11 @@ class HubCore:
             self.store.set_status(t.task_id, "queued", now, attempt=t.attempt, queued=now, machine=None)
             self._emit(t, "queued")
         t.machine = None
+        self._enqueue(t)
+
+    def _enqueue(self, t: ActiveTask) -> None:
         self.scheduler.enqueue(t.task_id, t.requirements, t.spec.priority, exclude=t.excluded, order=t.seq,
-                               user=t.user)
+                               user=t.user, prefetch=self.prefetch > 0 and _prefetchable(t.spec))
 
     # -- daemons ------------------------------------------------------------
 
@@ -479,7 +550,8 @@ class HubCore:
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
         self.scheduler.add_machine(name, hardware, msg.slots, name=name, tags=tags,
                                    busy=len(still) + len(m.cancelling),
-                                   instance_key=instance_key(name, msg.instance))
+                                   instance_key=instance_key(name, msg.instance),
+                                   extra=msg.slots * self.prefetch)
         self._dirty = True
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=self.heartbeat_interval)
 
@@ -582,6 +654,10 @@ class HubCore:
         self.machines[machine_id].running.discard(t.task_id)
         self.scheduler.release(machine_id)
         self._dirty = True
+        if o.status == "lost":  # its worker died, not the task: retried like a lost daemon's
+            reason = (o.error or "the attempt was lost on its daemon")[:1000]
+            self._lose_attempts(machine_id, [t.task_id], now, reason=reason, exclude=False)
+            return True
         with self.store.transaction():
             self.store.update_attempt(
                 t.task_id, t.attempt, state=o.status, ended=o.finished or now, reason=o.reason,
@@ -747,6 +823,7 @@ class HubCore:
             stages=stages,
             artifacts=artifacts,
             credits=credits,
+            value=outcome.value if outcome is not None else None,
         )
 
     def _briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:

@@ -5,8 +5,14 @@ Sans-I/O and shared: the client validates a Task's ``hardware`` with it at
 
 A machine's hardware (what a daemon reports) is a dict with keys
 ``os`` (family: linux/windows/darwin), ``distro``, ``arch``, ``cpu`` (model),
-``cores``, ``ram`` (bytes), ``gpus`` (list of {name, memory}), and the
-daemon's ``name`` / ``machine_id`` / ``tags`` are matched too.
+``cores``, ``ram`` (bytes), ``gpus`` (list of {name, memory}), ``runtimes``
+(what it can run: ``shell``, ``python3.11``, ``grid``, ``docker``...), and
+the daemon's ``name`` / ``machine_id`` / ``tags`` are matched too.
+
+``runtime`` requires every runtime it names (``"python3.11"``,
+``"docker"``, or several as ``"python3.11,docker"``): ``python`` alone is
+any Python, ``python3`` any Python 3.  A daemon that reports no runtimes
+(older than runtimes) runs shell commands only.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-KEYS = ("os", "cpu", "gpu", "ram", "cores", "tags", "daemon")
+KEYS = ("os", "cpu", "gpu", "ram", "cores", "tags", "daemon", "runtime")
 
 # A machine meets a RAM minimum when it shows at least this share of it:
 # firmware and kernel reserve part of physical memory, so a "16GB" machine
@@ -37,6 +43,7 @@ _UNITS = {
     "tb": 2**40,
     "tib": 2**40,
 }
+_RUNTIME_RE = re.compile(r"^[a-z][a-z0-9_.+-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*([0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([a-zA-Z]*)\s*$")
 MAX_SIZE = 2**60  # one exbibyte: no machine has more, and it fits SQLite's integers
 MAX_CORES = 1_000_000
@@ -133,6 +140,8 @@ def normalize(hardware: Mapping[str, Any] | None) -> dict[str, Any]:
                 raise HardwareError(
                     f"hardware 'cores': expected a whole number from 1 to {MAX_CORES}, got {str(value)[:40]!r}")
             out["cores"] = cores
+        elif key == "runtime":
+            out["runtime"] = _normalize_runtime(value)
         elif key == "tags":
             tags = [t.strip() for t in value.split(",")] if isinstance(value, str) else value
             if not isinstance(tags, (list, tuple, set, frozenset)) or not all(
@@ -147,6 +156,27 @@ def normalize(hardware: Mapping[str, Any] | None) -> dict[str, Any]:
                 raise HardwareError(f"hardware {key!r}: expected a string, got {value!r}")
             out[key] = value.strip() if key == "daemon" else value.strip().lower()
     return out
+
+
+def _normalize_runtime(value: Any) -> str:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise HardwareError(f"hardware 'runtime': expected a name like 'python3.11' or 'docker', got {value!r}")
+    clean = sorted({n.strip().lower() for n in names if n.strip()})
+    for n in clean:
+        if not _RUNTIME_RE.match(n):
+            raise HardwareError(f"hardware 'runtime': {n[:40]!r} is not a runtime name (e.g. 'python3.11', 'docker')")
+    if not clean:
+        raise HardwareError("hardware 'runtime': empty")
+    return ",".join(clean)
+
+
+def machine_runtimes(m: Mapping[str, Any]) -> list[str]:
+    """What a machine can run (``shell`` for a daemon that predates runtimes)."""
+    have = m.get("runtimes")
+    if not isinstance(have, list) or not have:
+        return ["shell"]
+    return [str(r).lower() for r in have]
 
 
 def canonical_key(req: Mapping[str, Any]) -> tuple:
@@ -217,6 +247,21 @@ def _match_daemon(want: str, m: Mapping[str, Any]) -> bool:
     return want in (m.get("name"), m.get("machine_id"))
 
 
+def _runtime_met(want: str, have: list[str]) -> bool:
+    if want in have:
+        return True
+    if want == "python":  # any Python
+        return any(h.startswith("python") for h in have)
+    if want == "python3":
+        return any(h.startswith("python3.") for h in have)
+    return False
+
+
+def _match_runtime(want: str, m: Mapping[str, Any]) -> bool:
+    have = machine_runtimes(m)
+    return all(_runtime_met(w, have) for w in want.split(","))
+
+
 _CHECKS = {
     "os": _match_os,
     "cpu": _match_cpu,
@@ -225,6 +270,7 @@ _CHECKS = {
     "cores": _match_cores,
     "tags": _match_tags,
     "daemon": _match_daemon,
+    "runtime": _match_runtime,
 }
 
 

@@ -104,6 +104,10 @@ class MachineHardware(msgspec.Struct):
     gpus: Annotated[list[GpuInfo], Meta(max_length=256)] = []
     hostname: Name = ""
     python: Name = ""
+    # What the daemon can run: "shell", "python3.11" (its warm workers' major.minor),
+    # "docker" / "podman" when an engine answers.  A task's `runtime` requirement
+    # matches only daemons listing it.
+    runtimes: Annotated[list[Name], Meta(max_length=16)] = []
 
 
 # ---------------------------------------------------------------- task specs
@@ -117,6 +121,41 @@ class DataSpec(msgspec.Struct, frozen=True):
     size: Bytes
 
 
+class PyCall(msgspec.Struct, frozen=True):
+    """A Python call run by a warm worker interpreter on the daemon (a stage
+    with ``call`` set has no ``cmds``).
+
+    Either ``pickled`` (cloudpickle of ``(fn, args, kwargs)``), inline as
+    base64 when small or in ``pickled_file`` (a Data file of the stage) when
+    not; arguments too large to inline travel as their own Data files named
+    ``hwf-arg-<sha256>`` and the pickle refers to them by persistent id (the
+    sha256), so one big argument is uploaded once for any number of tasks.
+    Or ``ref`` = ``"module:function"``, imported on the daemon and called with
+    ``arg`` (MECA's and HTC-Grid's python runtime; nothing is unpickled).
+    ``python`` is the client's major.minor: a worker of another version
+    refuses the call with a clear error instead of unpickling it.
+    """
+
+    python: Name
+    pickled: Optional[str] = None  # base64
+    pickled_file: Optional[Text] = None
+    ref: Optional[Text] = None
+    arg: Optional[str] = None
+
+
+class ContainerCall(msgspec.Struct, frozen=True):
+    """MECA's container task: run ``image`` with ``engine`` the way MECA's
+    executor does (the container serves HTTP; ``data`` is POSTed to it and the
+    reply body is the result)."""
+
+    engine: Literal["docker", "podman"]
+    image: Text
+    data: str = ""
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8080
+    path: Text = "/"
+    gpus: Annotated[int, Meta(ge=0, le=64)] = 0
+
+
 class StageSpec(msgspec.Struct, frozen=True):
     name: Name
     cmds: list[str]
@@ -126,6 +165,9 @@ class StageSpec(msgspec.Struct, frozen=True):
     track_cpu: bool = False
     track_gpu: bool = False
     comment: Text = ""
+    call: Optional[PyCall] = None
+    container: Optional[ContainerCall] = None
+    stdin: Optional[Annotated[str, Meta(max_length=16 * 2**20)]] = None  # given to each command (MECA runtime="shell")
 
 
 CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
@@ -203,10 +245,29 @@ class ArtifactInfo(msgspec.Struct):
     error: Optional[Text] = None
 
 
-class TaskOutcome(msgspec.Struct):
-    """What a daemon reports when an attempt ends."""
+class PyValue(msgspec.Struct):
+    """What a Python call returned or raised.
 
-    status: Literal["finished", "failed"]
+    ``pickled`` (base64 cloudpickle) when small, else the value is the
+    artifact named ``artifact``; ``repr`` is short, for tables.  When the call
+    raised: ``error_type``, the remote ``traceback`` text, and the exception
+    itself pickled when it pickles.
+    """
+
+    pickled: Optional[str] = None
+    artifact: Optional[Text] = None
+    size: Optional[Bytes] = None
+    repr: Text = ""
+    error_type: Optional[Name] = None
+    traceback: Optional[str] = None
+
+
+class TaskOutcome(msgspec.Struct):
+    """What a daemon reports when an attempt ends.  ``lost``: the attempt
+    died of something not the task's own (its worker process crashed); the
+    hub retries it like an attempt lost with its daemon."""
+
+    status: Literal["finished", "failed", "lost"]
     exit_code: Optional[ExitCode] = None
     error: Optional[str] = None
     reason: Optional[str] = None
@@ -218,6 +279,7 @@ class TaskOutcome(msgspec.Struct):
     # its reaped descendants; GPU-seconds where a GPU stage was tracked.
     cpu_seconds: Optional[float] = None
     gpu_seconds: Optional[float] = None
+    value: Optional[PyValue] = None  # a Python call's return value (or exception)
 
 
 class AttemptInfo(msgspec.Struct):
@@ -253,6 +315,7 @@ class TaskRecord(msgspec.Struct):
     stages: list[StageOutcome] = []
     artifacts: list[ArtifactInfo] = []
     credits: Optional[int] = None  # claimed credits of the task's slot; None until claimed
+    value: Optional[PyValue] = None
 
 
 class TaskBrief(msgspec.Struct):
@@ -495,6 +558,10 @@ class Assign(_Msg, tag="assign"):
     task_id: str
     attempt: int
     spec: TaskSpec
+    # Opaque per-user key (a keyed hash, not the name): a daemon's warm Python
+    # worker serves the tasks of one key only, so no user inherits another's
+    # interpreter state.
+    user_key: Id = ""
 
 
 class Assignments(_Msg, tag="assignments"):

@@ -11,6 +11,13 @@ fewest tasks running now (fair share, as HTCondor's user priorities do over
 time), then submission order.  So one user's 10,000 queued tasks do not keep
 another user's single task waiting: it takes the next free slot.
 
+Short tasks (``prefetch=True``: Python calls on warm workers) may also
+take a machine's ``extra`` places: assigned beyond its slots, they wait on
+the daemon for a slot and start the moment one frees, instead of after a
+round trip to the hub (what caps trivial tasks, as dask's workers keep a
+few tasks queued).  Other tasks take real slots only, and a machine's real
+free slots go before its extra places.
+
 Matching is cached per (group, machine), so the cost per assignment is the
 number of (group, user) heads, not the queue length.  A pass is
 all-or-nothing: if anything in it fails, every task taken goes back and every
@@ -38,16 +45,27 @@ class _Machine:
     slots: int
     busy: int = 0
     accepting: bool = True
+    extra: int = 0  # places for prefetched tasks, beyond the slots
 
     @property
     def free(self) -> int:
         return self.slots - self.busy if self.accepting else 0
+
+    def free_for(self, prefetch: bool) -> int:
+        if not self.accepting:
+            return 0
+        return self.slots + (self.extra if prefetch else 0) - self.busy
+
+    def rank(self) -> tuple[int, int]:
+        """Heap key: most free slots first, then most free places."""
+        return (-self.free, -self.free_for(True))
 
 
 @dataclass
 class _Group:
     req: dict[str, Any]
     excluded: frozenset[str]
+    prefetch: bool = False
     heaps: dict[str, list[tuple[int, int, str]]] = field(default_factory=dict)  # by user
     live: int = 0
 
@@ -74,11 +92,12 @@ class Scheduler:
         tags: list[str] | None = None,
         busy: int = 0,
         instance_key: str | None = None,
+        extra: int = 0,
     ) -> None:
         facts = dict(hardware)
         facts.update(machine_id=machine_id, name=name or machine_id, tags=list(tags or []),
                      instance_key=instance_key or machine_id)
-        self._machines[machine_id] = _Machine(machine_id, facts, slots, busy)
+        self._machines[machine_id] = _Machine(machine_id, facts, slots, busy, extra=max(0, extra))
         self._forget_matches(machine_id)
 
     def remove_machine(self, machine_id: str) -> None:
@@ -126,14 +145,16 @@ class Scheduler:
         exclude: frozenset[str] | set[str] = frozenset(),
         order: Optional[int] = None,
         user: str = "",
+        prefetch: bool = False,
     ) -> None:
-        """Queue a task. ``requirements`` must already be hw.normalize()d."""
+        """Queue a task. ``requirements`` must already be hw.normalize()d;
+        ``prefetch``: it may wait on a daemon for a slot (a short task)."""
         self.done(task_id)  # a requeued task no longer counts as running
         excluded = frozenset(exclude)
-        gkey = (hw.canonical_key(requirements), excluded)
+        gkey = (hw.canonical_key(requirements), excluded, prefetch)
         group = self._groups.get(gkey)
         if group is None:
-            group = self._groups[gkey] = _Group(dict(requirements), excluded)
+            group = self._groups[gkey] = _Group(dict(requirements), excluded, prefetch)
         seq = next(self._seq) if order is None else order
         heapq.heappush(group.heaps.setdefault(user, []), (-priority, seq, task_id))
         group.live += 1
@@ -195,7 +216,7 @@ class Scheduler:
         return [(entry[2], mid) for _, _, _, entry, mid in taken]
 
     def _schedule_into(self, taken: list) -> None:
-        machines = [(-m.free, m.machine_id) for m in self._machines.values() if m.free > 0]
+        machines = [(m.rank(), m.machine_id) for m in self._machines.values() if m.free_for(True) > 0]
         heapq.heapify(machines)
         self._drop_empty_groups()
         while machines and self._groups:
@@ -203,7 +224,7 @@ class Scheduler:
             m = self._machines[mid]
             best = None
             for gkey, group in self._groups.items():
-                if not self._matches(gkey, group, m):
+                if m.free_for(group.prefetch) <= 0 or not self._matches(gkey, group, m):
                     continue
                 head = self._best_head(gkey, group)
                 if head is not None and (best is None or head[0] < best[0][0]):
@@ -219,8 +240,8 @@ class Scheduler:
             m.busy += 1
             self._running[user] += 1
             taken.append((gkey, group, user, entry, mid))
-            if m.free > 0:
-                heapq.heappush(machines, (-m.free, mid))
+            if m.free_for(True) > 0:
+                heapq.heappush(machines, (m.rank(), mid))
 
     def _undo(self, taken: list) -> None:
         """Put a failed pass's tasks back in their queues, their slots freed."""
@@ -255,7 +276,11 @@ class Scheduler:
             what = hw.describe(group.req)
             if group.excluded:
                 what += f" (excluding {', '.join(sorted(group.excluded))}, which lost it)"
-            return f"waiting for matching hardware: no connected daemon has {what}"
+            reason = f"waiting for matching hardware: no connected daemon has {what}"
+            if "runtime" in group.req and self._machines:
+                offered = sorted({r for m in self._machines.values() for r in hw.machine_runtimes(m.facts)})
+                reason += f" (connected daemons run: {', '.join(offered)})"
+            return reason
         if not any(m.accepting for m in fits):
             return "waiting: every matching daemon is draining"
         return f"waiting for a free slot on {len(fits)} matching daemon(s)"

@@ -65,6 +65,11 @@ class HubConfig:
     tls_key: Optional[Path] = None
     # A peer whose live output has been dropped this long is disconnected.
     slow_reader_timeout: float = 60.0
+    # The HTC-Grid handler of tasks whose client config names none, on daemons
+    # without their own: "module:function" or a shell command.
+    grid_handler: Optional[str] = None
+    # Python-call tasks a daemon may hold per slot beyond its slots.
+    prefetch: int = 1
     revocation_poll: float = 0.5
     # How often time is handed to the core (heartbeats, waits, grace periods).
     tick_interval: float = 0.1
@@ -100,7 +105,8 @@ class HubServer:
         self.core = HubCore(self.store, self.blobs, config.limits, now=time.time(),
                             heartbeat_interval=config.heartbeat_interval,
                             heartbeat_timeout=config.heartbeat_timeout,
-                            reconnect_grace=config.reconnect_grace)
+                            reconnect_grace=config.reconnect_grace, grid_handler=config.grid_handler,
+                            prefetch=config.prefetch)
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
         self._open_uploads = 0

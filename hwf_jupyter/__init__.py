@@ -8,6 +8,7 @@ from hub_server.link import ConnectError, HubError, RemoteError
 
 from .cluster import LocalCluster
 from .dispatch import Submission, dispatch, dispatch_sync
+from .futures import PyFuture
 from .hub import Hub, Session, Watcher
 from .results import (
     Artifact,
@@ -18,6 +19,7 @@ from .results import (
     StageResult,
     TaskResult,
 )
+from .pycall import RemoteException, RemoteTraceback, TaskFailed
 from .task import Artifacts, Data, Stage, Task, TaskError
 
 __all__ = [
@@ -31,7 +33,10 @@ __all__ = [
     "HubError",
     "LocalCluster",
     "Machine",
+    "PyFuture",
     "RemoteError",
+    "RemoteException",
+    "RemoteTraceback",
     "ResultList",
     "Stage",
     "StageResult",
@@ -40,6 +45,7 @@ __all__ = [
     "Watcher",
     "Task",
     "TaskError",
+    "TaskFailed",
     "TaskResult",
     "dispatch",
     "dispatch_sync",

@@ -75,9 +75,11 @@ class LocalCluster:
         trust_loopback: bool = False,
         hub_args: Optional[list[str]] = None,
         tls: Optional[tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike]] = None,
+        daemon_args: Optional[list[str]] = None,
     ) -> None:
         """``tls=(cert, key, ca_file)`` serves wss:// with that certificate; the
-        daemons and ``hub()`` trust ``ca_file``."""
+        daemons and ``hub()`` trust ``ca_file``.  ``hub_args`` / ``daemon_args``:
+        more ``hwf hub`` / ``hwf daemon`` options (e.g. ``--grid-handler``)."""
         if daemons < 0:
             raise ValueError("daemons must be >= 0")
         self._tmpdir = None if state_dir else tempfile.mkdtemp(prefix="hwf-local-")
@@ -87,6 +89,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.slots = slots
         self.tags = list(tags or [])
+        self.daemon_args = list(daemon_args or [])
         self.start_timeout = start_timeout
         self._hub_args = [
             "--heartbeat-timeout", str(heartbeat_timeout),
@@ -178,9 +181,11 @@ class LocalCluster:
         tags: Optional[list[str]] = None,
         wait: bool = True,
         token: Optional[str] = None,
+        args: Optional[list[str]] = None,
     ) -> str:
         """Start one more daemon process; returns its name.  ``token``: a daemon
-        token of another owner (``create_token("daemon", "ann")``)."""
+        token of another owner (``create_token("daemon", "ann")``); ``args``: more
+        ``hwf daemon`` options for this one (after the cluster's ``daemon_args``)."""
         if name is None:
             n = len(self.daemon_processes) + 1
             while f"daemon-{n}" in self.daemon_processes:
@@ -188,13 +193,13 @@ class LocalCluster:
             name = f"daemon-{n}"
         workdir = self.root / name
         all_tags = self.tags + list(tags or [])
-        args = ["--hub", self.address, "--token-file", "-", "--name", name,
-                "--slots", str(slots or self.slots), "--workdir", str(workdir)]
+        argv = ["--hub", self.address, "--token-file", "-", "--name", name,
+                "--slots", str(slots or self.slots), "--workdir", str(workdir), *self.daemon_args, *(args or [])]
         if all_tags:
-            args += ["--tags", ",".join(all_tags)]
+            argv += ["--tags", ",".join(all_tags)]
         if self.ca_file:
-            args += ["--ca-file", self.ca_file]
-        self.daemon_processes[name] = self._spawn(name, args, module="hwf_daemon",
+            argv += ["--ca-file", self.ca_file]
+        self.daemon_processes[name] = self._spawn(name, argv, module="hwf_daemon",
                                                     secret=token or self.daemon_token)
         if wait:
             self.wait_for_daemons(names=[name])

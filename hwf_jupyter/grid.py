@@ -1,9 +1,14 @@
 """``GridConnector``: the HTC-Grid client API (seed 001) as a facade over HWF.
 
 Seed code written against ``api.connector.AWSConnector`` keeps its calls and
-dict shapes; underneath, each task dict becomes an HWF ``Task`` whose single
-stage pipes the dict (as JSON) into a shell command on a daemon.  Nothing
-here talks to the hub except through ``Hub`` and ``dispatch_sync``.
+dict shapes, and a seed client config works as it is: HTC-Grid deploys its
+lambda with the compute plane, so here the farm names the handler (``hwf
+daemon --grid-handler`` or ``hwf hub --grid-handler``: ``module:function``
+or a shell command) and each task dict becomes an HWF task whose one stage
+calls it (``hub_server/gridcall.py``).  A config's ``command`` (a shell
+command reading the dict as JSON on stdin) or ``handler``
+(``module:function`` importable on the daemons) overrides the farm's.
+Nothing here talks to the hub except through ``Hub``.
 """
 
 from __future__ import annotations
@@ -12,13 +17,18 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from pathlib import Path
 from typing import Any, Optional
 
+from hub_server import gridcall
 from hub_server import hardware as hw
+from hub_server import protocol as p
 from hub_server.link import ConnectError
+
+from ._ioloop import io_loop
 
 from .dispatch import dispatch_sync
 from .hub import Hub
@@ -47,9 +57,14 @@ class GridConnector:
       The hub must run with ``--trust-loopback`` and this connector must be on
       the same machine.  ``HWF_TOKEN`` is then not read; an explicit
       ``token`` is still sent if given.
-    * ``command`` (required): the shell command run on a daemon for each task.
+    * ``command`` (optional): a shell command run on a daemon for each task.
       It receives the task's dict as JSON on stdin (the seed's lambda event);
       its stdout is the task's output.
+    * ``handler`` (optional): ``"module:function"`` importable on the daemons,
+      called with the task's dict (and a lambda context if it takes two
+      arguments) by their Python workers; its return value (a string, else
+      JSON) is the task's output, its prints are the task's stderr.
+    * Neither: the farm's handler (``hwf daemon --grid-handler`` or the hub's).
     * ``hardware`` (optional dict): HWF hardware requirements of every task.
     * ``max_retries`` (default 3): re-runs after a lost daemon.
     * ``task_timeout_sec`` (optional): per-task time limit in seconds.
@@ -76,8 +91,13 @@ class GridConnector:
         if not isinstance(url, str) or not url.strip():
             raise GridError("client_config_data needs 'hub_url' (or 'public_api_gateway_url'): the hub's address")
         command = cfg.get("command")
-        if not isinstance(command, str) or not command.strip():
-            raise GridError("client_config_data needs 'command': the shell command that reads a task's JSON on stdin")
+        if command is not None and (not isinstance(command, str) or not command.strip()):
+            raise GridError("'command' must be a shell command that reads a task's JSON on stdin")
+        handler = cfg.get("handler")
+        if handler is not None and (not isinstance(handler, str) or not gridcall.is_module_ref(handler.strip())):
+            raise GridError(f"'handler' must be 'module:function', got {handler!r}")
+        if command is not None and handler is not None:
+            raise GridError("give 'command' or 'handler', not both")
         token = cfg.get("token")
         if token is not None and not isinstance(token, str):
             raise GridError("'token' must be a string")
@@ -100,7 +120,8 @@ class GridConnector:
             raise GridError(f"'stage_name' must be a non-empty string, got {stage_name!r}")
 
         self.hub_url = url.strip()
-        self.command = command
+        self.command: Optional[str] = command
+        self.handler: Optional[str] = handler.strip() if handler is not None else None
         self.intra_vpc = bool(cfg.get("intra_vpc", False)) or _env_flag("INTRA_VPC")
         self.hardware: dict[str, Any] = dict(hardware)
         self.max_retries = max_retries
@@ -183,6 +204,9 @@ class GridConnector:
                 events.append(json.dumps(event).encode("utf-8"))
             except (TypeError, ValueError) as exc:
                 raise GridError(f"tasks_list[{i}] is not JSON-serialisable: {exc}") from None
+        if self.command is None:
+            session_id, ids = io_loop().run_sync(hub._submit([self._call_spec(body) for body in events], None))
+            return {"session_id": session_id, "task_ids": ids}
         batch = Path(tempfile.mkdtemp(dir=self._tmpdir, prefix="send-"))
         try:
             tasks = []
@@ -195,6 +219,16 @@ class GridConnector:
         finally:
             shutil.rmtree(batch, ignore_errors=True)  # uploaded (or failed): no longer needed
         return {"session_id": sub.session_id, "task_ids": list(sub)}
+
+    def _call_spec(self, event_json: bytes) -> p.TaskSpec:
+        """One task calling the grid handler (the config's, else the farm's) with the event."""
+        ref = gridcall.GRID_REF if self.handler is None else f"{gridcall.GRID_REF}:{self.handler}"
+        hardware = hw.normalize(self.hardware)
+        if self.handler is not None:  # run by any daemon's Python workers
+            hardware = hw.normalize({**hardware, "runtime": ",".join(filter(None, [hardware.get("runtime"), "python"]))})
+        call = p.PyCall(python="%d.%d" % sys.version_info[:2], ref=ref, arg=event_json.decode("utf-8"))
+        return p.TaskSpec(stages=[p.StageSpec(name=self.stage_name, cmds=[], call=call)], hardware=hardware,
+                          max_retries=self.max_retries, timeout=self.task_timeout_sec)
 
     def get_results(self, submission_response: dict, timeout_sec: Optional[float] = 0) -> dict:
         """Tasks that have ended, waiting up to ``timeout_sec`` for all of them.

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Mapping, Optional, TypeVar, Union
 from urllib.parse import urlsplit
 
 from hub_server import protocol as p
@@ -25,11 +25,18 @@ from hub_server.paths import unsafe_relative_path
 
 from ._ioloop import on_io_loop, sync_twin
 
-if TYPE_CHECKING:
-    import pandas as pd
+from .functions import FunctionClient, PyFuture, make_options, task_ids_async
+from .functions import gather_async as _gather_async
+from .functions import gather_sync as _gather_sync
+from .functions import map_calls as _map_calls
+from .functions import submit as _submit_call
 from .results import HardwarePool, ResultList
 
-TaskIds = Union[str, Iterable[str]]
+if TYPE_CHECKING:
+    import pandas as pd
+
+T = TypeVar("T")
+TaskIds = Union[str, Iterable[str], Iterable[PyFuture]]
 log = logging.getLogger("hwf.client")
 EventCallback = Callable[[p.TaskEvent], None]
 OutputCallback = Callable[[p.Output], None]
@@ -189,6 +196,7 @@ class Hub:
         self._link: Optional[Link] = None
         self._connecting: Optional[asyncio.Future] = None
         self._watchers: dict[int, Watcher] = {}
+        self._functions: Optional[FunctionClient] = None  # hub.submit's futures, made on first use
 
     def __repr__(self) -> str:
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
@@ -225,18 +233,23 @@ class Hub:
                 w._call(w.on_event if isinstance(msg, p.TaskEvent) else w.on_output, msg)
 
     async def _request(self, make: Any, *, idempotent: bool = True) -> Any:
-        """Send ``make(request_id)`` and return the reply.
+        """Send ``make(request_id)`` and return the reply, reconnecting as
+        ``_on_link`` does.  ``make`` is called per try, so it can recompute
+        what depends on time (a wait's remaining timeout)."""
+        return await self._on_link(lambda link: link.request(make(link.next_id())), idempotent=idempotent)
+
+    async def _on_link(self, attempt: Callable[[Link], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """``attempt(link)`` on the open connection.
 
         If a connection that worked drops (hub restart, network blip), reconnect
-        with backoff for up to ``reconnect_timeout`` s and send again -- only for
-        requests that are safe to repeat.  ``make`` is called per try, so it can
-        recompute what depends on time (a wait's remaining timeout)."""
+        with backoff for up to ``reconnect_timeout`` s and try again -- only for
+        work that is safe to repeat."""
         deadline: Optional[float] = None
         delay = 0.1
         while True:
             try:
                 link = await self._connected()
-                return await link.request(make(link.next_id()))
+                return await attempt(link)
             except (LinkClosed, ConnectError) as exc:
                 if not (idempotent and self._ever_connected) or isinstance(exc, AccessRefused):
                     raise
@@ -267,6 +280,11 @@ class Hub:
 
     @on_io_loop
     async def close(self) -> None:
+        """Close the connection; futures still waiting fail with ``ConnectError``
+        (their tasks go on: ``get_result`` finds them from a new Hub)."""
+        if self._functions is not None:
+            self._functions.close()
+            self._functions = None
         if self._link is not None:
             await self._link.close()
             self._link = None
@@ -282,12 +300,15 @@ class Hub:
         *,
         download: bool = True,
     ) -> ResultList:
-        """Results of tasks; ``wait=True`` returns when all have ended.
+        """Results of tasks (ids, or futures of ``submit``/``map``);
+        ``wait=True`` returns when all have ended.
 
         Waiting is event-driven: the hub answers when the last task ends (or
         ``timeout`` seconds pass, returning what is known then).
         """
-        ids = _id_list(job_ids)
+        if isinstance(job_ids, PyFuture):
+            job_ids = [job_ids]
+        ids = _id_list(job_ids if isinstance(job_ids, str) else await task_ids_async(job_ids))
         if not ids:
             return ResultList()
         records: list[p.TaskRecord] = []
@@ -409,6 +430,63 @@ class Hub:
         reply = await self._request(lambda rid: p.Cancel(id=rid, task_ids=ids, session_id=session))
         return {"cancelled": reply.task_ids, "by_state": reply.by_state}
 
+    # -- Python functions ----------------------------------------------------
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        hardware: Optional[Mapping[str, Any]] = None,
+        priority: int = 0,
+        max_retries: int = 3,
+        timeout: Optional[float] = None,
+        track: Union[str, Iterable[str], bool] = "time",
+        session: Optional[str] = None,
+        label: Optional[str] = None,
+        **kwargs: Any,
+    ) -> PyFuture:
+        """Run ``fn(*args, **kwargs)`` on a daemon; returns a future at once.
+
+        ``fn`` and its arguments travel cloudpickled (an argument whose pickle
+        exceeds 1 MiB is uploaded once as its own blob); the task needs a
+        daemon running this client's Python major.minor (``runtime``
+        requirement, added for you).  ``track``: ``"time,ram,cpu"``, a list,
+        or True for all.  See :class:`PyFuture` for ``result()``, ``await``,
+        ``cancel()`` and callbacks."""
+        opts = make_options(hardware, priority, max_retries, timeout, track, session, label)
+        return _submit_call(self, fn, args, kwargs, opts)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *iterables: Iterable[Any],
+        hardware: Optional[Mapping[str, Any]] = None,
+        priority: int = 0,
+        max_retries: int = 3,
+        timeout: Optional[float] = None,
+        track: Union[str, Iterable[str], bool] = "time",
+        session: Optional[str] = None,
+        label: Optional[str] = None,
+        **kwargs: Any,
+    ) -> list[PyFuture]:
+        """``fn(*items)`` for the items zipped from ``iterables`` (shortest wins,
+        like ``map``), each a task; ``kwargs`` go to every call (a big one is
+        pickled and uploaded once).  Sent in as few messages as the hub's
+        limits allow; returns the futures in order, at once."""
+        opts = make_options(hardware, priority, max_retries, timeout, track, session, label)
+        return _map_calls(self, fn, iterables, kwargs, opts)
+
+    def gather(self, futures: Iterable[PyFuture], timeout: Optional[float] = None) -> list[Any]:
+        """The futures' values, in order; raises the first exception met.
+        Blocks (safe in a notebook cell); async code: ``await hub.gather_async(futures)``."""
+        return _gather_sync(futures, timeout)
+
+    async def gather_async(self, futures: Iterable[PyFuture]) -> list[Any]:
+        """``gather`` for async code, on any event loop."""
+        return await _gather_async(futures)
+
     # -- submission (used by dispatch) --------------------------------------
 
     async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
@@ -449,4 +527,4 @@ class Hub:
     credit_link_sync = sync_twin(credit_link)
 
 
-__all__ = ["Hub", "HubError", "ConnectError", "RemoteError", "Session", "Watcher"]
+__all__ = ["Hub", "HubError", "ConnectError", "PyFuture", "RemoteError", "Session", "Watcher"]

@@ -8,9 +8,11 @@ waits for results (``--wait``), and live widgets keep updating meanwhile.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import shlex
+import sys
 from typing import Any, Callable, Optional
 
 from IPython.core.error import UsageError
@@ -23,6 +25,9 @@ from hub_server.hardware import HardwareError
 from hub_server.link import HubError
 
 from .cluster import ClusterError, LocalCluster
+from .functions import make_options, submit_each
+from .pycall import RUNTIME, TaskFailed
+from .px import CELL_FILE, TargetOutput, cell_names, describe_error, render, runner
 from .dispatch import Submission, dispatch_sync
 from .draft import Draft
 from .hub import Hub
@@ -90,6 +95,7 @@ class HWFMagics(Magics):
         self.submissions: list[Submission] = []
         self.progress_views: list[Any] = []
         self.streams: list[CellStream] = []
+        self.px_futures: list[Any] = []  # the last %%hwf_px's futures
 
     # -- connection ---------------------------------------------------------
 
@@ -292,6 +298,65 @@ class HWFMagics(Magics):
         hardware = [_key_values(pairs)] if pairs else []
         return hub.get_hardware_pool_sync(*hardware).to_dataframe()
 
+    # -- Python on the daemons ------------------------------------------------
+
+    @magic_arguments()
+    @argument("--targets", default="all",
+              help="all: run once on each online daemon (matching --hardware); N: run N times")
+    @argument("--hardware", nargs="*", default=[], metavar="KEY=VALUE",
+              help="hardware the targets must have, e.g. ram=4GB tags=fast")
+    @argument("--timeout", type=float, default=None, help="seconds before a run is killed and failed")
+    @cell_magic
+    @_one_line_errors
+    def hwf_px(self, line: str, cell: str) -> None:
+        """Run the cell's Python code on daemons, like ipyparallel's %%px:
+        each target's stdout and last value are shown tagged with its name.
+        Names the cell reads from the notebook are sent with it; the code
+        runs in a fresh namespace each time."""
+        args = parse_argstring(self.hwf_px, line)
+        hardware = _key_values(args.hardware)
+        if not cell.strip():
+            raise UsageError("hwf_px: the cell is empty")
+        try:
+            names, skipped = cell_names(cell, self.shell.user_ns if self.shell is not None else {})
+        except SyntaxError as exc:
+            raise UsageError(f"hwf_px: the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+        hub = self._require_hub()
+        opts = make_options(hardware, 0, 3, args.timeout, "time", None, label="hwf_px")
+        pins: Optional[list[str]] = None
+        if args.targets == "all":
+            pool = hub.get_hardware_pool_sync({**hardware, "runtime": RUNTIME})
+            pins = [m.name for m in pool if m.state == "online"]
+            if not pins:
+                wanted = ", ".join(f"{k}={v}" for k, v in hardware.items())
+                raise UsageError(f"hwf_px: no online daemon runs {RUNTIME}" + (f" with {wanted}" if wanted else ""))
+            count = len(pins)
+        else:
+            try:
+                count = int(args.targets)
+            except ValueError:
+                raise UsageError(f"hwf_px: --targets takes 'all' or a number, got {args.targets!r}") from None
+            if not 1 <= count <= 1000:
+                raise UsageError(f"hwf_px: --targets N must be from 1 to 1000, got {count}")
+        if skipped:
+            print(f"hwf_px: not sent (they do not pickle): {', '.join(skipped)}", file=sys.stderr)
+        fn = runner()
+        futures = submit_each(hub, [(fn, (cell, CELL_FILE), names)] * count, opts, pins)
+        self.px_futures = futures
+        try:
+            concurrent.futures.wait(futures)
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            raise
+        outputs = [_px_output(f, pins[i] if pins else str(i)) for i, f in enumerate(futures)]
+        out, err = render(outputs, _pretty)
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        failed = sum(o.error is not None for o in outputs)
+        if failed:
+            raise UsageError(f"hwf_px: {failed} of {len(outputs)} target(s) raised (shown above)")
+
     @magic_arguments()
     @argument("--by", default="owner", choices=["machine", "owner", "user", "session"],
               help="group credits by machine, owner (default), user or session")
@@ -334,6 +399,30 @@ def _credits_arg(text: Optional[str]) -> Any:
         return int(text)
     except ValueError:
         raise UsageError(f"hwf: --credits takes N or MIN:MAX (whole numbers), got {text!r}") from None
+def _pretty(value: Any) -> str:
+    from IPython.lib.pretty import pretty
+
+    return pretty(value, max_width=100)
+
+
+def _px_output(fut: Any, target: str) -> TargetOutput:
+    info = fut.info
+    if info is not None and info.machine and info.machine != target:
+        target = f"{target}:{info.machine}"
+    out = TargetOutput(tag=target)
+    if info is not None:
+        cmds = [c for s in info.stages for c in s.commands]
+        out.stdout = "".join(c.stdout for c in cmds)
+        out.stderr = "".join(c.stderr for c in cmds)
+    try:
+        out.value, out.has_value = fut.result(), True
+    except concurrent.futures.CancelledError:
+        out.error = "cancelled"
+    except TaskFailed as exc:
+        out.error = str(exc)
+    except Exception as exc:
+        out.error = describe_error(exc)
+    return out
 
 
 def load_ipython_extension(ipython: Any) -> None:

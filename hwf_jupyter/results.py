@@ -16,6 +16,7 @@ not lie:
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import pandas as pd
 
 from hub_server import protocol
 from hub_server.protocol import TERMINAL_STATES
+
+from .pycall import NO_SCALAR, load_scalar, load_value, remote_exception
 
 _MIB = 2**20
 _GIB = 2**30
@@ -168,6 +171,31 @@ class Attempt:
         return cls(**msgspec.structs.asdict(info))
 
 
+@dataclass(slots=True)
+class PyValueInfo:
+    """What a Python call returned (or raised), as the hub reported it; the
+    value itself stays pickled until asked for (``TaskResult.value``)."""
+
+    repr: str = ""
+    pickled: Optional[str] = None
+    artifact: Optional[str] = None
+    size: Optional[int] = None
+    error_type: Optional[str] = None
+    traceback: Optional[str] = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.error_type is not None
+
+    @classmethod
+    def from_value(cls, v: protocol.PyValue) -> PyValueInfo:
+        return cls(**msgspec.structs.asdict(v))
+
+    def to_value(self) -> protocol.PyValue:
+        return protocol.PyValue(repr=self.repr, pickled=self.pickled, artifact=self.artifact, size=self.size,
+                                error_type=self.error_type, traceback=self.traceback)
+
+
 @dataclass(slots=True, repr=False)
 class TaskResult:
     """One task as the hub last reported it (it may still be running)."""
@@ -192,6 +220,7 @@ class TaskResult:
     stages: list[StageResult] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
     credits: Optional[int] = None  # what its credit slot paid the machine; None until claimed
+    py_value: Optional[PyValueInfo] = None  # a Python call's outcome
 
     @classmethod
     def from_record(cls, rec: protocol.TaskRecord) -> TaskResult:
@@ -217,7 +246,30 @@ class TaskResult:
             stages=[StageResult.from_outcome(s) for s in rec.stages],
             artifacts=[Artifact.from_info(a) for a in rec.artifacts],
             credits=rec.credits,
+            py_value=None if rec.value is None else PyValueInfo.from_value(rec.value),
         )
+
+    @property
+    def value(self) -> Any:
+        """A Python call's return value (unpickled on each access); raises
+        the remote exception (traceback as ``__cause__``) if it raised.
+
+        Values too large to come inline are read from their downloaded
+        artifact (``get_result`` downloads it by default).
+        """
+        v = self.py_value
+        if v is None:
+            raise ValueError(f"task {self.task_id} has no Python value "
+                             f"({'it is not a Python call' if self.done else 'it has not ended'})")
+        if v.is_error:
+            raise remote_exception(v.to_value())
+        if v.pickled is not None:
+            return load_value(base64.b64decode(v.pickled))
+        for a in self.artifacts:
+            if a.name == v.artifact and a.path is not None:
+                return load_value(Path(a.path).read_bytes())
+        raise ValueError(f"task {self.task_id}: its value is the artifact {v.artifact!r}, which was not "
+                         f"downloaded (get_result(..., download=True) fetches it)")
 
     @property
     def done(self) -> bool:
@@ -354,6 +406,7 @@ _MACHINE_COLUMNS: dict[str, str] = {
     "tags": "str",
     "owner": "str",
     "credits": "int64",  # what its claimed slots paid (to its owner, or pending)
+    "runtimes": "str",
     "load_1m": "float64",
     "cpu_percent": "float64",
     "mem_percent": "float64",
@@ -448,6 +501,37 @@ def _command_row(
 _LEVELS = ("task", "stage", "command")
 
 
+def _scalar_values(tasks: Sequence[TaskResult]) -> Optional[pd.Series]:
+    """The tasks' values as one column, or None when some value is not a
+    small scalar (or no task has a value).  Loads only plain scalars, so a
+    table never runs code a daemon sent."""
+    values: list[Any] = []
+    seen = False
+    for t in tasks:
+        v = t.py_value
+        if v is None or v.is_error:
+            values.append(None)
+            continue
+        x = load_scalar(v.pickled)
+        if x is NO_SCALAR:
+            return None
+        seen = True
+        values.append(x)
+    if not seen:
+        return None
+    present = [x for x in values if x is not None]
+    if all(isinstance(x, bool) for x in present):
+        dtype = "boolean"
+    elif all(isinstance(x, int) and not isinstance(x, bool) for x in present) and \
+            all(-(2**63) <= x < 2**63 for x in present):
+        dtype = "Int64"
+    elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in present):
+        dtype = "float64"
+    else:
+        dtype = "object"
+    return pd.Series(values, dtype=dtype)
+
+
 class ResultList(list[TaskResult]):
     """The tasks of a run: a plain list, plus summaries and DataFrames."""
 
@@ -466,9 +550,16 @@ class ResultList(list[TaskResult]):
         return ResultList(item) if isinstance(index, slice) else item
 
     def to_dataframe(self, level: str = "task") -> pd.DataFrame:
-        """One row per task, per task x stage, or per task x stage x command."""
+        """One row per task, per task x stage, or per task x stage x command.
+
+        Python function tasks add a ``value`` column (task level) when every
+        value is a small scalar: a number, a short string, a bool or None."""
         if level == "task":
-            return _frame([_task_row(t) for t in self], _TASK_COLUMNS)
+            frame = _frame([_task_row(t) for t in self], _TASK_COLUMNS)
+            values = _scalar_values(self)
+            if values is not None:
+                frame["value"] = values
+            return frame
         if level == "stage":
             rows = [_stage_row(t, i, s) for t in self for i, s in enumerate(t.stages)]
             return _frame(rows, _STAGE_COLUMNS)
@@ -578,6 +669,7 @@ def _machine_row(m: Machine) -> dict[str, Any]:
         "slots": m.slots,
         "running": m.running,
         "tags": ", ".join(m.tags),
+        "runtimes": ", ".join(str(r) for r in hw.get("runtimes") or []),  # shell, python3.11, docker...
         "owner": m.owner,
         "credits": m.credits,
         "load_1m": load_avg[0],

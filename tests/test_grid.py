@@ -216,6 +216,10 @@ def test_bad_input_is_rejected_clearly(connect):
     with pytest.raises(GridError, match="list of session id"):
         g.cancel_sessions("s-x")
     with pytest.raises(GridError, match="'command'"):
-        GridConnector({"hub_url": "127.0.0.1"})
+        GridConnector({"hub_url": "127.0.0.1", "command": " "})
+    with pytest.raises(GridError, match="'handler' must be 'module:function'"):
+        GridConnector({"hub_url": "127.0.0.1", "handler": "rm -rf /"})
+    with pytest.raises(GridError, match="not both"):
+        GridConnector({"hub_url": "127.0.0.1", "handler": "m:f", "command": "cat"})
     with pytest.raises(GridError, match="'hub_url'"):
         GridConnector({"command": "cat"})

@@ -94,11 +94,15 @@ def test_a_non_dumpable_process_left_behind_is_found_and_killed(workdir, monkeyp
         r"State:\s+Z", Path(f"/proc/{pid}/status").read_text())
 
 
-def test_a_birth_during_the_listing_means_maybe(monkeypatch):
+def test_a_birth_during_every_listing_means_maybe(monkeypatch):
     since = last_pid()
-    answers = iter([since, since + 1])  # one process was born while /proc was listed
-    monkeypatch.setattr(leftovers, "last_pid", lambda: next(answers))
+    births = iter(range(since, since + 100))  # a process is born during every walk of /proc
+    monkeypatch.setattr(leftovers, "last_pid", lambda: next(births))
     assert born_since(USER.uid, since)
+    # One walk disturbed by a birth elsewhere, the next one quiet: a definite no.
+    answers = iter([since, since + 1, since + 1, since + 1])
+    monkeypatch.setattr(leftovers, "last_pid", lambda: next(answers))
+    assert not born_since(USER.uid, since)
     monkeypatch.setattr(leftovers, "last_pid", lambda: since)
     assert not born_since(USER.uid, since)
     assert born_since(USER.uid, None)  # unknown start: maybe

@@ -349,10 +349,10 @@ def test_hardware_pool_objects() -> None:
 
 def test_hardware_pool_dataframe() -> None:
     df = HardwarePool.from_machines(machines()).to_dataframe()
-    assert df.shape == (2, 20)
+    assert df.shape == (2, 21)
     assert list(df.columns) == [
         "machine_id", "name", "state", "os", "distro", "arch", "cpu", "cores", "ram_gb",
-        "gpus", "slots", "running", "tags", "owner", "credits", "load_1m", "cpu_percent", "mem_percent",
+        "gpus", "slots", "running", "tags", "owner", "credits", "runtimes", "load_1m", "cpu_percent", "mem_percent",
         "disk_percent", "last_seen",
     ]
     assert df["name"].tolist() == ["gpu-box", "laptop"]
@@ -371,4 +371,4 @@ def test_empty_hardware_pool() -> None:
     pool = HardwarePool.from_machines([])
     assert len(pool) == 0 and pool.names == []
     assert repr(pool) == "<HardwarePool 0 machines>"
-    assert pool.to_dataframe().shape == (0, 20)
+    assert pool.to_dataframe().shape == (0, 21)

@@ -144,3 +144,22 @@ def test_a_machine_with_odd_facts_matches_nothing_and_stalls_no_one():
     s.enqueue("u", hw.normalize({"gpu": "a100"}))
     assert s.schedule() == [("t", "ok")]
     assert "no connected daemon has gpu=a100" in s.wait_reason("u")
+
+
+def test_short_tasks_may_wait_on_a_daemon_beyond_its_slots():
+    s = Scheduler()
+    s.add_machine("a", LINUX, slots=1, extra=1)
+    s.add_machine("b", LINUX, slots=1, extra=1)
+    for i in range(3):
+        s.enqueue(f"call{i}", {}, prefetch=True)
+    s.enqueue("shell", {})
+    got = s.schedule()
+    # Real slots first, spread over the machines; then one prefetched call; the
+    # shell task takes no extra place.
+    assert sorted(m for _, m in got[:2]) == ["a", "b"]
+    assert [t for t, _ in got] == ["call0", "call1", "call2"]
+    assert s.is_queued("shell")
+    s.release(got[0][1])
+    s.release(got[1][1])
+    s.release(got[2][1])
+    assert [t for t, _ in s.schedule()] == ["shell"]

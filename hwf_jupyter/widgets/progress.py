@@ -17,6 +17,7 @@ from hub_server import protocol as p
 from hub_server.protocol import TERMINAL_STATES
 
 from .._ioloop import io_loop
+from ..functions import task_ids_of
 from ._common import esc, fmt_seconds, resolve_interactive
 
 if TYPE_CHECKING:
@@ -428,13 +429,14 @@ def watch_progress(
 ) -> Progress:
     """A Progress kept up to date by a hub watch; the watch ends when all tasks have.
 
-    ``task_ids`` may be a list of ids or a ``Submission``; with ``session=`` the
+    ``task_ids`` may be a list of ids, a ``Submission`` or futures of
+    ``hub.submit``/``hub.map`` (waited for until the hub accepted them); with ``session=`` the
     whole session is watched (tasks added later grow the total) and the watch
     stays open until :meth:`Progress.close`.
     """
     if (task_ids is None) == (session is None):
         raise ValueError("watch_progress takes task ids or session=, not both or neither")
-    ids = [task_ids] if isinstance(task_ids, str) else list(task_ids or [])
+    ids = [task_ids] if isinstance(task_ids, str) else task_ids_of(task_ids or [])
     prog = Progress(ids, title=title, interactive=interactive, max_rate=max_rate)
     prog.auto_close = session is None
     if session is not None:

@@ -47,6 +47,13 @@ with LocalCluster(daemons=1) as c:
     r = hub.get_result_sync(dispatch_sync(Task(Stage("s", cmd="echo ok")), hub), wait=True, timeout=120)[0]
     assert r.output == "ok\\n", (r.status, r.error)
     hub.close_sync()
+# Python functions: cloudpickle on both sides, a warm worker on the daemon.  As the
+# daemon's own user: this venv lives in a private temp dir the per-slot users cannot read.
+with LocalCluster(daemons=1, daemon_args=["--run-as", "self"]) as c:
+    hub = c.hub()
+    assert hub.submit(pow, 2, 10).result(timeout=120) == 1024
+    assert hub.gather(hub.map(lambda x: x * 3, range(4)), timeout=120) == [0, 3, 6, 9]
+    hub.close_sync()
 print("task ok")
 """
 
