@@ -98,6 +98,7 @@ async def run_call_stage(
     cancel: Optional["CancelLike"],
     env: Optional[Mapping[str, str]] = None,
     inline_max: int = 64 * 1024,
+    spent: Optional[Any] = None,
 ) -> tuple[StageOutcome, Optional[_Failure], Optional[PyValue]]:
     """(stage outcome, failure or None, the call's value or exception)."""
     outcome = StageOutcome(name=stage.name, status="finished", comment=stage.comment)
@@ -145,6 +146,8 @@ async def run_call_stage(
     command = CommandOutcome(cmd=describe, exit_code=None, stdout=out.text(), stderr=err.text(),
                              stdout_truncated=out.truncated, stderr_truncated=err.truncated)
     if reply is not None:
+        if spent is not None:  # credits are paid by CPU-seconds, tracked or not
+            spent.add(reply.cpu, wall, None)
         command.cmd = reply.describe[:4096]
         command.exit_code = 0 if reply.ok else 1
         value = _bounded(reply.value, inline_max)

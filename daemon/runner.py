@@ -584,6 +584,7 @@ async def run_task(
                     max_output_bytes=max_output_bytes,
                     cancel=cancel,
                     env=env,
+                    spent=spent,
                 )
                 if value is not None:
                     outcome.value = value
