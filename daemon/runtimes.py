@@ -148,8 +148,14 @@ def engine_answers(engine: str, timeout: float = 5.0) -> bool:
     return out.returncode == 0
 
 
+# Container engines the daemon can run MECA container tasks with.  None yet:
+# the container runner (run the image, POST the data, collect the reply) is
+# not built, so a daemon must not claim "docker" even where an engine answers.
+CONTAINER_ENGINES: tuple[str, ...] = ()
+
+
 def detect_runtimes(python: Optional[PythonRuntime], *, grid_handler: Optional[str] = None,
-                    engines: tuple[str, ...] = ("docker", "podman")) -> list[str]:
+                    engines: tuple[str, ...] = CONTAINER_ENGINES) -> list[str]:
     runtimes = ["shell"]
     if python is not None:
         runtimes.append(python.name)

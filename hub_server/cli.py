@@ -79,6 +79,9 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
                      help="HTC-Grid handler for tasks whose client config names none, on daemons without "
                           "their own --grid-handler: 'module:function' or a shell command")
+    hub.add_argument("--python-trusted-owners", default="", metavar="OWNER,...",
+                     help="daemon owners whose machines may run any user's Python calls (default: a user's "
+                          "calls run only on machines that user owns: the client unpickles what they return)")
     hub.add_argument("--prefetch", type=int, default=1, metavar="N",
                      help="Python-call tasks a daemon may hold per slot beyond its slots, each starting the "
                           "moment a slot frees (0: none; default 1)")
@@ -140,6 +143,7 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         creditpiggy_max_connections=args.creditpiggy_max_connections,
         grid_handler=args.grid_handler,
         prefetch=args.prefetch,
+        python_trusted_owners=tuple(o.strip() for o in args.python_trusted_owners.split(",") if o.strip()),
     )
     if not 0 <= args.prefetch <= 64:
         print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)

@@ -194,10 +194,14 @@ class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
                  reconnect_grace: float = 15.0, grid_handler: Optional[str] = None,
-                 prefetch: int = 1) -> None:
+                 prefetch: int = 1, trusted_owners: Iterable[str] = ()) -> None:
         self.store = store
         # Python-call tasks a daemon may hold per slot beyond its slots (scheduler.py).
         self.prefetch = max(0, prefetch)
+        # Owners whose machines may run anyone's Python calls.  A call's value
+        # (or exception) is a pickle the client loads: only machines of the
+        # submitting user or of these owners may produce it.
+        self.trusted_owners = frozenset(trusted_owners)
         # HTC-Grid tasks that leave the handler to the farm get this one on
         # daemons without their own (gridcall.py).
         self.grid_handler = grid_handler.strip() if grid_handler and grid_handler.strip() else None
@@ -445,6 +449,8 @@ class HubCore:
             need = gridcall.handler_runtime(self.grid_handler)
             if need is not None:
                 req = hw.normalize({**req, "runtime": ",".join(filter(None, [req.get("runtime"), need]))})
+        if any(s.call is not None for s in spec.stages):  # after normalize: users cannot set it
+            req = {**req, "owners": sorted({who.user, *self.trusted_owners})}
         return req
 
     # -- scheduling ---------------------------------------------------------
@@ -548,7 +554,7 @@ class HubCore:
             self._lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
                                instance=previous.instance if previous else "")
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
-        self.scheduler.add_machine(name, hardware, msg.slots, name=name, tags=tags,
+        self.scheduler.add_machine(name, {**hardware, "owner": m.owner}, msg.slots, name=name, tags=tags,
                                    busy=len(still) + len(m.cancelling),
                                    instance_key=instance_key(name, msg.instance),
                                    extra=msg.slots * self.prefetch)

@@ -262,6 +262,11 @@ def _match_runtime(want: str, m: Mapping[str, Any]) -> bool:
     return all(_runtime_met(w, have) for w in want.split(","))
 
 
+def _match_owners(want: list[str], m: Mapping[str, Any]) -> bool:
+    """Set by the hub, never by a user: the machine's owner is one of ``want``."""
+    return m.get("owner") in want
+
+
 _CHECKS = {
     "os": _match_os,
     "cpu": _match_cpu,
@@ -270,6 +275,7 @@ _CHECKS = {
     "cores": _match_cores,
     "tags": _match_tags,
     "daemon": _match_daemon,
+    "owners": _match_owners,
     "runtime": _match_runtime,
 }
 
@@ -286,6 +292,8 @@ def describe(req: Mapping[str, Any]) -> str:
             parts.append(f"cores>={v}")
         elif k == "tags":
             parts.append(f"tags={','.join(v)}")
+        elif k == "owners":
+            parts.append(f"a machine owned by {' or '.join(v)} (Python calls: values are unpickled by the client)")
         else:
             parts.append(f"{k}={v}")
     return ", ".join(parts)

@@ -70,6 +70,7 @@ class HubConfig:
     grid_handler: Optional[str] = None
     # Python-call tasks a daemon may hold per slot beyond its slots.
     prefetch: int = 1
+    python_trusted_owners: tuple[str, ...] = ()
     revocation_poll: float = 0.5
     # How often time is handed to the core (heartbeats, waits, grace periods).
     tick_interval: float = 0.1
@@ -106,7 +107,7 @@ class HubServer:
                             heartbeat_interval=config.heartbeat_interval,
                             heartbeat_timeout=config.heartbeat_timeout,
                             reconnect_grace=config.reconnect_grace, grid_handler=config.grid_handler,
-                            prefetch=config.prefetch)
+                            prefetch=config.prefetch, trusted_owners=config.python_trusted_owners)
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
         self._open_uploads = 0

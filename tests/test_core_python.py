@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from test_core import ALICE, BOB, CLIENT, DAEMON, HW, OTHER, OWNER, Farm, assigned, done
+from hub_server.auth import Principal
+from test_core import ALICE, BOB, CLIENT, DAEMON, HW, OTHER, OWNER, assigned, done
+from test_core import Farm as _Farm
+
+
+def Farm(tmp_path, **kw) -> _Farm:  # noqa: N802 (a factory standing in for the class)
+    """The daemons here are owned by 'owner': trusted to run anyone's calls."""
+    kw.setdefault("trusted_owners", ("owner",))
+    return _Farm(tmp_path, **kw)
 
 from hub_server import gridcall
 from hub_server import hardware as hw
@@ -209,3 +217,24 @@ def test_a_daemon_holds_prefetched_calls_but_shell_tasks_wait_for_a_slot(tmp_pat
     register(g, "d1", ["shell"], slots=1)
     g.submit(*[p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["true"])]) for _ in range(5)])
     assert len(assigned(g.last)) == 1
+
+
+def test_python_calls_run_only_on_machines_of_their_user_or_a_trusted_owner(tmp_path):
+    """A call's value is a pickle the client loads: a stranger's daemon must not make it."""
+    f = Farm(tmp_path, trusted_owners=())
+    f.connect(CLIENT, ALICE)
+    f.connect(DAEMON, OWNER)  # owned by 'owner', not trusted here
+    register(f, "strangers", ["shell", "python3.11"])
+    call = p.StageSpec(name="f", cmds=[], call=p.PyCall(python="3.11", pickled="gAROLg=="))
+    sub = f.submit(p.TaskSpec(stages=[call], hardware={"runtime": "python3.11"}))
+    assert assigned(f.last) == []
+    (rec,) = f.core._records(sub.task_ids, ALICE)
+    assert "owned by alice" in rec.wait_reason
+    shell = f.submit(p.TaskSpec(stages=[p.StageSpec(name="s", cmds=["true"])]))
+    assert [a.task_id for a in assigned(f.last)] == shell.task_ids  # shell tasks still go anywhere
+    f.connect(OTHER, Principal("tok-al", "daemon", "alice"))
+    out = register(f, "alices-box", ["shell", "python3.11"], peer=OTHER)
+    assert [a.task_id for a in assigned(out)] == sub.task_ids
+    # A user cannot widen it: 'owners' is not a hardware key they may set.
+    bad = f.handle(Received(CLIENT, p.Submit(id=f.rid(), tasks=[p.TaskSpec(stages=[call], hardware={"owners": ["owner"]})])))
+    assert any(isinstance(i.msg, p.Error) and "unknown hardware key 'owners'" in i.msg.message for i in bad)
