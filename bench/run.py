@@ -76,6 +76,7 @@ SECTIONS = {
     "transfer": ("hwf", "floor"),
     "scale": ("hwf",),
     "coldstart": ("hwf", "dask", "ipyparallel"),
+    "functions": ("hwf", "hwf-self", "dask", "ipyparallel"),
 }
 # Import name that must be present for a peer to run.
 NEEDS = {"dask": "distributed", "ipyparallel": "ipyparallel"}
@@ -84,7 +85,8 @@ FULL = dict(runs=3, tasks=2000, warmup=20, rtt=200, transfer_mib=64, scale_daemo
 QUICK = dict(runs=1, tasks=200, warmup=5, rtt=30, transfer_mib=8, scale_daemons=50, scale_tasks=2000,
              timeout=300)
 # Wall-clock limit of one trial process, as a multiple of its in-trial timeout.
-TRIAL_LIMIT = {"scale": 1.5, "throughput": 1.2, "latency": 1.2, "transfer": 1.2, "coldstart": 1.0}
+TRIAL_LIMIT = {"scale": 1.5, "throughput": 1.2, "latency": 1.2, "transfer": 1.2, "coldstart": 1.0,
+               "functions": 1.2}
 
 
 # ----------------------------------------------------------------- the machine
@@ -397,6 +399,24 @@ def render(report: dict) -> str:
                 for p in ("dask", "ipyparallel", "floor") if med(res, "throughput", p, "tasks_per_s")))
         add("    CPU ms/task: CPU time of every process of the system (client, hub/scheduler, daemons/workers, the")
         add("    `true`s) over the timed run, per task; on 2 cores a CPU-bound system tops out near 2000 / that")
+    if "functions" in res:
+        add("")
+        add(f"1b. Python functions: {cfg['tasks']} trivial calls (`x + 1`), 2 workers each (clusters warm)")
+        w = [34, 9, 8, 10, 12, 22]
+        add(row(["system", "tasks/s", "seconds", "HWF/this", "CPU ms/task", "runs (tasks/s)"], w))
+        hwf = med(res, "functions", "hwf", "tasks_per_s")
+        for s, e in res["functions"].items():
+            label = {"hwf": "HWF hub.map (2 daemons x 1 slot)", "hwf-self": "HWF hub.map, --run-as self",
+                     "dask": "Dask client.map", "ipyparallel": "ipyparallel map_async"}[s]
+            note = status_note(e)
+            if note and "median" not in e:
+                add(row([label, note], [34, 40]))
+                continue
+            x = med(res, "functions", s, "tasks_per_s")
+            add(row([label, fmt(x), fmt(med(res, "functions", s, "seconds"), 2),
+                     fmt(ratio(hwf, x), 2) if s not in ("hwf", "hwf-self") else "",
+                     fmt(med(res, "functions", s, "cpu_ms_per_task"), 2), spread(e, "tasks_per_s", 0)], w)
+                + (" " + note if note else ""))
     if "latency" in res:
         add("")
         add(f"2. Latency: {cfg['rtt']} sequential round trips of one trivial (`true`) task")

@@ -691,6 +691,62 @@ def disk_floor(data: bytes, tmp: Path, chunk: int) -> tuple[float, float]:
     return times[-1], time.perf_counter() - t0
 
 
+def _make_inc():
+    """A function defined at run time: every system ships it by value (cloudpickle),
+    none imports it from a module the workers may not have."""
+    return lambda x: x + 1
+
+
+def hwf_functions(P: dict, as_self: bool = False) -> dict:
+    n = P["tasks"]
+    _inc = _make_inc()
+    with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
+        hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
+        hub.gather(hub.map(_inc, range(P["warmup"])), timeout=P["timeout"])
+        cpu0 = tree_cpu()
+        t0 = time.perf_counter()
+        res = hub.gather(hub.map(_inc, range(n)), timeout=P["timeout"])
+        elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
+        hub.close_sync()
+    if res != [x + 1 for x in range(n)]:
+        raise TrialError("wrong values")
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 daemons x 1 slot", "how": "hub.gather(hub.map(inc, range(N)))"}
+
+
+def dask_functions(P: dict) -> dict:
+    n = P["tasks"]
+    _inc = _make_inc()
+    with dask_client(threads_per_worker=1) as client:
+        client.gather(client.map(_inc, range(P["warmup"]), pure=False))
+        cpu0 = tree_cpu()
+        t0 = time.perf_counter()
+        res = client.gather(client.map(_inc, range(n), pure=False))
+        elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
+    if res != [x + 1 for x in range(n)]:
+        raise TrialError("wrong values")
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 worker processes x 1 thread", "how": "client.gather(client.map(inc, range(N)))"}
+
+
+def ipp_functions(P: dict) -> dict:
+    n = P["tasks"]
+    _inc = _make_inc()
+    with ipp_view() as view:
+        view.map_sync(_inc, range(P["warmup"]))
+        cpu0 = tree_cpu()
+        t0 = time.perf_counter()
+        res = view.map_async(_inc, range(n), chunksize=1).get(timeout=P["timeout"])
+        elapsed = time.perf_counter() - t0
+        cpu = tree_cpu() - cpu0
+    if list(res) != [x + 1 for x in range(n)]:
+        raise TrialError("wrong values")
+    return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
+            "workers": 2, "layout": "2 engines", "how": "load_balanced_view().map_async(inc, ..., chunksize=1)"}
+
+
 TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
     ("throughput", "hwf"): hwf_throughput,
     ("throughput", "hwf-self"): lambda P: hwf_throughput(P, as_self=True),
@@ -708,6 +764,10 @@ TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
     ("coldstart", "hwf"): hwf_coldstart,
     ("coldstart", "dask"): dask_coldstart,
     ("coldstart", "ipyparallel"): ipp_coldstart,
+    ("functions", "hwf"): hwf_functions,
+    ("functions", "hwf-self"): lambda P: hwf_functions(P, as_self=True),
+    ("functions", "dask"): dask_functions,
+    ("functions", "ipyparallel"): ipp_functions,
 }
 
 

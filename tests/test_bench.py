@@ -48,7 +48,7 @@ def test_tiny_run_of_every_section(tmp_path):
     assert r["machine"]["cores"] >= 1 and r["machine"]["ram_bytes"] > 0
     assert r["machine"]["cpu_model"] and r["machine"]["python"]
     assert r["versions"]["hwf"]
-    assert set(r["results"]) == {"throughput", "latency", "transfer", "scale", "coldstart"}
+    assert set(r["results"]) == {"throughput", "latency", "transfer", "scale", "coldstart", "functions"}
     res = r["results"]
 
     def median(section, system):
@@ -63,6 +63,9 @@ def test_tiny_run_of_every_section(tmp_path):
         lat = median("latency", system)
         assert lat["n"] == 5 and 0 < lat["median_ms"] <= lat["p99_ms"]
     assert median("coldstart", "hwf")["seconds"] > 0
+    fn = median("functions", "hwf")
+    assert fn["tasks"] == 10 and fn["tasks_per_s"] > 0
+    assert "1b. Python functions" in proc.stdout
     if os.geteuid() == 0:  # --run-as self differs from the default only for a root daemon
         assert median("throughput", "hwf-self")["tasks_per_s"] > 0
         assert median("latency", "hwf-self")["median_ms"] > 0
