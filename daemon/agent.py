@@ -42,7 +42,7 @@ from .load import sample_load
 from .output import OutputPump
 from .pystage import CallContext
 from .pyworkers import PyWorkers
-from .runtimes import RuntimeConfigError, detect_runtimes, python_runtime
+from .runtimes import CONTAINER_ENGINES, RuntimeConfigError, detect_runtimes, python_runtime
 from .runner import Cancel, cancel_error, run_task
 from .taskdirs import TMP_NAME, TaskDirs
 
@@ -81,6 +81,7 @@ class DaemonConfig:
     python_max_tasks: int = 1000
     # HTC-Grid tasks that leave the handler to the farm: "module:function" or a shell command.
     grid_handler: Optional[str] = None
+    containers: bool = False  # offer docker/podman (MECA container tasks) where they answer
 
 
 @dataclass
@@ -121,7 +122,8 @@ class Daemon:
             raise
         self.pyworkers = PyWorkers(runtime, max_tasks=config.python_max_tasks) if runtime is not None else None
         self.hardware = detect_hardware()
-        self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler)
+        self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler,
+                                                    engines=CONTAINER_ENGINES if config.containers else ())
         if runtime is not None:
             log.info("Python tasks run on warm workers of %s (%s)", runtime.python, runtime.name)
         self.link: Optional[Link] = None

@@ -64,6 +64,9 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
                         "that they can)")
     d.add_argument("--python-max-tasks", type=int, default=1000, metavar="N",
                    help="replace a slot's Python worker after it has served N calls (default 1000)")
+    d.add_argument("--containers", action="store_true",
+                   help="run MECA container tasks with docker/podman where the engine answers (off by default: "
+                        "whoever may submit to this daemon may then run any image on it)")
     d.add_argument("--grid-handler", default=None, metavar="HANDLER",
                    help="the HTC-Grid handler for tasks whose client config names none: 'module:function' "
                         "(called with each task dict) or a shell command (the task dict as JSON on stdin)")
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         python=args.python,
         python_max_tasks=args.python_max_tasks,
         grid_handler=args.grid_handler,
+        containers=args.containers,
     )
     if args.python_max_tasks < 1:
         print("hwf daemon: error: --python-max-tasks must be at least 1", file=sys.stderr)

@@ -588,6 +588,14 @@ async def run_task(
                 )
                 if value is not None:
                     outcome.value = value
+            elif stage.container is not None:
+                from . import containers
+
+                stage_outcome, problem = await containers.run_container_stage(
+                    stage.name, stage.container, spec.hardware, cancel)
+                if problem is not None:
+                    failure = (_cancelled(cancel) if cancel is not None and cancel.is_set()  # type: ignore[arg-type]
+                               else _Failure(f"stage {stage.name!r}: {problem}", exit_code=1))
             else:
                 stage_outcome, failure = await _run_stage(
                     stage,

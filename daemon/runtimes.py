@@ -148,10 +148,9 @@ def engine_answers(engine: str, timeout: float = 5.0) -> bool:
     return out.returncode == 0
 
 
-# Container engines the daemon can run MECA container tasks with.  None yet:
-# the container runner (run the image, POST the data, collect the reply) is
-# not built, so a daemon must not claim "docker" even where an engine answers.
-CONTAINER_ENGINES: tuple[str, ...] = ()
+# Container engines the daemon runs MECA container tasks with (containers.py),
+# offered only where ``<engine> version`` answers.
+CONTAINER_ENGINES: tuple[str, ...] = ("docker", "podman")
 
 
 def detect_runtimes(python: Optional[PythonRuntime], *, grid_handler: Optional[str] = None,

@@ -9,8 +9,9 @@
 on the daemon (the worker's Python path: installed packages) and called with
 ``data``; ``"shell"`` — ``container_ref`` is a command given ``data`` on stdin,
 its stdout is the result; ``"docker"`` (the default, as in MECA) / ``"podman"``
-— queued for daemons that list that runtime.  No HWF daemon runs containers
-yet (the daemon's container runner is not built), so such tasks wait, with a
+— run as MECA's executor runs them (the image serves HTTP on 8080, ``data``
+is POSTed, the reply body is the result) by daemons started with
+``--containers`` where that engine answers; elsewhere the task waits, with a
 wait reason saying no daemon runs docker.  ``callback`` is called once per task id, on the event loop that called
 ``offload_task``, in completion order; both of MECA's shapes are accepted:
 ``callback(result)`` and ``callback(task_id, status, response, err, corr_id)``
