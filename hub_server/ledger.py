@@ -123,10 +123,9 @@ class Ledger:
 
     def settle_task(self, task_id: str, status: str, reason: Optional[str], machine: Optional[str],
                     spec: Optional[p.CreditSpec], outcome: Optional[p.TaskOutcome], now: float) -> None:
-        """Claim a finished task's slot for its machine, or discard it with why."""
-        row = self.store.credit_slot(task_id)
-        if row is None or row["state"] != "allocated":
-            return  # tasks from before the ledger, or already settled
+        """Claim a finished task's slot for its machine, or discard it with why.
+        One guarded UPDATE, no read first (this runs for every task): a slot that
+        is missing (a task from before the ledger) or already settled is left alone."""
         if status == "finished" and machine is not None:
             cpu = outcome.cpu_seconds if outcome else None
             counters: dict[str, float] = {"tasks": 1}

@@ -489,15 +489,20 @@ class Store:
             "allocated, expires) VALUES (?, 'allocated', ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def claim_credit_slot(self, slot: str, machine: str, credits: int, owner: Optional[str],
-                          at: float, counters: dict[str, float]) -> None:
-        self.db.execute(
+                          at: float, counters: dict[str, float]) -> bool:
+        """Claim an allocated slot; False (nothing changed) when it is not one."""
+        cur = self.db.execute(
             "UPDATE credit_slots SET state = 'claimed', machine = ?, credits = ?, owner = ?, ended = ? "
-            "WHERE slot = ?", (machine, credits, owner, at, slot))
-        self.add_credit_counters(slot, counters)
+            "WHERE slot = ? AND state = 'allocated'", (machine, credits, owner, at, slot))
+        if cur.rowcount:
+            self.add_credit_counters(slot, counters)
+        return bool(cur.rowcount)
 
-    def end_credit_slot(self, slot: str, state: str, reason: Optional[str], at: float) -> None:
-        self.db.execute("UPDATE credit_slots SET state = ?, reason = ?, ended = ? WHERE slot = ?",
-                        (state, reason, at, slot))
+    def end_credit_slot(self, slot: str, state: str, reason: Optional[str], at: float) -> bool:
+        """End an allocated slot as ``state``; False when it is not one."""
+        cur = self.db.execute("UPDATE credit_slots SET state = ?, reason = ?, ended = ? "
+                              "WHERE slot = ? AND state = 'allocated'", (state, reason, at, slot))
+        return bool(cur.rowcount)
 
     def set_credit_counters(self, slot: str, counters: dict[str, float]) -> None:
         self.db.executemany(

@@ -119,8 +119,7 @@ def _callback_shape(callback: Callable[..., Any]) -> int:
 
 async def offload_task(task_id: str, container_ref: str, data: str, callback: Callable[..., Any],
                        resource: Optional[dict[str, Any]] = None, runtime: Optional[str] = None, *,
-                       use_gpu: bool = False, gpu_count: int = 0, task_timeout: Optional[float] = None,
-                       **_ignored: Any) -> str:
+                       use_gpu: bool = False, gpu_count: int = 0, task_timeout: Optional[float] = None) -> str:
     """Queue one task; returns ``task_id`` at once.  ``callback`` runs when it ends."""
     s = _require()
     runtime = runtime or "docker"  # MECA's container_ref is an image unless a runtime says otherwise
