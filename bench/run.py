@@ -69,17 +69,18 @@ from trials import tree_cpu  # noqa: E402
 # hwf-self: HWF with its daemons' tasks run as the daemon's own user
 # (--run-as self), what a non-root user gets; run only when this is root,
 # where plain "hwf" runs each task as a per-slot unprivileged user.
-SYSTEMS = ("hwf", "hwf-self", "dask", "ipyparallel", "floor")
+SYSTEMS = ("hwf", "hwf-self", "dask", "ipyparallel", "floor", "hwf-chunked", "ipyparallel-chunked")
 SECTIONS = {
     "throughput": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
     "latency": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
     "transfer": ("hwf", "floor"),
     "scale": ("hwf",),
     "coldstart": ("hwf", "dask", "ipyparallel"),
-    "functions": ("hwf", "hwf-self", "dask", "ipyparallel"),
+    # *-chunked: map(..., chunksize=N) several calls per task (Dask's client.map has no such knob).
+    "functions": ("hwf", "hwf-self", "dask", "ipyparallel", "hwf-chunked", "ipyparallel-chunked"),
 }
 # Import name that must be present for a peer to run.
-NEEDS = {"dask": "distributed", "ipyparallel": "ipyparallel"}
+NEEDS = {"dask": "distributed", "ipyparallel": "ipyparallel", "ipyparallel-chunked": "ipyparallel"}
 FULL = dict(runs=3, tasks=2000, warmup=20, rtt=200, transfer_mib=64, scale_daemons=500, scale_tasks=50_000,
             timeout=600)
 QUICK = dict(runs=1, tasks=200, warmup=5, rtt=30, transfer_mib=8, scale_daemons=50, scale_tasks=2000,
@@ -405,18 +406,27 @@ def render(report: dict) -> str:
         w = [34, 9, 8, 10, 12, 22]
         add(row(["system", "tasks/s", "seconds", "HWF/this", "CPU ms/task", "runs (tasks/s)"], w))
         hwf = med(res, "functions", "hwf", "tasks_per_s")
+        chunk = max(1, cfg["tasks"] // 20)  # trials.chunksize_for: ten chunks per worker
+        hwf_chunked = med(res, "functions", "hwf-chunked", "tasks_per_s")
         for s, e in res["functions"].items():
             label = {"hwf": "HWF hub.map (2 daemons x 1 slot)", "hwf-self": "HWF hub.map, --run-as self",
-                     "dask": "Dask client.map", "ipyparallel": "ipyparallel map_async"}[s]
+                     "dask": "Dask client.map", "ipyparallel": "ipyparallel map_async",
+                     "hwf-chunked": f"HWF hub.map chunksize={chunk}",
+                     "ipyparallel-chunked": f"ipyparallel map_async chunksize={chunk}"}[s]
             note = status_note(e)
             if note and "median" not in e:
                 add(row([label, note], [34, 40]))
                 continue
             x = med(res, "functions", s, "tasks_per_s")
             add(row([label, fmt(x), fmt(med(res, "functions", s, "seconds"), 2),
-                     fmt(ratio(hwf, x), 2) if s not in ("hwf", "hwf-self") else "",
+                     fmt(ratio(hwf_chunked if s.endswith("-chunked") else hwf, x), 2)
+                     if s not in ("hwf", "hwf-self", "hwf-chunked") else "",
                      fmt(med(res, "functions", s, "cpu_ms_per_task"), 2), spread(e, "tasks_per_s", 0)], w)
                 + (" " + note if note else ""))
+        dask = med(res, "functions", "dask", "tasks_per_s")
+        if hwf_chunked and dask:
+            add(f"    HWF/this on a *-chunked row compares HWF chunked; HWF chunked / Dask client.map (no chunk knob):"
+                f" {fmt(ratio(hwf_chunked, dask), 2)}")
     if "latency" in res:
         add("")
         add(f"2. Latency: {cfg['rtt']} sequential round trips of one trivial (`true`) task")
@@ -653,6 +663,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                      med(R, "throughput", peer, "tasks_per_s"))
                 ratios[f"latency_median_{name}"] = ratio(med(R, "latency", h, "median_ms"),
                                                          med(R, "latency", peer, "median_ms"))
+        for h in ("hwf", "hwf_chunked"):
+            for peer in ("dask", "ipyparallel", "ipyparallel-chunked"):
+                ratios[f"functions_{h}_over_{peer.replace('-', '_')}"] = ratio(
+                    med(R, "functions", h.replace("_", "-"), "tasks_per_s"), med(R, "functions", peer, "tasks_per_s"))
         ratios["upload_hwf_over_raw"] = ratio(med(R, "transfer", "hwf", "up_dispatch_MBps"),
                                               med(R, "transfer", "floor", "up_MBps"))
         ratios["download_hwf_over_raw"] = ratio(med(R, "transfer", "hwf", "down_download_MBps"),

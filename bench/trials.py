@@ -697,22 +697,29 @@ def _make_inc():
     return lambda x: x + 1
 
 
-def hwf_functions(P: dict, as_self: bool = False) -> dict:
+def chunksize_for(n: int, workers: int = 2) -> int:
+    """The chunk size both chunked rows use: ten chunks per worker."""
+    return max(1, n // (workers * 10))
+
+
+def hwf_functions(P: dict, as_self: bool = False, chunked: bool = False) -> dict:
     n = P["tasks"]
     _inc = _make_inc()
+    cs = chunksize_for(n) if chunked else 1
     with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
         hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
         hub.gather(hub.map(_inc, range(P["warmup"])), timeout=P["timeout"])
         cpu0 = tree_cpu()
         t0 = time.perf_counter()
-        res = hub.gather(hub.map(_inc, range(n)), timeout=P["timeout"])
+        res = hub.gather(hub.map(_inc, range(n), chunksize=cs), timeout=P["timeout"])
         elapsed = time.perf_counter() - t0
         cpu = tree_cpu() - cpu0
         hub.close_sync()
     if res != [x + 1 for x in range(n)]:
         raise TrialError("wrong values")
     return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
-            "workers": 2, "layout": "2 daemons x 1 slot", "how": "hub.gather(hub.map(inc, range(N)))"}
+            "workers": 2, "layout": "2 daemons x 1 slot", "chunksize": cs,
+            "how": f"hub.gather(hub.map(inc, range(N), chunksize={cs}))"}
 
 
 def dask_functions(P: dict) -> dict:
@@ -731,20 +738,22 @@ def dask_functions(P: dict) -> dict:
             "workers": 2, "layout": "2 worker processes x 1 thread", "how": "client.gather(client.map(inc, range(N)))"}
 
 
-def ipp_functions(P: dict) -> dict:
+def ipp_functions(P: dict, chunked: bool = False) -> dict:
     n = P["tasks"]
     _inc = _make_inc()
+    cs = chunksize_for(n) if chunked else 1
     with ipp_view() as view:
         view.map_sync(_inc, range(P["warmup"]))
         cpu0 = tree_cpu()
         t0 = time.perf_counter()
-        res = view.map_async(_inc, range(n), chunksize=1).get(timeout=P["timeout"])
+        res = view.map_async(_inc, range(n), chunksize=cs).get(timeout=P["timeout"])
         elapsed = time.perf_counter() - t0
         cpu = tree_cpu() - cpu0
     if list(res) != [x + 1 for x in range(n)]:
         raise TrialError("wrong values")
     return {"tasks": n, "seconds": elapsed, "tasks_per_s": n / elapsed, "cpu_ms_per_task": cpu / n * 1e3,
-            "workers": 2, "layout": "2 engines", "how": "load_balanced_view().map_async(inc, ..., chunksize=1)"}
+            "workers": 2, "layout": "2 engines", "chunksize": cs,
+            "how": f"load_balanced_view().map_async(inc, ..., chunksize={cs})"}
 
 
 TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
@@ -768,6 +777,8 @@ TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
     ("functions", "hwf-self"): lambda P: hwf_functions(P, as_self=True),
     ("functions", "dask"): dask_functions,
     ("functions", "ipyparallel"): ipp_functions,
+    ("functions", "hwf-chunked"): lambda P: hwf_functions(P, chunked=True),
+    ("functions", "ipyparallel-chunked"): lambda P: ipp_functions(P, chunked=True),
 }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import logging
 import tempfile
 import threading
@@ -32,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
+import cloudpickle
 import msgspec
 
 from hub_server import hardware as hw
@@ -40,14 +42,19 @@ from hub_server.link import ConnectError, HubError
 
 from ._ioloop import io_loop
 from .futures import PyFuture
+from . import _chunkcall
 from .pycall import (
     RUNTIME,
     CallEncoder,
+    RemoteException,
+    RemoteTraceback,
     TaskFailed,
     describe,
     is_error,
     load_value,
     remote_exception,
+    send_local_module_by_value,
+    with_local_source,
 )
 from .results import TaskResult
 from .task import TaskError
@@ -56,6 +63,8 @@ if TYPE_CHECKING:
     from .hub import Hub, Watcher
 
 log = logging.getLogger("hwf.functions")
+# Daemons need not have hwf_jupyter: a chunk's runner travels with its code.
+cloudpickle.register_pickle_by_value(_chunkcall)
 
 TRACKS = ("time", "ram", "cpu", "gpu")
 FETCH_BATCH = 500  # ids per get_results: records carry stdout, keep replies modest
@@ -64,6 +73,7 @@ FETCH_BATCH = 500  # ids per get_results: records carry stdout, keep replies mod
 # (each costs the hub a store read); a lone task is fetched at once.
 FETCH_GATHER_SECONDS = 0.02
 STAGE_NAME = "python"
+MAX_CHUNKSIZE = 100_000  # calls in one task of a chunked map
 
 
 # ----------------------------------------------------------- building tasks
@@ -469,14 +479,95 @@ def submit(hub: "Hub", fn: Callable[..., Any], args: tuple, kwargs: dict, opts: 
 
 
 def map_calls(hub: "Hub", fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], kwargs: dict,
-              opts: Options) -> list[PyFuture]:
+              opts: Options, chunksize: int = 1) -> list[PyFuture]:
     if not iterables:
         raise TypeError("map needs at least one iterable of arguments")
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or not 1 <= chunksize <= MAX_CHUNKSIZE:
+        raise TaskError(f"chunksize must be a whole number from 1 to {MAX_CHUNKSIZE}, got {chunksize!r}")
     client = client_of(hub)
+    if chunksize > 1:
+        return _map_chunked(client, fn, list(zip(*iterables)), kwargs, opts, chunksize)
     batch = build_batch(((fn, args, kwargs) for args in zip(*iterables)), opts, client.request_cancel)
     if batch.futures:
         client.enqueue(batch)
     return batch.futures
+
+
+# ------------------------------------------------------- chunked map
+
+
+class _Chunk:
+    """One task running several calls of a map: the futures of its calls
+    complete from the chunk's own (internal) future; the task is cancelled
+    once every one of its calls' futures is."""
+
+    def __init__(self, task: PyFuture, size: int, label: str) -> None:
+        self.task = task
+        self.items = [PyFuture(label, on_cancel=self._cancelled_one) for _ in range(size)]
+        task.submitted.add_done_callback(self._submitted)
+        concurrent.futures.Future.add_done_callback(task, self._ended)
+
+    def _cancelled_one(self, _: PyFuture) -> None:
+        if all(f.cancelled() for f in self.items):
+            self.task.cancel()
+
+    def _submitted(self, sub: concurrent.futures.Future) -> None:
+        exc = sub.exception()
+        for f in self.items:
+            if exc is not None:
+                f._refused(exc)
+            else:
+                f._accepted(sub.result(), self.task.session_id or "")
+
+    def _ended(self, task: concurrent.futures.Future) -> None:
+        info = self.task.info
+        if task.cancelled():
+            for f in self.items:
+                f._settle(cancelled=True, info=info)
+            return
+        exc = task.exception()
+        values = None if exc is not None else task.result()
+        if exc is None and (not isinstance(values, list) or len(values) != len(self.items)):
+            exc = TaskFailed(f"task {self.task.task_id}: its chunk returned {type(values).__name__}, "
+                             f"not {len(self.items)} results", task_id=self.task.task_id)
+        for i, f in enumerate(self.items):
+            if exc is not None:
+                f._settle(exc=exc, info=info)
+                continue
+            item = values[i]
+            if item[0]:
+                f._settle(item[1], info=info)
+            else:
+                f._settle(exc=_chunk_exception(item), info=info)
+
+
+def _chunk_exception(item: tuple) -> BaseException:
+    _, kept, error_type, text, tb_text = item
+    exc = kept if isinstance(kept, BaseException) else RemoteException(error_type, text)
+    if tb_text:
+        exc.__cause__ = RemoteTraceback(with_local_source(tb_text))
+    return exc
+
+
+def _map_chunked(client: FunctionClient, fn: Callable[..., Any], items: list[tuple], kwargs: dict,
+                 opts: Options, chunksize: int) -> list[PyFuture]:
+    if not callable(fn):
+        raise TypeError(f"map takes a callable first, got {fn!r}")
+    send_local_module_by_value(fn)  # run_chunk sends fn: the rule for fn's module still holds
+    label = opts.label or describe(fn)
+    calls = []
+    for start in range(0, len(items), chunksize):
+        calls.append((_chunkcall.run_chunk, (fn, items[start:start + chunksize]), kwargs))
+    batch = build_batch(calls, opts, client.request_cancel)
+    chunks = []
+    for i, task in enumerate(batch.futures):
+        n = len(calls[i][1][1])
+        task.label = f"{label}[{i * chunksize}:{i * chunksize + n}]"
+        chunks.append(_Chunk(task, n, label))
+    batch.specs = [msgspec.structs.replace(spec, label=c.task.label) for spec, c in zip(batch.specs, chunks)]
+    if batch.futures:
+        client.enqueue(batch)
+    return [f for c in chunks for f in c.items]
 
 
 def submit_each(hub: "Hub", calls: list[tuple[Callable[..., Any], tuple, dict]], opts: Options,
@@ -510,7 +601,8 @@ async def gather_async(futures: Iterable[PyFuture]) -> list[Any]:
 
 def task_ids_of(items: Iterable[Any]) -> list[Any]:
     """Task ids for ``get_result``/``watch_progress``: futures become their ids
-    (waiting until the hub accepted them; a refused submit is skipped)."""
+    (waiting until the hub accepted them; a refused submit is skipped; the
+    calls of one chunk share a task, listed once)."""
     out = []
     for x in items:
         if isinstance(x, PyFuture):
@@ -520,7 +612,12 @@ def task_ids_of(items: Iterable[Any]) -> list[Any]:
                 continue
         else:
             out.append(x)
-    return out
+    return _once(out)
+
+
+def _once(ids: list[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    return [i for i in ids if not (isinstance(i, str) and (i in seen or seen.add(i)))]
 
 
 async def task_ids_async(items: Iterable[Any]) -> list[Any]:
@@ -533,7 +630,7 @@ async def task_ids_async(items: Iterable[Any]) -> list[Any]:
                 continue
         else:
             out.append(x)
-    return out
+    return _once(out)
 
 
 __all__ = ["FunctionClient", "PyFuture", "TaskFailed", "gather_async", "gather_sync", "map_calls", "submit"]

@@ -469,14 +469,21 @@ class Hub:
         track: Union[str, Iterable[str], bool] = "time",
         session: Optional[str] = None,
         label: Optional[str] = None,
+        chunksize: int = 1,
         **kwargs: Any,
     ) -> list[PyFuture]:
         """``fn(*items)`` for the items zipped from ``iterables`` (shortest wins,
         like ``map``), each a task; ``kwargs`` go to every call (a big one is
         pickled and uploaded once).  Sent in as few messages as the hub's
-        limits allow; returns the futures in order, at once."""
+        limits allow; returns the futures in order, at once.
+
+        ``chunksize=N`` runs N calls per task (as ``multiprocessing``'s and
+        ipyparallel's ``map`` do): far less overhead for calls of a few
+        milliseconds, still one future per call (its own value or exception);
+        a chunk's calls share its task's timing and retries, and cancelling
+        a call's future cancels the task once all of its chunk's are cancelled."""
         opts = make_options(hardware, priority, max_retries, timeout, track, session, label)
-        return _map_calls(self, fn, iterables, kwargs, opts)
+        return _map_calls(self, fn, iterables, kwargs, opts, chunksize)
 
     def gather(self, futures: Iterable[PyFuture], timeout: Optional[float] = None) -> list[Any]:
         """The futures' values, in order; raises the first exception met.

@@ -29,6 +29,7 @@ anything but plain scalars, so merely tabulating results runs nothing.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import io
 import linecache
@@ -36,6 +37,7 @@ import os
 import pickle
 import re
 import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -112,11 +114,36 @@ class EncodedCall:
         return p.PyCall(python=PYTHON, pickled=self.pickled, pickled_file=None if self.pickled else CALL_FILE)
 
 
-class _RefPickler(cloudpickle.Pickler):
+def _code_reduce_keeping_filename(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its real file name:
+    cloudpickle >= 3.1.3 writes ``<dynamic-code>`` instead, and a remote
+    traceback then names no file and shows no source line here."""
+    ctor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" and isinstance(a, str) else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, keeping code objects' file names."""
+
+    dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_filename},
+                                          cloudpickle.Pickler.dispatch_table)
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=_PROTOCOL)
+
+
+def dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps`` as HWF sends calls (file names kept for tracebacks)."""
+    buf = io.BytesIO()
+    _Pickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+class _RefPickler(_Pickler):
     """Writes the objects in ``refs`` (by identity) as persistent ids."""
 
     def __init__(self, file: io.BytesIO, refs: Mapping[int, str]) -> None:
-        super().__init__(file, protocol=_PROTOCOL)
+        super().__init__(file)
         self.refs = refs
         self.used: set[str] = set()
 
@@ -202,7 +229,7 @@ class CallEncoder:
 
     def _dumps(self, call: tuple) -> tuple[bytes, set[str]]:
         if not self._refs:
-            return cloudpickle.dumps(call, protocol=_PROTOCOL), set()
+            return dumps(call), set()
         buf = io.BytesIO()
         pickler = _RefPickler(buf, self._refs)
         pickler.dump(call)
@@ -249,7 +276,7 @@ class CallEncoder:
 
 def _dumps_checked(obj: Any, what: str) -> bytes:
     try:
-        return cloudpickle.dumps(obj, protocol=_PROTOCOL)
+        return dumps(obj)
     except Exception as exc:
         raise TypeError(f"cannot send {what} to the farm: it does not pickle: {type(exc).__name__}: {exc}") from exc
 

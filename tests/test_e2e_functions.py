@@ -235,3 +235,47 @@ def test_futures_survive_a_hub_restart(tmp_path):
         assert slow.result(timeout=120) == "woke"
         assert hub.submit(_square, 3).result(timeout=120) == 9
         hub.close_sync()
+
+
+def _double_or_fail(x):
+    if x == 7:
+        raise ValueError(f"seven is refused")  # the chunk's remote line
+    return x * 2
+
+
+def test_a_chunked_map_gives_each_call_its_own_value_or_exception(hub):
+    futures = hub.map(_double_or_fail, range(20), chunksize=6)
+    assert len(futures) == 20
+    assert len({f.submitted.result(timeout=60) for f in futures}) == 4, "20 calls in chunks of 6 are 4 tasks"
+    for i, f in enumerate(futures):
+        if i == 7:
+            with pytest.raises(ValueError, match="seven is refused") as info:
+                f.result(timeout=120)
+            shown = "".join(traceback.format_exception(info.value))
+            assert "the chunk's remote line" in shown and "in _double_or_fail" in shown
+        else:
+            assert f.result(timeout=120) == i * 2, "one bad call does not cost its chunk-mates their values"
+    assert futures[0].task_id == futures[5].task_id != futures[6].task_id
+    assert futures[19].info.status == "finished" and futures[7].info.status == "finished"
+    prog = watch_progress(hub, futures, interactive=False)
+    wait_until(lambda: prog.done, what="progress done")
+    assert prog.total == 4, "progress counts tasks, each chunk once"
+
+
+def test_a_chunk_is_cancelled_once_all_its_calls_are(hub):
+    futures = hub.map(_sleep, [60, 60, 60], chunksize=3, max_retries=0)
+    tid = wait_until(lambda: futures[0].task_id, what="accepted")
+    assert futures[0].cancel() and futures[1].cancel()
+    assert hub.get_result_sync([tid], download=False)[0].status in ("queued", "assigned", "running")
+    assert futures[2].cancel()
+    res = hub.get_result_sync([tid], wait=True, timeout=60, download=False)
+    assert res[0].status == "cancelled"
+    assert all(f.cancelled() for f in futures)
+
+
+def test_chunksize_is_checked_before_anything_is_sent(hub):
+    from hwf_jupyter.task import TaskError
+
+    for bad in (0, -1, 2.5, True, 10**6):
+        with pytest.raises(TaskError, match="chunksize"):
+            hub.map(_square, range(3), chunksize=bad)
