@@ -188,6 +188,14 @@ class CreditSpec(msgspec.Struct, frozen=True):
     max: Optional[CreditAmount] = None
 
 
+# Progress parsers (daemon/parsers.py): what turns a command's output lines into progress.
+PARSERS = ("frames", "percent", "hwf-progress")
+ParserName = Literal["frames", "percent", "hwf-progress"]
+FrameNumber = Annotated[int, Meta(ge=-(10**9), le=10**9)]
+Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
+ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
+
+
 class TaskSpec(msgspec.Struct, frozen=True):
     """What a client submits: the task as the daemon will run it."""
 
@@ -202,6 +210,15 @@ class TaskSpec(msgspec.Struct, frozen=True):
     # The task's credit slot: fixed credits, or a (min, max) range the hub
     # clamps the measured CPU-seconds into; None = CPU-seconds rounded up, >= 1.
     credits: Optional[CreditSpec] = None
+    # Progress: the daemon runs this parser over the commands' output lines
+    # and reports ``progress`` (a render's frames: frame_start..frame_end).
+    parser: Optional[ParserName] = None
+    frame_start: Optional[FrameNumber] = None
+    frame_end: Optional[FrameNumber] = None
+    # The Manager HTTP API's ids: the job a task came from, and the caller's
+    # own id for the task (a brender server's task_id); unique per user.
+    job_id: Optional[ExternalId] = None
+    external_id: Optional[ExternalId] = None
 
 
 # ------------------------------------------------------------ task outcomes
@@ -316,6 +333,16 @@ class TaskRecord(msgspec.Struct):
     artifacts: list[ArtifactInfo] = []
     credits: Optional[int] = None  # claimed credits of the task's slot; None until claimed
     value: Optional[PyValue] = None
+    user: str = ""
+    # Progress reported by the task's parser (None: no parser, or no line yet).
+    parser: Optional[str] = None
+    progress: Optional[float] = None  # percent, 0-100
+    frame_start: Optional[int] = None
+    frame_end: Optional[int] = None
+    frame_current: Optional[int] = None
+    job_id: Optional[str] = None
+    external_id: Optional[str] = None
+    hidden: bool = False
 
 
 class TaskBrief(msgspec.Struct):
@@ -328,6 +355,8 @@ class TaskBrief(msgspec.Struct):
     n_stages: int = 0
     stages: list[StageOutcome] = []
     submitted: Optional[float] = None
+    progress: Optional[float] = None
+    frame_current: Optional[int] = None
 
 
 class Load(msgspec.Struct):
@@ -350,6 +379,11 @@ class MachineInfo(msgspec.Struct):
     last_seen: Optional[float] = None
     owner: str = ""
     credits: int = 0  # claimed credits earned on this machine (paid and pending)
+    # Admin switch (set_machine): a disabled machine gets no new tasks.
+    enabled: bool = True
+    # The running tasks the asker may see (its own; all for an admin).
+    current_tasks: list[str] = []
+    ip_address: Optional[str] = None  # as the hub saw the daemon's connection
 
 
 # ----------------------------------------------------------------- messages
@@ -488,6 +522,8 @@ class TaskEvent(_Msg, tag="task_event"):
     error: Optional[str] = None
     stage_index: Optional[int] = None
     stage: Optional[StageOutcome] = None
+    progress: Optional[float] = None  # a progress event: status stays "running"
+    frame_current: Optional[int] = None
 
 
 class Output(_Msg, tag="output"):
@@ -528,6 +564,66 @@ class Cancelled(_Msg, tag="cancelled"):
     id: int
     task_ids: list[str]
     by_state: dict[str, int]
+
+
+class ListTasks(_Msg, tag="list_tasks"):
+    """Tasks by filter, newest first (a client: its own; an admin: anyone's,
+    or ``user``'s); hidden ones (``update_task hidden``) only when asked."""
+
+    id: RequestId
+    status: Annotated[list[TaskStatus], Meta(max_length=16)] = []
+    session_id: Optional[Id] = None
+    user: Optional[Name] = None
+    machine: Optional[Name] = None
+    job_id: Optional[ExternalId] = None
+    external_id: Optional[ExternalId] = None
+    offset: Annotated[int, Meta(ge=0, le=10**9)] = 0
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+    include_hidden: bool = False
+
+
+class TaskList(_Msg, tag="task_list"):
+    id: int
+    tasks: list[TaskRecord]
+    total: int  # matching tasks in all (for paging)
+
+
+class UpdateTask(_Msg, tag="update_task"):
+    """Change a task: ``priority`` while it is queued (error ``not_queued``
+    otherwise), ``hidden`` (left out of list_tasks).  Acked with ``ok``."""
+
+    id: RequestId
+    task_id: Id
+    priority: Optional[Priority] = None
+    hidden: Optional[bool] = None
+
+
+class SetMachine(_Msg, tag="set_machine"):
+    """Admin only: ``disabled`` (no new tasks; running ones finish),
+    ``drain`` (the same, shown as draining), ``enabled``.  Acked with ``ok``."""
+
+    id: RequestId
+    machine_id: Name
+    status: Literal["enabled", "disabled", "drain"]
+
+
+class PutJobFile(_Msg, tag="put_job_file"):
+    """Remember ``sha256`` (a blob this user uploaded) as the file of job ``job_id``."""
+
+    id: RequestId
+    job_id: ExternalId
+    sha256: Sha256
+
+
+class GetJobFile(_Msg, tag="get_job_file"):
+    id: RequestId
+    job_id: ExternalId
+
+
+class JobFile(_Msg, tag="job_file"):
+    id: int
+    job_id: str
+    sha256: Optional[str] = None  # None: no file for that job (of this user)
 
 
 # daemon <-> hub
@@ -592,6 +688,15 @@ class StageDone(_Msg, tag="stage_done"):
     attempt: Count
     index: Count
     stage: StageOutcome
+
+
+class Progress(_Msg, tag="progress"):
+    """Daemon -> hub: what the task's parser read in its output (the latest only)."""
+
+    task_id: Id
+    attempt: Count
+    percent: Optional[Percent] = None
+    frame_current: Optional[FrameNumber] = None
 
 
 class TaskDone(_Msg, tag="task_done"):
@@ -785,13 +890,21 @@ Message = Union[
     CreditTally,
     GetCreditSlots,
     CreditSlots,
+    ListTasks,
+    TaskList,
+    UpdateTask,
+    SetMachine,
+    PutJobFile,
+    GetJobFile,
+    JobFile,
+    Progress,
 ]
 
 # What each role may send to the hub.
 CREDIT_REQUESTS = (CreditAlloc, CreditDiscard, CreditCounters, CreditMeta, GetCreditTally, GetCreditSlots)
 CLIENT_REQUESTS = (
     Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
-    *CREDIT_REQUESTS,
+    ListTasks, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
 )
 DAEMON_REQUESTS = (
     Register,
@@ -801,6 +914,7 @@ DAEMON_REQUESTS = (
     TaskDone,
     TasksDone,
     Output,
+    Progress,
     Draining,
     BlobsMissing,
     BlobPut,
@@ -811,7 +925,7 @@ DAEMON_REQUESTS = (
 ALLOWED = {
     "client": CLIENT_REQUESTS,
     "daemon": DAEMON_REQUESTS,
-    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink,))),
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine))),
 }
 
 _encoder = msgspec.json.Encoder()
