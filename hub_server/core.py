@@ -44,6 +44,7 @@ from .scheduler import Scheduler
 from .store import Store, dumps, loads
 from .ledger import Ledger, check_range
 from .requests import RequestError
+from msgspec.structs import replace as msgspec_replace
 
 
 log = logging.getLogger("hwf.hub")
@@ -131,6 +132,8 @@ class MachineState:
     running: set[str] = field(default_factory=set)  # task ids
     instance: str = ""  # the daemon process: a restart is a new instance
     owner: str = ""  # the daemon token's owner: the name is bound to it
+    admin_status: str = "enabled"  # set_machine: enabled, disabled or drain (kept across restarts)
+    address: Optional[str] = None  # the daemon connection's IP
     # Cancelled attempts still being killed: their slots stay busy until the
     # daemon reports them ended.
     cancelling: set[tuple[str, int]] = field(default_factory=set)
@@ -165,6 +168,7 @@ class _Sub:
 class _PeerState:
     who: Principal
     version: int
+    address: Optional[str] = None
     machine_id: Optional[str] = None
     subs: dict[int, _Sub] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)
@@ -316,6 +320,7 @@ class HubCore:
                 load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
                 instance=row["instance"] or "",
                 owner=row["owner"] or "",
+                admin_status=row["admin_status"] or "enabled",
             )
 
     def _load_active(self) -> None:
@@ -387,7 +392,8 @@ class HubCore:
         first = self._seq + 1
         self._seq += len(ids)
         rows = [
-            (first + i, tid, session_id, dumps(spec), dumps(req), spec.priority, spec.max_retries, user, now)
+            (first + i, tid, session_id, dumps(spec), dumps(req), spec.priority, spec.max_retries, user,
+             spec.external_id, spec.job_id, now)
             for i, (tid, spec, req) in enumerate(zip(ids, msg.tasks, reqs))
         ]
         with self.store.transaction():
@@ -444,6 +450,10 @@ class HubCore:
                 raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
         if spec.credits is not None:
             check_range(spec.credits.credits, spec.credits.min, spec.credits.max, f"{where} credits")
+        if (spec.frame_start is None) != (spec.frame_end is None):
+            raise RequestError("bad_task", f"{where}: give frame_start and frame_end together")
+        if spec.frame_start is not None and spec.frame_end is not None and spec.frame_start > spec.frame_end:
+            raise RequestError("bad_task", f"{where}: frame_start {spec.frame_start} is after frame_end {spec.frame_end}")
         if any(gridcall.needs_handler(s) for s in spec.stages):
             # Only daemons that can run the farm's handler: their own, or the hub's.
             need = gridcall.handler_runtime(self.grid_handler)
@@ -517,7 +527,7 @@ class HubCore:
 
     # -- daemons ------------------------------------------------------------
 
-    def _register(self, msg: p.Register, now: float, who: Principal) -> p.Registered:
+    def _register(self, msg: p.Register, now: float, who: Principal, address: Optional[str] = None) -> p.Registered:
         name = msg.name.strip()
         if not name:
             raise RequestError("bad_request", "a daemon needs a name")
@@ -536,7 +546,8 @@ class HubCore:
         previous = m
         m = MachineState(name, name, hardware, msg.slots, tags, connected=True,
                          last_seen=now, first_seen=m.first_seen if m else now,
-                         running=set(), instance=msg.instance, owner=who.user)
+                         running=set(), instance=msg.instance, owner=who.user,
+                         admin_status=m.admin_status if m else "enabled", address=address)
         self.machines[name] = m
         # Attempts the hub believed were on this machine but the daemon no
         # longer has (and did not finish) were lost with its previous life.
@@ -558,6 +569,8 @@ class HubCore:
                                    busy=len(still) + len(m.cancelling),
                                    instance_key=instance_key(name, msg.instance),
                                    extra=msg.slots * self.prefetch)
+        if m.admin_status != "enabled":
+            self.scheduler.set_accepting(name, False)
         self._dirty = True
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=self.heartbeat_interval)
 
@@ -830,6 +843,15 @@ class HubCore:
             artifacts=artifacts,
             credits=credits,
             value=outcome.value if outcome is not None else None,
+            user=row["user"],
+            parser=spec.get("parser"),
+            progress=100.0 if row["status"] == "finished" and spec.get("parser") else row["progress"],
+            frame_start=spec.get("frame_start"),
+            frame_end=spec.get("frame_end"),
+            frame_current=row["frame_current"],
+            job_id=row["job_id"],
+            external_id=row["external_id"],
+            hidden=bool(row["hidden"]),
         )
 
     def _briefs(self, task_ids: list[str], who: Principal) -> list[p.TaskBrief]:
@@ -848,7 +870,8 @@ class HubCore:
                 stages = []
             out.append(p.TaskBrief(task_id=tid, status=row["status"], machine=row["machine"],
                                    error=row["error"], n_stages=len(spec["stages"]), stages=stages,
-                                   submitted=row["submitted"]))
+                                   submitted=row["submitted"], progress=row["progress"],
+                                   frame_current=row["frame_current"]))
         return out
 
     def _session(self, session_id: str, rid: int, who: Principal) -> p.SessionInfo:
@@ -903,7 +926,7 @@ class HubCore:
         if grants:
             self.store.add_blob_refs(grants)
 
-    def _pool(self, msg: p.GetPool) -> list[p.MachineInfo]:
+    def _pool(self, msg: p.GetPool, who: Optional[Principal] = None) -> list[p.MachineInfo]:
         try:
             reqs = [hw.normalize(h) for h in msg.hardware]
         except hw.HardwareError as exc:
@@ -916,13 +939,17 @@ class HubCore:
             facts = dict(m.hardware, name=m.name, machine_id=m.machine_id, tags=m.tags)
             if reqs and not any(hw.matches(r, facts) for r in reqs):
                 continue
-            state = "offline" if not m.connected else ("draining" if m.draining else "online")
+            draining = m.draining or m.admin_status == "drain"
+            state = "offline" if not m.connected else ("draining" if draining else "online")
             out.append(
                 p.MachineInfo(
                     machine_id=m.machine_id, name=m.name, state=state, hardware=m.hardware,
                     slots=m.slots, running=len(m.running), tags=m.tags, load=m.load,
                     first_seen=m.first_seen, last_seen=m.last_seen, owner=m.owner,
-                    credits=earned.get(m.machine_id, 0),
+                    credits=earned.get(m.machine_id, 0), enabled=m.admin_status == "enabled",
+                    current_tasks=sorted(tid for tid in m.running if who is None or who.is_admin
+                                         or ((t := self.active.get(tid)) is not None and t.user == who.user)),
+                    ip_address=m.address,
                 )
             )
         return out
@@ -979,7 +1006,7 @@ class HubCore:
     # -- event handlers -------------------------------------------------------
 
     def _on_connected(self, ev: Connected) -> None:
-        self.peers[ev.peer] = _PeerState(ev.who, ev.version)
+        self.peers[ev.peer] = _PeerState(ev.who, ev.version, ev.address)
 
     def _on_disconnected(self, ev: Disconnected) -> None:
         ps = self.peers.pop(ev.peer, None)
@@ -1075,7 +1102,7 @@ class HubCore:
             heapq.heappush(self._deadlines, (deadline, next(self._tiebreak), w))
 
     def _m_get_pool(self, peer: int, ps: _PeerState, msg: p.GetPool) -> None:
-        self._send(peer, p.Pool(id=msg.id, machines=self._pool(msg)))
+        self._send(peer, p.Pool(id=msg.id, machines=self._pool(msg, ps.who)))
 
     def _m_blobs_missing(self, peer: int, ps: _PeerState, msg: p.BlobsMissing) -> None:
         # "Present" only for blobs this caller may use: whether anyone else
@@ -1128,7 +1155,7 @@ class HubCore:
     def _m_register(self, peer: int, ps: _PeerState, msg: p.Register) -> None:
         if ps.machine_id is not None:
             raise RequestError("bad_request", f"this connection is already registered as {ps.machine_id!r}")
-        reply = self._register(msg, self._now, ps.who)
+        reply = self._register(msg, self._now, ps.who, ps.address)
         ps.machine_id = reply.machine_id
         self.daemon_peer[reply.machine_id] = peer
         self._send(peer, reply)
@@ -1170,6 +1197,85 @@ class HubCore:
     def _m_output(self, peer: int, ps: _PeerState, msg: p.Output) -> None:
         if ps.machine_id is not None:
             self._output(ps.machine_id, msg)
+
+    # -- the Manager API's requests (http_api.py speaks them for HTTP callers) -
+
+    def _m_list_tasks(self, peer: int, ps: _PeerState, msg: p.ListTasks) -> None:
+        who = ps.who
+        if not who.is_admin and msg.user not in (None, who.user):
+            self._send(peer, p.TaskList(id=msg.id, tasks=[], total=0))  # another user's: as if none
+            return
+        user = msg.user if who.is_admin else who.user
+        rows, total = self.store.list_tasks(
+            user=user, statuses=msg.status, session_id=msg.session_id, machine=msg.machine,
+            job_id=msg.job_id, external_id=msg.external_id, include_hidden=msg.include_hidden,
+            offset=msg.offset, limit=msg.limit)
+        ids = [r["task_id"] for r in rows]
+        attempts = self.store.attempts(ids)
+        credits = self.store.claimed_credits(ids)
+        records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"])) for r in rows]
+        self._send(peer, p.TaskList(id=msg.id, tasks=records, total=total))
+
+    def _m_update_task(self, peer: int, ps: _PeerState, msg: p.UpdateTask) -> None:
+        row = self._visible_rows([msg.task_id], ps.who)[msg.task_id]
+        if msg.priority is not None and msg.priority != row["priority"]:
+            t = self.active.get(msg.task_id)
+            if t is None or t.status not in ("queued", "retrying") or not self.scheduler.is_queued(t.task_id):
+                raise RequestError("not_queued", f"task {msg.task_id} is {row['status']}: "
+                                                 "its priority can change only while it is queued")
+            self.scheduler.remove(t.task_id)
+            t.spec = msgspec_replace(t.spec, priority=msg.priority)
+            self.store.set_task_fields(t.task_id, priority=msg.priority, spec=dumps(t.spec))
+            self._enqueue(t)
+            self._dirty = True
+        if msg.hidden is not None:
+            self.store.set_task_fields(msg.task_id, hidden=int(msg.hidden))
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_set_machine(self, peer: int, ps: _PeerState, msg: p.SetMachine) -> None:
+        if not ps.who.is_admin:
+            raise RequestError("forbidden", "only an admin token may enable, disable or drain machines")
+        m = self.machines.get(msg.machine_id)
+        if m is None:
+            raise RequestError("not_found", f"unknown machine {msg.machine_id!r}")
+        m.admin_status = msg.status
+        self.store.set_machine_admin_status(m.machine_id, msg.status)
+        if m.connected:
+            self.scheduler.set_accepting(m.machine_id, msg.status == "enabled" and not m.draining)
+            self._dirty = True
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_put_job_file(self, peer: int, ps: _PeerState, msg: p.PutJobFile) -> None:
+        if not (self.blobs.has(msg.sha256) and self.blob_readable(ps.who, msg.sha256)):
+            raise RequestError("missing_blob", f"job {msg.job_id!r}: its file (sha256 {msg.sha256[:12]}…) "
+                                               "was not uploaded")
+        self.store.set_job_file(ps.who.user, msg.job_id, msg.sha256, self._now)
+        self._send(peer, p.Ok(id=msg.id))
+
+    def _m_get_job_file(self, peer: int, ps: _PeerState, msg: p.GetJobFile) -> None:
+        sha = self.store.job_file(ps.who.user, msg.job_id)
+        self._send(peer, p.JobFile(id=msg.id, job_id=msg.job_id, sha256=sha))
+
+    def _m_progress(self, peer: int, ps: _PeerState, msg: p.Progress) -> None:
+        """A daemon's word on a running attempt's progress: only for an attempt
+        it runs, frames only inside the task's range (it is untrusted input)."""
+        machine = self._machine_of(ps)
+        if not self._is_current(msg.task_id, msg.attempt, machine):
+            return
+        t = self.active[msg.task_id]
+        frame = msg.frame_current
+        if frame is not None and t.spec.frame_start is not None and t.spec.frame_end is not None:
+            if not t.spec.frame_start <= frame <= t.spec.frame_end:
+                frame = None
+        if frame is None and msg.percent is None:
+            return
+        fields: dict[str, Any] = {}
+        if msg.percent is not None:
+            fields["progress"] = round(msg.percent, 3)
+        if frame is not None:
+            fields["frame_current"] = frame
+        self.store.set_task_fields(t.task_id, **fields)
+        self._emit(t, t.status, progress=fields.get("progress"), frame_current=frame)
 
     # -- credits (rules in ledger.py) ---------------------------------------
 
@@ -1233,4 +1339,10 @@ class HubCore:
         p.CreditLink: _m_credit_link,
         p.GetCreditTally: _m_get_credit_tally,
         p.GetCreditSlots: _m_get_credit_slots,
+        p.ListTasks: _m_list_tasks,
+        p.UpdateTask: _m_update_task,
+        p.SetMachine: _m_set_machine,
+        p.PutJobFile: _m_put_job_file,
+        p.GetJobFile: _m_get_job_file,
+        p.Progress: _m_progress,
     }

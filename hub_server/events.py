@@ -12,7 +12,7 @@ Peers are named by an ``int`` the server gives each connection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, Optional
 
 from .auth import Principal
 
@@ -27,6 +27,7 @@ class Connected:
     peer: int
     who: Principal
     version: int
+    address: Optional[str] = None  # the peer's IP as the server saw it (None: a local pseudo-peer)
 
 
 @dataclass(frozen=True)

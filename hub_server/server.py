@@ -298,7 +298,7 @@ class HubServer:
             version = await self._hello(peer)
             if version is None:
                 return
-            self._feed(Connected(pid, peer.principal, version))
+            self._feed(Connected(pid, peer.principal, version, _remote_ip(ws)))
             connected = True
             async for frame in ws:
                 if peer.closing:
@@ -399,6 +399,12 @@ class HubServer:
             peer.post(p.Error(id=rid, code="not_found", message=f"no blob {sha[:12]}… on the hub"))
         except websockets.ConnectionClosed:
             pass
+
+
+def _remote_ip(ws: ServerConnection) -> Optional[str]:
+    """The peer's IP (None on a unix socket)."""
+    addr = ws.remote_address
+    return str(addr[0]) if isinstance(addr, tuple) and addr else None
 
 
 def _is_loopback(connection: ServerConnection) -> bool:

@@ -87,12 +87,17 @@ CREATE TABLE IF NOT EXISTS credit_meta (
     slot TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (slot, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS credit_links (
     machine TEXT PRIMARY KEY, user TEXT NOT NULL, linked REAL NOT NULL);
+-- A Manager API job's file (its jobfile zip), per user: GET /tasks/file/{job_id}.
+CREATE TABLE IF NOT EXISTS job_files (
+    user TEXT NOT NULL, job_id TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (user, job_id)) WITHOUT ROWID;
 """
 
 # 1: HWF 0.1 (no users).  2: users on tokens, sessions and tasks; token ids and
 # revocation; machine owners; blob access (HWF 0.2).  3: the credit ledger
-# (new tables only: an older store gets them empty).
-SCHEMA_VERSION = 3
+# (new tables only: an older store gets them empty).  4: the Manager API: task
+# progress, hidden tasks, external/job ids, job files; machines' admin switch.
+SCHEMA_VERSION = 4
 
 
 class SchemaError(RuntimeError):
@@ -108,9 +113,16 @@ ADDED_COLUMNS = (
     ("sessions", "user", "TEXT NOT NULL DEFAULT ''"),
     ("tasks", "user", "TEXT NOT NULL DEFAULT ''"),
     ("machines", "owner", "TEXT NOT NULL DEFAULT ''"),
+    ("tasks", "progress", "REAL"),
+    ("tasks", "frame_current", "INTEGER"),
+    ("tasks", "hidden", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "external_id", "TEXT"),
+    ("tasks", "job_id", "TEXT"),
+    ("machines", "admin_status", "TEXT NOT NULL DEFAULT 'enabled'"),
 )
 POST_MIGRATION = """
 CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user, status);
+CREATE INDEX IF NOT EXISTS tasks_user_external ON tasks(user, external_id) WHERE external_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_id ON tokens(token_id);
 UPDATE tokens SET token_id = 'tok-' || substr(hash, 1, 10) WHERE token_id IS NULL;
 UPDATE tokens SET user = CASE role WHEN 'admin' THEN 'admin' ELSE 'default' END WHERE user = '';
@@ -121,7 +133,7 @@ UPDATE tasks SET user = 'default' WHERE user = '';
 TASK_COLUMNS = (
     "task_id, session_id, spec, requirements, priority, max_retries, status, submitted, "
     "queued, started, finished, machine, attempt, exit_code, error, reason, result, "
-    "result_attempt, seq, user"
+    "result_attempt, seq, user, progress, frame_current, hidden, external_id, job_id"
 )
 
 _json = msgspec.json.Encoder()
@@ -328,17 +340,74 @@ class Store:
         return {status: n for status, n in self.db.execute(q, (session_id,))}
 
     def insert_tasks(self, rows: Iterable[tuple]) -> None:
-        """rows: (seq, task_id, session_id, spec, requirements, priority, max_retries, user, at)."""
+        """rows: (seq, task_id, session_id, spec, requirements, priority, max_retries, user,
+        external_id, job_id, at)."""
         rows = list(rows)
         self.db.executemany(
             "INSERT INTO tasks(seq, task_id, session_id, spec, requirements, priority, max_retries, "
-            "user, status, submitted, queued) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+            "user, external_id, job_id, status, submitted, queued) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
             [(*r, r[-1]) for r in rows],
         )
         self.db.executemany(
             "INSERT INTO transitions(task_id, state, at) VALUES (?, 'queued', ?)",
             [(r[1], r[-1]) for r in rows],
         )
+
+    def set_task_fields(self, task_id: str, **fields: Any) -> None:
+        """Columns that are not a state change (priority, progress, hidden)."""
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE tasks SET {cols} WHERE task_id=?", (*fields.values(), task_id))
+
+    def task_by_external_id(self, user: str, external_id: str) -> Optional[str]:
+        q = "SELECT task_id FROM tasks WHERE user=? AND external_id=? ORDER BY seq DESC LIMIT 1"
+        row = self.db.execute(q, (user, external_id)).fetchone()
+        return row[0] if row else None
+
+    def list_tasks(self, *, user: Optional[str], statuses: Sequence[str] = (), session_id: Optional[str] = None,
+                   machine: Optional[str] = None, job_id: Optional[str] = None,
+                   external_id: Optional[str] = None, include_hidden: bool = False,
+                   offset: int = 0, limit: int = 100) -> tuple[list[sqlite3.Row], int]:
+        """A page of tasks (newest first) and how many match in all; ``user`` None: anyone's."""
+        where, args = [], []
+        for col, val in (("user", user), ("session_id", session_id), ("machine", machine),
+                         ("job_id", job_id), ("external_id", external_id)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if not include_hidden:
+            where.append("hidden=0")
+        cond = f"WHERE {' AND '.join(where)}" if where else ""
+        total = self.db.execute(f"SELECT count(*) FROM tasks {cond}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT {TASK_COLUMNS} FROM tasks {cond} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                               (*args, limit, offset)).fetchall()
+        return rows, total
+
+    def sessions_of(self, user: Optional[str], limit: int = 50) -> list[dict[str, Any]]:
+        """The newest sessions (of ``user``, or anyone's) with task counts by status."""
+        cond, args = ("WHERE user=?", [user]) if user is not None else ("", [])
+        rows = self.db.execute(f"SELECT session_id, created, user FROM sessions {cond} "
+                               "ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
+        out = []
+        for r in rows:
+            counts = self.session_counts(r["session_id"])
+            out.append({"session_id": r["session_id"], "created": r["created"], "user": r["user"], "counts": counts})
+        return out
+
+    def set_job_file(self, user: str, job_id: str, sha256: str, at: float) -> None:
+        self.db.execute("INSERT INTO job_files(user, job_id, sha256, created) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(user, job_id) DO UPDATE SET sha256=excluded.sha256, created=excluded.created",
+                        (user, job_id, sha256, at))
+
+    def job_file(self, user: str, job_id: str) -> Optional[str]:
+        row = self.db.execute("SELECT sha256 FROM job_files WHERE user=? AND job_id=?", (user, job_id)).fetchone()
+        return row[0] if row else None
+
+    def set_machine_admin_status(self, machine_id: str, status: str) -> None:
+        self.db.execute("UPDATE machines SET admin_status=? WHERE machine_id=?", (status, machine_id))
 
     def max_seq(self) -> int:
         return self.db.execute("SELECT coalesce(max(seq), 0) FROM tasks").fetchone()[0]

@@ -143,9 +143,34 @@ def test_a_schema_2_store_gets_the_credit_ledger_empty_with_a_backup(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert store.session("s-2")["user"] == "alice"
     store.add_credit_slots([("x", "alice", None, None, 3, None, None, 1.0, None)])
     assert store.credit_slot("x")["state"] == "allocated"
     assert (tmp_path / "hub.sqlite3.schema2.bak").exists()
+    store.close()
+
+
+def test_a_schema_3_store_gets_the_manager_api_columns_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "hub.sqlite3"
+    store = Store(path)
+    store.add_session("s-3", 1.0, "alice")
+    store.insert_tasks([(1, "t-3", "s-3", b"{}", b"{}", 0, 3, "alice", None, None, 1.0)])
+    store.close()
+    db = sqlite3.connect(path)  # what schema 3 had: no progress/hidden/ids columns, no job files
+    db.execute("DROP TABLE job_files")
+    db.execute("DROP INDEX tasks_user_external")
+    for col in ("progress", "frame_current", "hidden", "external_id", "job_id"):
+        db.execute(f"ALTER TABLE tasks DROP COLUMN {col}")
+    db.execute("ALTER TABLE machines DROP COLUMN admin_status")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 4
+    rows, total = store.list_tasks(user="alice")
+    assert total == 1 and rows[0]["task_id"] == "t-3" and rows[0]["hidden"] == 0 and rows[0]["progress"] is None
+    store.set_job_file("alice", "job-1", "a" * 64, 2.0)
+    assert store.job_file("alice", "job-1") == "a" * 64 and store.job_file("bob", "job-1") is None
+    assert (tmp_path / "hub.sqlite3.schema3.bak").exists()
     store.close()
