@@ -40,6 +40,8 @@ from .hardware import detect_hardware
 from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
+from .parsers import ProgressParser, Update
+from .progress import ProgressReporter, fan_out
 from .pystage import CallContext
 from .pyworkers import PyWorkers
 from .runtimes import CONTAINER_ENGINES, RuntimeConfigError, detect_runtimes, python_runtime
@@ -363,6 +365,7 @@ class Daemon:
         timer = None
         announce: Optional[asyncio.TimerHandle] = None
         pump: Optional[OutputPump] = None
+        progress: Optional[ProgressReporter] = None
         taskdir: Optional[Path] = None
         cleaned = False
 
@@ -402,14 +405,21 @@ class Daemon:
                     p.Output(task_id=msg.task_id, attempt=msg.attempt, stream=stream, text=text)  # type: ignore[arg-type]
                 )
 
+            async def send_progress(update: Update) -> None:
+                await self._send_quietly(p.Progress(task_id=msg.task_id, attempt=msg.attempt,
+                                                    percent=update.percent, frame_current=update.frame_current))
+
             pump = OutputPump(send_output) if msg.spec.stream else None
+            # Every task's output is read for progress: hwf-progress lines count without a parser.
+            progress = ProgressReporter(ProgressParser(msg.spec.parser, msg.spec.frame_start, msg.spec.frame_end),
+                                        send_progress)
             outcome = await run_task(
                 msg.spec,
                 taskdir,
                 fetch_data=self._fetch_data,
                 upload_artifact=self._upload_artifact,
                 on_stage=on_stage,
-                on_output=pump,
+                on_output=fan_out(pump, progress),
                 max_output_bytes=self.limits.max_output_bytes,
                 cancel=cancel,
                 kill_grace=self.config.kill_grace,
@@ -434,6 +444,11 @@ class Daemon:
                         await pump.close()
                     except Exception:  # live output is best effort; the result is not
                         log.exception("output pump of task %s failed", msg.task_id)
+                if progress is not None:
+                    try:  # the last progress goes out before the result
+                        await progress.close()
+                    except Exception:
+                        log.exception("progress of task %s failed", msg.task_id)
             finally:
                 # The outcome is known: it goes out now, while the slot is
                 # cleaned.  The slot (its uid) takes no task before that is
