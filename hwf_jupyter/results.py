@@ -221,6 +221,10 @@ class TaskResult:
     artifacts: list[Artifact] = field(default_factory=list)
     credits: Optional[int] = None  # what its credit slot paid the machine; None until claimed
     py_value: Optional[PyValueInfo] = None  # a Python call's outcome
+    # What the task's progress parser read in its output (TaskSpec.parser):
+    # percent 0-100 and the frame being rendered; None without a parser line.
+    progress: Optional[float] = None
+    frame_current: Optional[int] = None
 
     @classmethod
     def from_record(cls, rec: protocol.TaskRecord) -> TaskResult:
@@ -247,6 +251,8 @@ class TaskResult:
             artifacts=[Artifact.from_info(a) for a in rec.artifacts],
             credits=rec.credits,
             py_value=None if rec.value is None else PyValueInfo.from_value(rec.value),
+            progress=rec.progress,
+            frame_current=rec.frame_current,
         )
 
     @property
@@ -354,6 +360,8 @@ _TASK_COLUMNS: dict[str, str] = {
     "n_stages": "int64",
     "artifacts": "int64",
     "credits": "Int64",  # what the task's credit slot paid; <NA> until claimed
+    "progress": "float64",  # percent from the task's progress parser; NaN without one
+    "frame_current": "Int64",
 }
 
 _STAGE_COLUMNS: dict[str, str] = {
@@ -455,6 +463,8 @@ def _task_row(t: TaskResult) -> dict[str, Any]:
         "n_stages": len(t.stages),
         "artifacts": sum(a.ok for a in t.artifacts),
         "credits": t.credits,
+        "progress": t.progress,
+        "frame_current": t.frame_current,
     }
 
 

@@ -57,6 +57,11 @@ def finished_record() -> p.TaskRecord:
         machine="daemon-1",
         machine_hardware=HW_A,
         exit_code=0,
+        parser="frames",
+        progress=100.0,
+        frame_start=1,
+        frame_end=8,
+        frame_current=8,
         attempts=[
             p.AttemptInfo(attempt=1, machine="daemon-2", state="lost", assigned=T0 + 0.5,
                           started=T0 + 1.0, ended=T0 + 2.0, reason="daemon disconnected"),
@@ -154,6 +159,8 @@ def test_task_result_fields(results: ResultList) -> None:
     assert ok.done and ok.ok
     assert bad.done and not bad.ok
     assert bad.exit_code == 2
+    assert (ok.progress, ok.frame_current) == (100.0, 8)
+    assert (bad.progress, bad.frame_current) == (None, None)
     assert [s.status for s in bad.stages] == ["failed", "skipped"]
 
 
@@ -216,11 +223,12 @@ def test_result_list_summaries(results: ResultList) -> None:
 
 def test_task_dataframe(results: ResultList) -> None:
     df = results.to_dataframe()
-    assert df.shape == (2, 23)
+    assert df.shape == (2, 25)
     assert list(df.columns) == [
         "task_id", "session_id", "status", "exit_code", "machine", "os", "cpu", "cores",
         "ram", "submitted", "queued", "started", "finished", "queue_time", "duration", "attempts",
         "error", "wait_reason", "label", "priority", "n_stages", "artifacts", "credits",
+        "progress", "frame_current",
     ]
     assert list(df["machine"]) == ["daemon-1", "daemon-2"]
     assert list(df["os"]) == ["linux", "darwin"]
@@ -239,6 +247,10 @@ def test_task_dataframe(results: ResultList) -> None:
     }
     assert df["started"][0] == pd.Timestamp(T0 + 2.5, unit="s", tz="UTC")
     assert pd.isna(df["error"][0]) and df["error"][1].startswith("stage 'build' failed")
+    # Progress: the parser's last word; missing (not 0) for a task without a parser.
+    assert df["progress"][0] == 100.0 and math.isnan(df["progress"][1])
+    assert str(df["frame_current"].dtype) == "Int64"
+    assert df["frame_current"][0] == 8 and pd.isna(df["frame_current"][1])
 
 
 def test_task_dataframe_missing_values_are_na_not_zero() -> None:
@@ -299,7 +311,7 @@ def test_command_dataframe(results: ResultList) -> None:
 
 
 @pytest.mark.parametrize(
-    ("level", "n_columns"), [("task", 23), ("stage", 15), ("command", 13)]
+    ("level", "n_columns"), [("task", 25), ("stage", 15), ("command", 13)]
 )
 def test_empty_result_list_has_columns(level: str, n_columns: int) -> None:
     full = ResultList.from_records([finished_record()]).to_dataframe(level)
