@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import msgspec
 
@@ -13,7 +13,7 @@ from hub_server.blobs import file_sha256
 
 from ._ioloop import on_io_loop, sync_twin
 from .results import HardwarePool, ResultList
-from .task import Task, TaskError, as_task_list
+from .task import Task, TaskError, as_task_list, check_frames, check_parser
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -66,6 +66,8 @@ async def dispatch(
     timeout: Optional[float] = None,
     credits: Union[int, tuple[int, int], None] = None,
     stream: bool = False,
+    parser: Optional[str] = None,
+    frames: Optional[tuple[int, int]] = None,
 ) -> Submission:
     """Upload the tasks' Data files (once each) and queue the tasks on the hub.
 
@@ -73,8 +75,12 @@ async def dispatch(
     ``credits``: what each task's credit slot pays the machine that runs it:
     ``N`` fixed, or ``(min, max)`` to clamp its CPU-seconds into; default:
     its CPU-seconds rounded up, at least 1.
+    ``parser`` ("frames", "percent", "hwf-progress") makes daemons read each
+    task's progress from its output, and ``frames=(start, end)`` gives the
+    frame range a "frames" percent is counted in; both override the Task's own.
     """
     credit_spec = credit_spec_of(credits)
+    progress = progress_fields(parser, frames)
     if timeout is not None and timeout <= 0:
         raise TaskError(f"timeout must be > 0 seconds, got {timeout!r}")
     if not isinstance(max_retries, int) or max_retries < 0:
@@ -94,6 +100,8 @@ async def dispatch(
     ]
     if credit_spec is not None:
         specs = [msgspec.structs.replace(s, credits=credit_spec) for s in specs]
+    if progress:
+        specs = [msgspec.structs.replace(s, **progress) for s in specs]
     session_id, ids = await hub._submit(specs, session)
     return Submission(ids, session_id, hub)
 
@@ -118,3 +126,15 @@ def credit_spec_of(credits: Union[int, tuple[int, int], None]) -> Optional[p.Cre
             raise TaskError(f"credits=(min, max) needs 0 <= min <= max, got {tuple(credits)!r}")
         return p.CreditSpec(min=lo, max=hi)
     raise TaskError(f"credits must be a whole number or a (min, max) pair, got {credits!r}")
+
+
+def progress_fields(parser: Optional[str], frames: Optional[tuple[int, int]]) -> dict[str, Any]:
+    """dispatch's ``parser=``/``frames=`` as TaskSpec fields to set (only those given)."""
+    fields: dict[str, Any] = {}
+    if parser is not None:
+        fields["parser"] = check_parser(parser)
+    if frames is not None:
+        if not isinstance(frames, (tuple, list)) or len(frames) != 2:
+            raise TaskError(f"frames must be a (start, end) pair, got {frames!r}")
+        fields["frame_start"], fields["frame_end"] = check_frames(*frames)
+    return fields

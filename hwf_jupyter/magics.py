@@ -21,6 +21,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Unicode
 
+from hub_server import protocol as p
 from hub_server.hardware import HardwareError
 from hub_server.link import HubError
 
@@ -216,6 +217,10 @@ class HWFMagics(Magics):
     @argument("--label", default="", help="a label kept with the tasks")
     @argument("--credits", default=None, metavar="N|MIN:MAX",
               help="credits each task pays its machine: N, or its CPU-seconds clamped into MIN:MAX")
+    @argument("--parser", default=None, metavar="NAME",
+              help=f"read progress from the task's output: {', '.join(p.PARSERS)}")
+    @argument("--frames", default=None, metavar="START:END",
+              help="the render's frame range, for --parser frames percentages")
     @line_magic
     @_one_line_errors
     def hwf_dispatch(self, line: str) -> Submission:
@@ -230,7 +235,8 @@ class HWFMagics(Magics):
                 raise UsageError("hwf: --across: no connected machine matches the draft's hardware")
         sub = dispatch_sync(task, hub, repeat=args.repeat, priority=args.priority, across=across,
                             session=args.session, max_retries=args.max_retries, timeout=args.timeout,
-                            stream=args.stream, credits=_credits_arg(args.credits))
+                            stream=args.stream, credits=_credits_arg(args.credits),
+                            parser=args.parser, frames=_frames_arg(args.frames))
         self.submissions.append(sub)
         view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:
@@ -399,6 +405,19 @@ def _credits_arg(text: Optional[str]) -> Any:
         return int(text)
     except ValueError:
         raise UsageError(f"hwf: --credits takes N or MIN:MAX (whole numbers), got {text!r}") from None
+def _frames_arg(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """``--frames START:END`` -> dispatch's frames= (range checked there)."""
+    if text is None:
+        return None
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return (int(start), int(end))
+    except ValueError:
+        raise UsageError(f"hwf: --frames takes START:END (whole numbers), got {text!r}") from None
+
+
 def _pretty(value: Any) -> str:
     from IPython.lib.pretty import pretty
 

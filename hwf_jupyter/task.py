@@ -16,6 +16,7 @@ from hub_server import protocol as p
 from hub_server.paths import unsafe_relative_path
 
 TRACK_FLAGS = ("time", "ram", "cpu", "gpu")
+MAX_FRAME = 10**9  # the protocol's FrameNumber bound
 
 
 class TaskError(ValueError):
@@ -114,14 +115,46 @@ class Artifacts:
         return f"Artifacts({', '.join(map(repr, self.files))})"
 
 
+def check_parser(parser: Optional[str]) -> Optional[str]:
+    """``parser`` if the daemons know it (or None); else a TaskError naming the allowed ones."""
+    if parser is not None and parser not in p.PARSERS:
+        allowed = ", ".join(repr(n) for n in p.PARSERS)
+        raise TaskError(f"parser must be one of {allowed} (or None), got {parser!r}")
+    return parser
+
+
+def check_frames(frame_start: Optional[int], frame_end: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    """A render's frame range: both whole numbers with start <= end, or neither."""
+    if (frame_start is None) != (frame_end is None):
+        raise TaskError("frame_start and frame_end go together: give both or neither")
+    for name, value in (("frame_start", frame_start), ("frame_end", frame_end)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TaskError(f"{name} must be a whole number, got {value!r}")
+        if abs(value) > MAX_FRAME:
+            raise TaskError(f"{name} must be within -{MAX_FRAME}..{MAX_FRAME}, got {value}")
+    if frame_start is not None and frame_end is not None and frame_start > frame_end:
+        raise TaskError(f"frame_start ({frame_start}) must be <= frame_end ({frame_end})")
+    return frame_start, frame_end
+
+
 class Task:
-    """Stages (run in order), wanted artifacts, and the hardware to run on."""
+    """Stages (run in order), wanted artifacts, and the hardware to run on.
+
+    ``parser`` ("frames", "percent" or "hwf-progress") makes the daemon read
+    progress from the commands' output; ``frame_start``/``frame_end`` (a
+    render's frames) turn the frame being rendered into a percent.
+    """
 
     def __init__(
         self,
         *actions: Union[Stage, Artifacts],
         hardware: Optional[Mapping[str, Any]] = None,
         label: str = "",
+        parser: Optional[str] = None,
+        frame_start: Optional[int] = None,
+        frame_end: Optional[int] = None,
     ) -> None:
         self.stages: list[Stage] = []
         self.artifacts: list[str] = []
@@ -144,6 +177,8 @@ class Task:
             raise TaskError(str(exc)) from None
         self.hardware: dict[str, Any] = dict(hardware or {})
         self.label = label
+        self.parser = check_parser(parser)
+        self.frame_start, self.frame_end = check_frames(frame_start, frame_end)
         for d in self.data_files():
             d.check()
 
@@ -174,6 +209,9 @@ class Task:
             timeout=timeout,
             label=self.label,
             stream=stream,
+            parser=self.parser,  # type: ignore[arg-type]  # checked in __init__
+            frame_start=self.frame_start,
+            frame_end=self.frame_end,
         )
 
     def __repr__(self) -> str:
@@ -182,6 +220,10 @@ class Task:
             parts.append(repr(Artifacts(*self.artifacts)))
         if self.hardware:
             parts.append(f"hardware={self.hardware!r}")
+        if self.parser:
+            parts.append(f"parser={self.parser!r}")
+        if self.frame_start is not None:
+            parts.append(f"frame_start={self.frame_start}, frame_end={self.frame_end}")
         return f"Task({', '.join(parts)})"
 
 

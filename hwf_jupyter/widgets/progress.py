@@ -1,5 +1,9 @@
 """``Progress``: live progress of a set of tasks, as a widget or as text.
 
+The bar counts tasks: an ended task is 1, a running one its parser's
+progress/100 (``TaskSpec.parser``: the hub sends progress events while it
+runs), so a few long renders still move the bar.
+
 Watch callbacks run on HWF's I/O thread and can come thousands a second, so
 they only update plain state under a lock; drawing happens at most
 ``max_rate`` times a second, in one coalesced render scheduled on the I/O
@@ -31,6 +35,7 @@ _BUCKET = {"assigned": "queued"}
 _COLORS = {"finished": "#2e7d32", "failed": "#c62828", "cancelled": "#757575",
            "running": "#1565c0", "retrying": "#ef6c00", "queued": "#616161"}
 MAX_FAILED_SHOWN = 20
+MAX_FRAMES_SHOWN = 5  # running tasks' current frames listed in the summary
 
 
 def _bucket(status: str) -> str:
@@ -108,6 +113,8 @@ class Progress:
         self._counts = dict.fromkeys(STATES, 0)
         self._errors: dict[str, str] = {}
         self._stages: dict[int, _StageStats] = {}
+        self._progress: dict[str, float] = {}  # running task -> percent from its parser
+        self._frames: dict[str, int] = {}  # running task -> frame being rendered
         self._t0 = time.monotonic()
         self._t_done: Optional[float] = None
         self._scheduled = False
@@ -133,6 +140,7 @@ class Progress:
                 self._t0 = min(self._t0, time.monotonic() - since)
             for b in briefs:
                 self._set_status(b.task_id, b.status, b.error)
+                self._set_progress(b.task_id, b.progress, b.frame_current)
                 for i, st in enumerate(b.stages):
                     self._set_stage(b.task_id, i, st)
             self._changed()
@@ -144,6 +152,7 @@ class Progress:
                 for stats in self._stages.values():  # the hub starts the stages over
                     stats.drop(ev.task_id)
             self._set_status(ev.task_id, ev.status, ev.error)
+            self._set_progress(ev.task_id, ev.progress, ev.frame_current)
             if ev.stage is not None and ev.stage_index is not None:
                 self._set_stage(ev.task_id, ev.stage_index, ev.stage)
             self._changed()
@@ -163,6 +172,21 @@ class Progress:
             self._errors[task_id] = error or "failed (no error text)"
         else:
             self._errors.pop(task_id, None)
+
+    def _set_progress(self, task_id: str, percent: Optional[float], frame: Optional[int]) -> None:
+        """Keep a running task's latest progress; a task that is not running has none.
+
+        Called after ``_set_status``: a late progress event of a task that
+        already ended finds it terminal and is dropped.
+        """
+        if self._status.get(task_id) != "running":
+            self._progress.pop(task_id, None)
+            self._frames.pop(task_id, None)
+            return
+        if percent is not None:
+            self._progress[task_id] = min(100.0, max(0.0, float(percent)))
+        if frame is not None:
+            self._frames[task_id] = frame
 
     def _set_stage(self, task_id: str, index: int, st: p.StageOutcome) -> None:
         if st.status == "skipped":
@@ -219,6 +243,36 @@ class Progress:
             return dict(self._counts)
 
     @property
+    def fraction(self) -> float:
+        """Tasks done, running ones counted by their parser's progress (0 without tasks)."""
+        with self._lock:
+            n = len(self._status)
+            return self._done_units() / n if n else 0.0
+
+    @property
+    def task_progress(self) -> dict[str, float]:
+        """Running tasks' percent, as their progress parser last read it."""
+        with self._lock:
+            return dict(self._progress)
+
+    @property
+    def frames(self) -> dict[str, int]:
+        """Running tasks' current frame (parser "frames")."""
+        with self._lock:
+            return dict(self._frames)
+
+    def _done_units(self) -> float:
+        ended = sum(self._counts[s] for s in TERMINAL_STATES)
+        return ended + sum(self._progress.values()) / 100.0
+
+    def _frames_text(self) -> str:
+        if not self._frames:
+            return ""
+        shown = [str(f) for f in list(self._frames.values())[:MAX_FRAMES_SHOWN]]
+        more = ", ..." if len(self._frames) > MAX_FRAMES_SHOWN else ""
+        return ("frame " if len(self._frames) == 1 else "frames ") + ", ".join(shown) + more
+
+    @property
     def failed(self) -> dict[str, str]:
         """Failed task ids and their error text."""
         with self._lock:
@@ -261,6 +315,10 @@ class Progress:
         ended = sum(self._counts[s] for s in TERMINAL_STATES)
         parts = ", ".join(f"{s} {self._counts[s]}" for s in STATES if self._counts[s])
         lines = [f"{self.title or 'hwf'}: {ended}/{n} done [{parts}] {self._elapsed():.1f}s"]
+        if self._progress or self._frames:
+            live = [f"{self._done_units() / n * 100:.1f}%"] if self._progress and n else []
+            live += [self._frames_text()] if self._frames else []
+            lines[0] += " (" + ", ".join(live) + ")"
         if self._errors:
             tid, err = next(iter(self._errors.items()))
             lines.append(f"  failed {tid}: {_one_line(err, 160)}")
@@ -283,7 +341,8 @@ class Progress:
     def _build_widgets(self) -> None:
         import ipywidgets as w
 
-        self._bar = w.IntProgress(min=0, max=0, value=0, layout=w.Layout(width="100%"))
+        # Float: running tasks add their parser's progress/100 to the ended count.
+        self._bar = w.FloatProgress(min=0, max=0, value=0, layout=w.Layout(width="100%"))
         self._summary = w.HTML()
         self._stage_html = w.HTML()
         self._failed_html = w.HTML()
@@ -340,7 +399,8 @@ class Progress:
             style = "success"
         else:
             style = ""
-        return {"max": n, "value": ended, "bar_style": style, "summary": self._summary_html(n, ended),
+        value = min(float(n), self._done_units())
+        return {"max": n, "value": value, "bar_style": style, "summary": self._summary_html(n, ended),
                 "stages": self._stages_html(), "failed": self._failed_block()}
 
     def _summary_html(self, n: int, ended: int) -> str:
@@ -349,7 +409,12 @@ class Progress:
             f'<span style="color:{_COLORS[s]}">{s} {self._counts[s]}</span>'
             for s in STATES if self._counts[s]
         )
-        return f"{title}{ended}/{n} done &nbsp; {parts} &nbsp; <i>{fmt_seconds(self._elapsed())}</i>"
+        live = ""
+        if self._progress and n:
+            live += f" &nbsp; {self._done_units() / n * 100:.1f}%"
+        if self._frames:
+            live += f" &nbsp; {esc(self._frames_text())}"
+        return f"{title}{ended}/{n} done{live} &nbsp; {parts} &nbsp; <i>{fmt_seconds(self._elapsed())}</i>"
 
     def _stages_html(self) -> str:
         rows = self._stage_rows()
