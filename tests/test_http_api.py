@@ -171,27 +171,37 @@ def test_a_brender_shaped_client_runs_a_frames_job_without_a_token(farm, tmp_pat
         z.writestr("scene/render.sh", "echo Fra:$1; echo frame $1 > out_$1.txt\n")
     base = farm.http_url
     assert requests.get(f"{base}/tasks/file/42").json() == {"file": False}
-    settings = {"frame_start": 1, "frame_end": 6, "chunk_size": 3, "command": "bash scene/render.sh {frame}",
+    # brender splits a job into tasks itself: one POST per task, each its own frame range.
+    settings = {"frame_start": 1, "frame_end": 3, "chunk_size": 3, "command": "bash scene/render.sh {frame}",
                 "artifacts": ["out_*.txt"]}
     params = {"priority": 10, "type": "frames", "parser": "frames", "task_id": 1001, "job_id": 42,
               "settings": json.dumps(settings)}
     r = requests.post(f"{base}/tasks", data=params, files={"jobfile": ("job.zip", buf.getvalue())})
     assert r.status_code == 202, r.text
-    created = r.json()["tasks"]
-    assert len(created) == 2 and [(t["frame_start"], t["frame_end"]) for t in created] == [(1, 3), (4, 6)]
+    first = r.json()
+    assert (first["frame_start"], first["frame_end"], first["task_id"]) == (1, 3, "1001")
     assert requests.get(f"{base}/tasks/file/42").json() == {"file": True}
-    params2 = dict(params, task_id=1002, settings=json.dumps(dict(settings, frame_start=7, frame_end=7)))
-    r2 = requests.post(f"{base}/tasks", data=params2)  # no jobfile: the job's file is reused
-    assert r2.status_code == 202
-    ids = [t["id"] for t in created] + [r2.json()["id"]]
+    ids = [first["id"]]
+    for tid, (lo, hi) in ((1002, (4, 6)), (1003, (7, 7))):  # no jobfile: the job's file is reused
+        more = dict(params, task_id=tid, settings=json.dumps(dict(settings, frame_start=lo, frame_end=hi)))
+        r2 = requests.post(f"{base}/tasks", data=more)
+        assert r2.status_code == 202, r2.text
+        ids.append(r2.json()["id"])
+    # a job compiled into several tasks answers with all of them
+    r3 = requests.post(f"{base}/tasks", data=dict(params, task_id=1004, settings=json.dumps(
+        dict(settings, frame_start=8, frame_end=9, chunk_size=1))))
+    assert r3.status_code == 202 and [t["frame_start"] for t in r3.json()["tasks"]] == [8, 9]
+    ids += [t["id"] for t in r3.json()["tasks"]]
+
     def all_done():
         ts = [requests.get(f"{base}/tasks/{i}").json() for i in ids]
         return ts if all(t["status"] == "finished" for t in ts) else None
 
     final = wait_until(all_done, timeout=120, what="frames done")
-    assert [t["frame_current"] for t in final] == [3, 6, 7]
+    assert [t["frame_current"] for t in final] == [3, 6, 7, 8, 9]
+    assert all(t["progress"] == 100.0 for t in final)
     names = sorted(a["name"] for t in final for a in t["artifacts"] if a["name"])
-    assert names == [f"out_{i}.txt" for i in range(1, 8)]
+    assert names == sorted(f"out_{i}.txt" for i in range(1, 10))
     workers = requests.get(f"{base}/workers").json()
     assert isinstance(workers, dict) and "daemon-1" in workers
     d = requests.delete(f"{base}/tasks/1001")
