@@ -30,10 +30,14 @@ from .functions import gather_async as _gather_async
 from .functions import gather_sync as _gather_sync
 from .functions import map_calls as _map_calls
 from .functions import submit as _submit_call
+from .jobs import DataArg
+from .jobs import submit_job as _submit_job
 from .results import HardwarePool, ResultList
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .dispatch import Submission
 
 T = TypeVar("T")
 TaskIds = Union[str, Iterable[str], Iterable[PyFuture]]
@@ -494,6 +498,34 @@ class Hub:
         """``gather`` for async code, on any event loop."""
         return await _gather_async(futures)
 
+    # -- jobs (the Manager API's type + settings) -----------------------------
+
+    @on_io_loop
+    async def submit_job(
+        self,
+        type: str,
+        settings: Mapping[str, Any],
+        *,
+        parser: Optional[str] = None,
+        priority: int = 0,
+        session: Optional[str] = None,
+        data: Union["DataArg", Iterable["DataArg"], None] = None,
+        job_id: Optional[str] = None,
+        external_id: Optional[str] = None,
+        stream: bool = False,
+    ) -> "Submission":
+        """Compile a job as the HTTP API's ``POST /tasks`` would and queue its tasks.
+
+        ``type``: ``"shell"`` (one task) or ``"frames"`` (one task per chunk
+        of a frame range; ``parser`` defaults to ``"frames"``), ``settings``
+        as documented in ``hub_server.compilers``.  ``data``: local files
+        (paths or ``Data``), uploaded once and saved into every task's
+        directory (``settings["data"]`` picks some of them by name).  Bad
+        settings raise ``CompileError`` naming the field, before any upload.
+        Returns the task ids (a ``Submission``, with its ``session_id``)."""
+        return await _submit_job(self, type, settings, parser=parser, priority=priority, session=session,
+                                data=data, job_id=job_id, external_id=external_id, stream=stream)
+
     # -- submission (used by dispatch) --------------------------------------
 
     async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
@@ -532,6 +564,7 @@ class Hub:
     credit_tally_sync = sync_twin(credit_tally)
     credit_slots_sync = sync_twin(credit_slots)
     credit_link_sync = sync_twin(credit_link)
+    submit_job_sync = sync_twin(submit_job)
 
 
 __all__ = ["Hub", "HubError", "ConnectError", "PyFuture", "RemoteError", "Session", "Watcher"]
