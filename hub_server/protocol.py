@@ -404,6 +404,7 @@ class Welcome(_Msg, tag="welcome"):
     hub_id: str
     limits: Limits
     time: float
+    http_port: Optional[int] = None  # the Manager API and status page (None: off)
 
 
 class Error(_Msg, tag="error"):

@@ -243,3 +243,16 @@ def test_the_page_and_the_openapi_document(farm):
     doc = requests.get(url(farm, "/api/openapi.json")).json()
     assert doc["openapi"].startswith("3.") and {"/tasks", "/tasks/{id}", "/workers", "/workers/{id}",
                                                  "/tasks/file/{job_id}", "/credits"} <= set(doc["paths"])
+
+
+def test_the_hub_and_the_cluster_link_their_status_page(farm):
+    from hwf_jupyter import Hub
+
+    hub = Hub(farm.address, token=farm.token)
+    try:
+        hub.connect_sync()
+        assert hub.status_url == farm.http_url + "/"
+        assert f"href='{farm.http_url}/'" in hub._repr_html_()
+    finally:
+        hub.close_sync()
+    assert f"{farm.http_url}/" in farm._repr_html_() and "status page" in repr(farm)
