@@ -589,6 +589,25 @@ class TaskList(_Msg, tag="task_list"):
     total: int  # matching tasks in all (for paging)
 
 
+class ListSessions(_Msg, tag="list_sessions"):
+    """Newest sessions with task counts by status (a client: its own; an admin: anyone's)."""
+
+    id: RequestId
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+
+
+class SessionSummary(msgspec.Struct):
+    session_id: str
+    created: float
+    user: str
+    counts: dict[str, int]
+
+
+class SessionList(_Msg, tag="session_list"):
+    id: int
+    sessions: list[SessionSummary]
+
+
 class UpdateTask(_Msg, tag="update_task"):
     """Change a task: ``priority`` while it is queued (error ``not_queued``
     otherwise), ``hidden`` (left out of list_tasks).  Acked with ``ok``."""
@@ -893,6 +912,8 @@ Message = Union[
     CreditSlots,
     ListTasks,
     TaskList,
+    ListSessions,
+    SessionList,
     UpdateTask,
     SetMachine,
     PutJobFile,
@@ -905,7 +926,7 @@ Message = Union[
 CREDIT_REQUESTS = (CreditAlloc, CreditDiscard, CreditCounters, CreditMeta, GetCreditTally, GetCreditSlots)
 CLIENT_REQUESTS = (
     Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
-    ListTasks, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
+    ListTasks, ListSessions, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
 )
 DAEMON_REQUESTS = (
     Register,
