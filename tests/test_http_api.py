@@ -256,3 +256,15 @@ def test_the_hub_and_the_cluster_link_their_status_page(farm):
     finally:
         hub.close_sync()
     assert f"{farm.http_url}/" in farm._repr_html_() and "status page" in repr(farm)
+
+
+def test_a_tls_hub_serves_the_api_over_https_only(tmp_path):
+    from tlsfiles import make_tls_files
+
+    pem, key, ca_pem = make_tls_files(tmp_path)
+    with LocalCluster(daemons=0, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
+        assert c.http_url.startswith("https://127.0.0.1:")
+        r = requests.get(c.http_url + "/api/whoami", headers=h(c.token), verify=str(ca_pem))
+        assert r.json()["role"] == "client"
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(c.http_url.replace("https://", "http://") + "/api/whoami", headers=h(c.token), timeout=5)
