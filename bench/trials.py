@@ -355,7 +355,7 @@ def hwf_scale(P: dict) -> dict:
     tok_file.write_text(daemon_token)
     tok_file.chmod(0o600)
     limit = str(max(n + 1000, 50_000))
-    hub_cmd = [sys.executable, "-m", "hub_server", "--host", "127.0.0.1", "--port", "0",
+    hub_cmd = [sys.executable, "-m", "hub_server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
                "--state-dir", str(state), "--ready-file", str(tmp / "hub.ready"),
                "--max-queued-per-user", limit, "--max-queued-tasks", str(max(n + 1000, 200_000)),
                "--parent-pid", str(os.getpid())]

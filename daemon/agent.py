@@ -410,9 +410,11 @@ class Daemon:
                                                     percent=update.percent, frame_current=update.frame_current))
 
             pump = OutputPump(send_output) if msg.spec.stream else None
-            # Every task's output is read for progress: hwf-progress lines count without a parser.
-            progress = ProgressReporter(ProgressParser(msg.spec.parser, msg.spec.frame_start, msg.spec.frame_end),
-                                        send_progress)
+            # Commands' output is read for progress (hwf-progress lines count without
+            # a parser); Python calls print no progress lines worth the decoding.
+            if not all(st.call is not None for st in msg.spec.stages):
+                progress = ProgressReporter(
+                    ProgressParser(msg.spec.parser, msg.spec.frame_start, msg.spec.frame_end), send_progress)
             outcome = await run_task(
                 msg.spec,
                 taskdir,

@@ -68,7 +68,8 @@ class ProgressParser:
 
     ``parser`` is ``TaskSpec.parser``; ``frame_start``/``frame_end`` (both
     set, start <= end) turn the current frame into a percent: the frames
-    before it are done.  ``hwf-progress: N/M`` lines count with any parser.
+    before it are done; a frame outside them is not believed (the hub
+    would drop it too).  ``hwf-progress: N/M`` lines count with any parser.
     """
 
     def __init__(self, parser: Optional[str] = None, frame_start: Optional[int] = None,
@@ -123,7 +124,7 @@ class ProgressParser:
         if hwf is not None:
             candidates.append((hwf[0], hwf[1], None))
         if self.parser == "frames":
-            frame = _last(_FRAME, text, _frame_of)
+            frame = _last(_FRAME, text, self._frame_of)
             if frame is not None:
                 pos, (n, total) = frame
                 candidates.append((pos, self._frame_percent(n, total), n))
@@ -139,6 +140,15 @@ class ProgressParser:
         if (self.percent, self.frame_current) == before:
             return None
         return self.update
+
+    def _frame_of(self, m: re.Match) -> Optional[tuple[int, Optional[int]]]:
+        """(frame, total from "N/M") of a match; a frame outside the task's range is not believed."""
+        digits = m.group(1) if m.group(1) is not None else m.group(2)
+        frame = _number(digits)
+        if frame is None or (self.range is not None and not self.range[0] <= frame <= self.range[1]):
+            return None
+        total = _number(m.group(3)) if m.group(3) is not None else None
+        return frame, total
 
     def _frame_percent(self, frame: int, total: Optional[int]) -> Optional[float]:
         if self.range is not None:
@@ -168,15 +178,6 @@ def _hwf_percent(m: re.Match) -> Optional[float]:
     if done is None or total is None or total == 0 or done > total:
         return None
     return _clamp(done / total * 100.0)
-
-
-def _frame_of(m: re.Match) -> Optional[tuple[int, Optional[int]]]:
-    digits = m.group(1) if m.group(1) is not None else m.group(2)
-    frame = _number(digits)
-    if frame is None:
-        return None
-    total = _number(m.group(3)) if m.group(3) is not None else None
-    return frame, total
 
 
 def _percent_of(m: re.Match) -> Optional[float]:

@@ -85,9 +85,28 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     hub.add_argument("--prefetch", type=int, default=1, metavar="N",
                      help="Python-call tasks a daemon may hold per slot beyond its slots, each starting the "
                           "moment a slot frees (0: none; default 1)")
+    hub.add_argument("--http-port", type=_http_port, default=p.DEFAULT_HTTP_PORT, metavar="PORT",
+                     help=f"the Manager HTTP API and status page (default {p.DEFAULT_HTTP_PORT}; 0: off; "
+                          "auto: any free port), same tokens and TLS as the websocket")
+    hub.add_argument("--http-trust", action="append", default=[], metavar="CIDR=USER",
+                     help="HTTP calls without a token from these addresses act as client USER (repeatable; "
+                          "for a brender server that sends no token); off by default")
     hub.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     hub.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     hub.set_defaults(func=run_hub_cli)
+
+
+def _http_port(text: str) -> Optional[int]:
+    """``--http-port``: a port, 0 (off) or auto (any free port: 0 to the socket)."""
+    if text == "auto":
+        return 0
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number, 0 or auto") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return None if port == 0 else port
 
 
 def _octal(text: str) -> int:
@@ -120,6 +139,9 @@ def run_hub_cli(args: argparse.Namespace) -> int:
             raise ValueError("--creditpiggy-idle-timeout and --creditpiggy-max-connections must be positive")
         if args.unix is not None and not os.path.isabs(args.unix):
             raise ValueError(f"--unix {args.unix!r}: the socket path must be absolute")
+        from .http_api import parse_trust
+
+        http_trust = parse_trust(args.http_trust)
     except (ValueError, AuthError) as exc:
         print(f"hwf hub: error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +166,8 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         grid_handler=args.grid_handler,
         prefetch=args.prefetch,
         python_trusted_owners=tuple(o.strip() for o in args.python_trusted_owners.split(",") if o.strip()),
+        http_port=args.http_port,
+        http_trust=http_trust,
     )
     if not 0 <= args.prefetch <= 64:
         print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)

@@ -72,6 +72,10 @@ class HubConfig:
     prefetch: int = 1
     python_trusted_owners: tuple[str, ...] = ()
     revocation_poll: float = 0.5
+    # The Manager HTTP API and status page (http_api.py): None = off, 0 = any free port.
+    http_port: Optional[int] = None
+    # (network, user): token-less HTTP calls from these addresses act as that client user.
+    http_trust: list = field(default_factory=list)
     # How often time is handed to the core (heartbeats, waits, grace periods).
     tick_interval: float = 0.1
     # The websocket protocol also on a unix socket (same token auth), this mode.
@@ -119,6 +123,7 @@ class HubServer:
         self.credit_lines: Optional[CreditLineServer] = None
         self._tasks: set[asyncio.Task] = set()
         self.port: Optional[int] = None
+        self.http: Any = None  # http_api.HttpApi when --http-port is on
         self.started_at = time.time()
 
     # -- lifecycle ----------------------------------------------------------
@@ -140,6 +145,11 @@ class HubServer:
                 self, c.creditpiggy, user=c.creditpiggy_user, unix_mode=c.creditpiggy_mode,
                 idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections)
             await self.credit_lines.start()
+        if c.http_port is not None:
+            from .http_api import HttpApi  # aiohttp is imported only when the API is on
+
+            self.http = HttpApi(self, c.host, c.http_port, trust=c.http_trust, tls=tls)
+            await self.http.start()
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
@@ -157,6 +167,8 @@ class HubServer:
             t.cancel()
         if self.credit_lines is not None:
             await self.credit_lines.close()
+        if self.http is not None:
+            await self.http.close()
         for server in (self._server, self._unix_server):
             if server is not None:
                 server.close()
@@ -183,6 +195,10 @@ class HubServer:
     def submit(self, pid: int, msg: Any) -> None:
         """A request from a local peer, handled like a websocket frame's."""
         self._feed(Received(pid, msg))
+
+    def blob_stored(self, pid: int, rid: int, sha256: str) -> None:
+        """A local peer stored a blob (an HTTP upload): the core grants it and acks ``rid``."""
+        self._feed(BlobStored(pid, rid, sha256))
 
     def detach(self, pid: int) -> None:
         if self.peers.pop(pid, None) is not None:
@@ -276,7 +292,8 @@ class HubServer:
             return await self._refuse_hello(peer, "version", text)
         version = min(msg.version, p.PROTOCOL_VERSION)
         peer.post(p.Welcome(version=version, role=peer.role, hub_id=self.core.hub_id,
-                            limits=self.config.limits, time=time.time()))
+                            limits=self.config.limits, time=time.time(),
+                            http_port=self.http.port if self.http is not None else None))
         return version
 
     @staticmethod
@@ -424,7 +441,8 @@ async def run_hub(config: HubConfig, ready_file: Optional[str] = None) -> None:
     if ready_file:
         tmp = ready_file + ".tmp"
         with open(tmp, "w") as f:
-            f.write(f"{config.host} {server.port}\n")
+            http = f" {server.http.port}" if server.http is not None else ""
+            f.write(f"{config.host} {server.port}{http}\n")
         os.replace(tmp, ready_file)
     try:
         await server.serve_forever()

@@ -4,6 +4,7 @@
 """
 
 from hub_server import __version__
+from hub_server.compilers import CompileError
 from hub_server.link import ConnectError, HubError, RemoteError
 
 from .cluster import LocalCluster
@@ -26,6 +27,7 @@ __all__ = [
     "Artifact",
     "Artifacts",
     "CommandResult",
+    "CompileError",
     "ConnectError",
     "Data",
     "HardwarePool",

@@ -76,6 +76,7 @@ class LocalCluster:
         hub_args: Optional[list[str]] = None,
         tls: Optional[tuple[str | os.PathLike, str | os.PathLike, str | os.PathLike]] = None,
         daemon_args: Optional[list[str]] = None,
+        http_port: Optional[int] = 0,
     ) -> None:
         """``tls=(cert, key, ca_file)`` serves wss:// with that certificate; the
         daemons and ``hub()`` trust ``ca_file``.  ``hub_args`` / ``daemon_args``:
@@ -119,6 +120,9 @@ class LocalCluster:
         atexit.register(self._finalizer)
         self.port = port
         self.address = ""
+        # The hub's Manager HTTP API and status page: 0 = a free port, None = off.
+        self.http_port = http_port
+        self.http_url: Optional[str] = None
         try:
             self._start_hub()
             for _ in range(daemons):
@@ -153,7 +157,9 @@ class LocalCluster:
         self.hub_process = self._spawn(
             "hub",
             ["--host", "127.0.0.1", "--port", str(self.port), "--state-dir", str(self.state_dir),
-             "--ready-file", str(ready), *self._hub_args],
+             "--ready-file", str(ready),
+             "--http-port", "0" if self.http_port is None else (str(self.http_port) if self.http_port else "auto"),
+             *self._hub_args],
             module="hub_server",
         )
         deadline = time.monotonic() + self.start_timeout
@@ -163,9 +169,12 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterError(f"hub did not start within {self.start_timeout}s; see {self.log_dir / 'hub.log'}")
             time.sleep(0.02)
-        host, port = ready.read_text().split()
+        host, port, *http = ready.read_text().split()
         self.port = int(port)
         self.address = f"{'wss' if self.ca_file else 'ws'}://{host}:{port}"
+        if http:
+            self.http_port = int(http[0])  # a restart keeps it
+            self.http_url = f"{'https' if self.ca_file else 'http'}://{host}:{self.http_port}"
 
     def restart_hub(self) -> None:
         """Start the hub again on the same state dir and port (after a kill)."""
@@ -274,4 +283,12 @@ class LocalCluster:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}>"
+        page = f" status page {self.http_url}/" if self.http_url else ""
+        return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}{page}>"
+
+    def _repr_html_(self) -> str:
+        from .widgets._common import link_card
+
+        rows = [("address", self.address), ("daemons", f"{len(self.daemon_processes)} × {self.slots} slots"),
+                ("state dir", str(self.state_dir))]
+        return link_card("HWF LocalCluster", rows, f"{self.http_url}/" if self.http_url else None)

@@ -13,7 +13,7 @@ from hub_server.blobs import file_sha256
 
 from ._ioloop import on_io_loop, sync_twin
 from .results import HardwarePool, ResultList
-from .task import Task, TaskError, as_task_list, check_frames, check_parser
+from .task import Data, Task, TaskError, as_task_list, check_frames, check_parser
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -86,14 +86,7 @@ async def dispatch(
     if not isinstance(max_retries, int) or max_retries < 0:
         raise TaskError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
     items = expand(task_or_tasks, repeat=repeat, across=across)
-    paths: dict[Path, tuple[str, int]] = {}
-    for t in items:
-        for d in t.data_files():
-            if d.path not in paths:
-                d.check()
-                sha = await asyncio.to_thread(file_sha256, d.path)
-                paths[d.path] = (sha, d.path.stat().st_size)
-    await hub._upload_missing(paths)
+    paths = await upload_data(hub, [d for t in items for d in t.data_files()])
     specs = [
         t.spec(paths, priority=priority, max_retries=max_retries, timeout=timeout, stream=stream)
         for t in items
@@ -107,6 +100,18 @@ async def dispatch(
 
 
 dispatch_sync = sync_twin(dispatch)
+
+
+async def upload_data(hub: "Hub", files: Iterable[Data]) -> dict[Path, tuple[str, int]]:
+    """Hash each local file once and upload those the hub lacks: ``{path: (sha256, size)}``."""
+    paths: dict[Path, tuple[str, int]] = {}
+    for d in files:
+        if d.path not in paths:
+            d.check()
+            sha = await asyncio.to_thread(file_sha256, d.path)
+            paths[d.path] = (sha, d.path.stat().st_size)
+    await hub._upload_missing(paths)
+    return paths
 
 
 def credit_spec_of(credits: Union[int, tuple[int, int], None]) -> Optional[p.CreditSpec]:

@@ -30,10 +30,14 @@ from .functions import gather_async as _gather_async
 from .functions import gather_sync as _gather_sync
 from .functions import map_calls as _map_calls
 from .functions import submit as _submit_call
+from .jobs import DataArg
+from .jobs import submit_job as _submit_job
 from .results import HardwarePool, ResultList
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from .dispatch import Submission
 
 T = TypeVar("T")
 TaskIds = Union[str, Iterable[str], Iterable[PyFuture]]
@@ -201,6 +205,25 @@ class Hub:
     def __repr__(self) -> str:
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
         return f"<Hub {self.url} ({state})>"
+
+    @property
+    def status_url(self) -> Optional[str]:
+        """The hub's status page (its Manager HTTP API), once connected; None if it serves none."""
+        welcome = self._link.welcome if self._link is not None else None
+        if welcome is None or welcome.http_port is None:
+            return None
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("ws", "wss"):  # a unix: socket: the page is on the hub's own host
+            return f"http://127.0.0.1:{welcome.http_port}/"
+        host = parts.hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if parts.scheme == 'wss' else 'http'}://{host}:{welcome.http_port}/"
+
+    def _repr_html_(self) -> str:
+        from .widgets._common import link_card
+
+        state = "connected" if self._link is not None and self._link.is_open else "not connected"
+        return link_card("HWF Hub", [("address", self.url), ("state", state)], self.status_url)
 
     # -- connection (runs on the I/O loop) -----------------------------------
 
@@ -494,6 +517,34 @@ class Hub:
         """``gather`` for async code, on any event loop."""
         return await _gather_async(futures)
 
+    # -- jobs (the Manager API's type + settings) -----------------------------
+
+    @on_io_loop
+    async def submit_job(
+        self,
+        type: str,
+        settings: Mapping[str, Any],
+        *,
+        parser: Optional[str] = None,
+        priority: int = 0,
+        session: Optional[str] = None,
+        data: Union["DataArg", Iterable["DataArg"], None] = None,
+        job_id: Optional[str] = None,
+        external_id: Optional[str] = None,
+        stream: bool = False,
+    ) -> "Submission":
+        """Compile a job as the HTTP API's ``POST /tasks`` would and queue its tasks.
+
+        ``type``: ``"shell"`` (one task) or ``"frames"`` (one task per chunk
+        of a frame range; ``parser`` defaults to ``"frames"``), ``settings``
+        as documented in ``hub_server.compilers``.  ``data``: local files
+        (paths or ``Data``), uploaded once and saved into every task's
+        directory (``settings["data"]`` picks some of them by name).  Bad
+        settings raise ``CompileError`` naming the field, before any upload.
+        Returns the task ids (a ``Submission``, with its ``session_id``)."""
+        return await _submit_job(self, type, settings, parser=parser, priority=priority, session=session,
+                                data=data, job_id=job_id, external_id=external_id, stream=stream)
+
     # -- submission (used by dispatch) --------------------------------------
 
     async def _upload_missing(self, files: dict[Path, tuple[str, int]]) -> None:
@@ -532,6 +583,7 @@ class Hub:
     credit_tally_sync = sync_twin(credit_tally)
     credit_slots_sync = sync_twin(credit_slots)
     credit_link_sync = sync_twin(credit_link)
+    submit_job_sync = sync_twin(submit_job)
 
 
 __all__ = ["Hub", "HubError", "ConnectError", "PyFuture", "RemoteError", "Session", "Watcher"]

@@ -253,7 +253,7 @@ def test_socket_files_modes(farm):
 
 
 def _hub_cmd(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "hub_server", "--port", "0", "--state-dir", str(root / "state"), *args]
+    return [sys.executable, "-m", "hub_server", "--port", "0", "--http-port", "0", "--state-dir", str(root / "state"), *args]
 
 
 def test_non_loopback_bind_refused_without_the_flag(tmp_path):

@@ -7,8 +7,9 @@ import threading
 import time
 
 import pytest
+import requests
 
-from hwf_jupyter import Stage, Task, dispatch_sync
+from hwf_jupyter import LocalCluster, Stage, Task, dispatch_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -98,3 +99,29 @@ def test_untrusted_progress_lines_are_ignored_and_output_is_kept_whole(hub):
     assert final.status == "failed" and final.exit_code == 3
     assert final.stages[0].commands[0].stdout == "".join(f"{line}\n" for line in lines)
     assert final.progress == 40.0 and final.frame_current is None  # the one valid line
+
+
+# Through the Manager HTTP API (its own cluster: one daemon).
+def test_frame_current_advances_while_the_task_runs_and_hwf_progress_needs_no_parser(tmp_path):
+    with LocalCluster(daemons=1, slots=2, state_dir=tmp_path) as c:
+        auth = {"Authorization": f"Bearer {c.token}"}
+        job = {"type": "frames", "parser": "frames",
+               "settings": {"frame_start": 1, "frame_end": 6, "command": "echo Fra:{frame}; sleep 0.6"}}
+        task = requests.post(c.http_url + "/tasks", json=job, headers=auth).json()
+        plain = requests.post(c.http_url + "/tasks", headers=auth, json={
+            "type": "shell", "settings": {"commands": ["echo 'hwf-progress: 3/4'; sleep 3"]}}).json()
+        seen, plain_seen = [], None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            t = requests.get(f"{c.http_url}/tasks/{task['id']}", headers=auth).json()
+            if t["status"] == "running" and t["frame_current"] is not None and t["frame_current"] not in seen:
+                seen.append(t["frame_current"])
+            q = requests.get(f"{c.http_url}/tasks/{plain['id']}", headers=auth).json()
+            if q["status"] == "running" and q["progress"] is not None:
+                plain_seen = q["progress"]
+            if t["status"] == "finished" and q["status"] == "finished":
+                break
+            time.sleep(0.1)
+        assert len(seen) >= 3 and seen == sorted(seen), f"frames seen while running: {seen}"
+        assert t["frame_current"] == 6 and t["progress"] == 100.0
+        assert plain_seen == 75.0

@@ -41,10 +41,23 @@ def test_frames_percent_counts_the_frames_before_the_current_one():
     assert parser.feed("Fra:13\n") == Update(75.0, 13)
 
 
-def test_frames_outside_the_range_are_clamped_not_errors():
-    parser = ProgressParser("frames", 10, 20)
-    assert parser.feed("Fra:3\n") == Update(0.0, 3)
-    assert parser.feed("Fra:500\n") == Update(100.0, 500)
+def test_frames_outside_the_range_are_not_believed():
+    parser = ProgressParser("frames", 10, 19)
+    assert parser.feed("Fra:12\n") == Update(20.0, 12)
+    assert parser.feed("Fra:3\n") is None
+    assert parser.feed("Fra:500\nFra:9\n") is None
+    assert parser.feed("Fra:13\nFra:99\n") == Update(30.0, 13)  # the last one in range counts
+
+
+def test_a_blender_line_split_mid_number_and_sample_counts_are_not_frames():
+    parser = ProgressParser("frames", 1, 8)
+    assert parser.feed("Fra:5 Mem:1") is None, "an unfinished line waits"
+    assert parser.feed("2M | Rendering 3/16 samples\nnoise\n") == Update(50.0, 5)
+    assert parser.feed("Frame 8\n") == Update(87.5, 8)
+
+
+def test_frames_without_a_range_take_the_last_on_a_line():
+    assert ProgressParser("frames").feed("frame 3/24 done; Fra:4\r") == Update(None, 4)
 
 
 @pytest.mark.parametrize("line, frame", [
@@ -167,6 +180,15 @@ def test_an_endless_line_keeps_bounded_memory_and_is_still_read():
     assert all(len(v) <= MAX_LINE for v in parser._partial.values())
     parser.feed("z" * (10 * MAX_LINE))
     assert all(len(v) <= MAX_LINE for v in parser._partial.values())
+
+
+@pytest.mark.parametrize("junk", ["\x00" * 10000, "Fra:" + "9" * 5000, "%" * 100000,
+                                  "hwf-progress: 99999999999999999999/1", "a" * 200000 + "\n"])
+def test_floods_of_garbage_never_raise_and_keep_lines_bounded(junk):
+    for parser_name in (None, *PARSERS):
+        parser = ProgressParser(parser_name, 1, 10)
+        assert parser.feed(junk) is None and parser.finish() is None
+        assert all(len(v) <= MAX_LINE for v in parser._partial.values())
 
 
 def test_binary_garbage_never_raises():

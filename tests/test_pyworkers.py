@@ -100,6 +100,6 @@ def test_bad_runtime_options_stop_the_daemon_with_a_clear_error(tmp_path, argv, 
 def test_a_bad_hub_grid_handler_stops_the_hub_with_a_clear_error(tmp_path):
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "hub_server", "--port", "0", "--state-dir", str(tmp_path / "s"),
+    proc = subprocess.run([sys.executable, "-m", "hub_server", "--port", "0", "--http-port", "0", "--state-dir", str(tmp_path / "s"),
                            "--grid-handler", "a\nb"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--grid-handler: a grid handler must be one line" in proc.stderr

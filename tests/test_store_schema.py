@@ -112,7 +112,7 @@ def test_hub_and_token_commands_refuse_a_newer_store_with_a_clear_message(tmp_pa
     db = sqlite3.connect(state / auth.DB_FILE)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 5}")
     db.close()
-    for argv in (["-m", "hub_server", "--port", "0", "--state-dir", str(state)],
+    for argv in (["-m", "hub_server", "--port", "0", "--http-port", "0", "--state-dir", str(state)],
                  ["-m", "hwf_jupyter.cli", "token", "list", "--state-dir", str(state)]):
         r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
