@@ -29,7 +29,7 @@ from .cluster import ClusterError, LocalCluster
 from .functions import make_options, submit_each
 from .pycall import RUNTIME, TaskFailed
 from .px import CELL_FILE, TargetOutput, cell_names, describe_error, render, runner
-from .dispatch import Submission, dispatch_sync
+from .dispatch import Submission, dispatch_sync, progress_fields
 from .draft import Draft
 from .hub import Hub
 from .results import ResultList
@@ -226,6 +226,8 @@ class HWFMagics(Magics):
     def hwf_dispatch(self, line: str) -> Submission:
         """Dispatch the draft task; shows live progress and returns a Submission."""
         args = parse_argstring(self.hwf_dispatch, line)
+        frames = _frames_arg(args.frames)
+        progress_fields(args.parser, frames)  # a bad name or range fails before anything is built
         task = self.draft.build(label=args.label)
         hub = self._require_hub()
         across = None
@@ -236,7 +238,7 @@ class HWFMagics(Magics):
         sub = dispatch_sync(task, hub, repeat=args.repeat, priority=args.priority, across=across,
                             session=args.session, max_retries=args.max_retries, timeout=args.timeout,
                             stream=args.stream, credits=_credits_arg(args.credits),
-                            parser=args.parser, frames=_frames_arg(args.frames))
+                            parser=args.parser, frames=frames)
         self.submissions.append(sub)
         view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:

@@ -119,6 +119,18 @@ def test_streaming_goes_to_the_dispatching_cell_while_others_run(kernel):
     assert "remote-line" not in b.stdout
 
 
+def test_dispatch_with_a_progress_parser(kernel):
+    kernel.run("%hwf_local")
+    kernel.run("%hwf_draft --clear")
+    kernel.run("%%hwf_stage render\nfor i in 1 2 3 4; do echo Fra:$i; sleep 0.3; done\n")
+    out = kernel.run(
+        "sub = %hwf_dispatch --parser frames --frames 1:4 --wait\n"
+        "df = %hwf_results\n"
+        "print(df['status'][0], df['progress'][0], df['frame_current'][0])"
+    ).stdout
+    assert out.split() == ["finished", "100.0", "4"]
+
+
 def test_kernel_stays_responsive_with_200_tasks_and_a_live_widget(kernel):
     kernel.run("%hwf_local")
     kernel.run("%hwf_draft --clear")
@@ -178,6 +190,10 @@ def test_misuse_gets_one_line_errors(fresh_kernel):
     assert "does not exist" in _usage_error(k, "%%hwf_stage s --data nope.txt\ntrue\n")
     assert "climbs out" in _usage_error(k, "%%hwf_stage s --data x:../y\ntrue\n")
     assert "unknown --track" in _usage_error(k, "%%hwf_stage s --track disk\ntrue\n")
+    assert "parser must be one of 'frames', 'percent', 'hwf-progress'" in _usage_error(
+        k, "%hwf_dispatch --parser blender")
+    assert "--frames takes START:END" in _usage_error(k, "%hwf_dispatch --parser frames --frames 5")
+    assert "frame_start (9) must be <= frame_end (1)" in _usage_error(k, "%hwf_dispatch --frames 9:1")
     msg = _usage_error(k, "%hwf_connect 127.0.0.1:9 --token t")
     assert "cannot reach hub at ws://127.0.0.1:9" in msg
     # help is there
