@@ -26,7 +26,7 @@ def _tagged(nb, tag):
 
 
 def _progress_bars(nb):
-    return [s for s in widget_states(nb).values() if s.get("_model_name") in ("IntProgressModel", "FloatProgressModel")]
+    return [s for s in widget_states(nb).values() if s.get("_model_name") == "FloatProgressModel"]
 
 
 def _check_line(nb):
