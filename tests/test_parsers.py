@@ -86,6 +86,17 @@ def test_frame_garbage_is_ignored(line):
     assert parser.update == Update(None, None)
 
 
+def test_big_chunks_find_the_last_valid_match_however_far_back():
+    # Read from the end in windows: a valid frame far before a run of invalid ones still counts.
+    parser = ProgressParser("frames", 1, 10)
+    assert parser.feed("Fra:3 Mem\n" + "Fra:99 Mem\n" * 5000) == Update(20.0, 3)
+    flood = "".join(f"Fra:{i % 10 + 1} Mem:1M | Rendering {i}/4096 samples\n" for i in range(6000))
+    assert parser.feed(flood) == Update(90.0, 10)  # 5999 % 10 + 1
+    pct = ProgressParser("percent")
+    assert pct.feed("7%\n" + "noise 500%\n" * 3000) == Update(7.0, None)
+    assert ProgressParser(None).feed("hwf-progress: 1/8\n" + "y" * 3000 + "\n" * 9) == Update(12.5, None)
+
+
 def test_the_last_frame_of_a_chunk_wins():
     parser = ProgressParser("frames", 1, 10)
     assert parser.feed("Fra:1\nFra:2\nFra:3\nnoise\n") == Update(20.0, 3)
