@@ -290,9 +290,6 @@ def test_functions_of_a_local_module_travel_by_value(tmp_path, monkeypatch):
 
 def test_hwf_pickles_keep_the_source_file_name_for_remote_tracebacks():
     import pickle
-    import sys
-
-    import cloudpickle
 
     from hwf_jupyter.pycall import dumps
 
@@ -301,6 +298,3 @@ def test_hwf_pickles_keep_the_source_file_name_for_remote_tracebacks():
 
     assert pickle.loads(dumps(local)).__code__.co_filename == __file__
     assert pickle.loads(dumps(local))(3) == 3
-    if cloudpickle.__version__ >= "3.1.3":  # what plain cloudpickle does, which HWF works around
-        assert pickle.loads(cloudpickle.dumps(local)).__code__.co_filename == "<dynamic-code>"
-    assert sys.modules  # the module itself stays importable-by-name for installed packages
