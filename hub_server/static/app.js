@@ -129,9 +129,11 @@ const state = {
   abort: null, // AbortController of the running stream
   backoff: BACKOFF_MIN_MS,
   retryTimer: null,
+  connError: false, // the error box shows a lost connection (cleared by the next snapshot)
 };
 
 function showError(message) {
+  state.connError = false;
   const box = $("error");
   box.textContent = message;
   box.hidden = !message;
@@ -223,6 +225,8 @@ function scheduleReconnect(reason) {
   const delay = state.backoff;
   state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
   setConnection(`reconnecting… (${reason})`, "retry");
+  showError(`Connection to the hub lost (${reason}); reconnecting… in ${(delay / 1000).toFixed(1)} s`);
+  state.connError = true;
   state.retryTimer = setTimeout(connect, delay);
 }
 
@@ -260,6 +264,12 @@ async function connect() {
       const { value, done } = await reader.read();
       if (done) break;
       for (const ev of parser.feed(decoder.decode(value, { stream: true }))) {
+        if (ev.event === "error") { // the hub ends the stream after this (e.g. token revoked)
+          let msg = ev.data;
+          try { const e = JSON.parse(ev.data); msg = `${e.error}: ${e.message}`; } catch (_) { /* keep the raw text */ }
+          showError(`The hub closed the event stream: ${msg}`);
+          continue;
+        }
         if (ev.event !== "snapshot") continue;
         let snap;
         try {
@@ -270,6 +280,7 @@ async function connect() {
         }
         state.backoff = BACKOFF_MIN_MS; // a snapshot arrived: the link works
         setConnection("live", "live");
+        if (state.connError) { showError(""); state.connError = false; }
         render(snap);
       }
     }
