@@ -40,6 +40,8 @@ from .hardware import detect_hardware
 from .leftovers import kill_leftovers, last_pid
 from .load import sample_load
 from .output import OutputPump
+from .parsers import Update
+from .progress import ProgressReporter, both
 from .pystage import CallContext
 from .pyworkers import PyWorkers
 from .runtimes import CONTAINER_ENGINES, RuntimeConfigError, detect_runtimes, python_runtime
@@ -363,6 +365,7 @@ class Daemon:
         timer = None
         announce: Optional[asyncio.TimerHandle] = None
         pump: Optional[OutputPump] = None
+        progress: Optional[ProgressReporter] = None
         taskdir: Optional[Path] = None
         cleaned = False
 
@@ -403,13 +406,21 @@ class Daemon:
                 )
 
             pump = OutputPump(send_output) if msg.spec.stream else None
+
+            async def send_progress(u: Update) -> None:
+                await self._send_quietly(p.Progress(task_id=msg.task_id, attempt=msg.attempt, percent=u.percent,
+                                                    frame_current=u.frame))
+
+            # Python calls print no progress lines worth the decoding; commands may.
+            if not all(st.call is not None for st in msg.spec.stages):
+                progress = ProgressReporter(send_progress, msg.spec.parser, msg.spec.frame_start, msg.spec.frame_end)
             outcome = await run_task(
                 msg.spec,
                 taskdir,
                 fetch_data=self._fetch_data,
                 upload_artifact=self._upload_artifact,
                 on_stage=on_stage,
-                on_output=pump,
+                on_output=both(pump, progress),
                 max_output_bytes=self.limits.max_output_bytes,
                 cancel=cancel,
                 kill_grace=self.config.kill_grace,
@@ -434,6 +445,8 @@ class Daemon:
                         await pump.close()
                     except Exception:  # live output is best effort; the result is not
                         log.exception("output pump of task %s failed", msg.task_id)
+                if progress is not None:
+                    await progress.close()  # the last progress goes before the result
             finally:
                 # The outcome is known: it goes out now, while the slot is
                 # cleaned.  The slot (its uid) takes no task before that is

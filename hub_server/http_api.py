@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import auth
 from . import compilers
@@ -473,7 +474,11 @@ async def _read_body(request: web.Request) -> tuple[dict[str, Any], Optional[byt
     if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
         fields: dict[str, Any] = {}
         jobfile = None
-        post = await request.post()
+        try:
+            post = await request.post()
+        except (ValueError, HttpProcessingError, UnicodeDecodeError, AssertionError) as exc:
+            raise HttpError(400, "bad_body", f"the {ctype} body does not parse: {type(exc).__name__}: "
+                                             f"{str(exc)[:200]}") from None
         for key, value in post.items():
             if isinstance(value, web.FileField):
                 if key != "jobfile":

@@ -221,3 +221,16 @@ def test_float_that_is_whole_counts_as_int():
     specs = compile_job("frames", frames(chunk_size=4.0, frame_end=8.0), priority=2.0)
     assert [(s.frame_start, s.frame_end) for s in specs] == [(1, 4), (5, 8)]
     assert specs[0].stages[0].cmds == ["render 1 4"] and specs[0].priority == 2
+
+
+def test_hub_submit_job_compiles_before_it_connects(tmp_path):
+    """A bad job fails in the caller's cell with the compiler's message, before
+    any connection or upload (nothing listens on port 1: a good job would fail
+    to connect instead)."""
+    from hwf_jupyter import ConnectError, Hub
+
+    hub = Hub("127.0.0.1:1", token="x", connect_timeout=2)
+    with pytest.raises(CompileError, match=r"^settings\.chunk_size: must be a whole number >= 1"):
+        hub.submit_job_sync("frames", frames(chunk_size=0))
+    with pytest.raises(ConnectError):
+        hub.submit_job_sync("frames", frames())

@@ -68,3 +68,15 @@ def test_python_api_notebook(tmp_path):
     assert bars and bars[-1]["value"] == bars[-1]["max"] == 2
     shape, cols = _check_line(nb)
     assert shape[0] == 4 and STAGE_COLUMNS <= set(cols)
+
+
+def test_render_frames_notebook(tmp_path):
+    nb = _run("render_frames.ipynb", tmp_path)
+    bars = _progress_bars(nb)
+    assert bars and bars[-1]["value"] == bars[-1]["max"] == 6  # 24 frames in chunks of 4
+    outputs = _tagged(nb, "gif").outputs
+    assert any("image/gif" in o.get("data", {}) for o in outputs), "the GIF is displayed"
+    assert any("image/png" in o.get("data", {}) for o in _tagged(nb, "sheet").outputs)
+    text = "".join(o.get("text", "") for o in _tagged(nb, "check").outputs if o.output_type == "stream")
+    assert text.split() == ["24", "24"]  # 24 frames back, every one different
+    assert (tmp_path / "julia.gif").read_bytes()[:6] == b"GIF89a"
