@@ -250,3 +250,17 @@ def test_revoked_token_while_watching_drops_to_login(farm, page, request):
            "closed" in page.get_by_test_id("error").inner_text().lower()
     assert page.evaluate("sessionStorage.length") == 0
     screenshot(page, request, "1-revoked")
+
+
+def test_event_stream_ends_when_its_token_is_revoked(farm):
+    """The attack without a browser: a stream opened with a token that is then
+    revoked must stop, not keep showing the farm to whoever held the token."""
+    token = farm.create_token("client", farm.user, label="stream to revoke")
+    req = urllib.request.Request(farm.http_url + "/api/events", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=20) as resp:
+        assert resp.readline() == b"event: snapshot\n"
+        farm.revoke_token(token)
+        rest = resp.read()  # returns only when the hub ends the stream
+    events = [line for line in rest.split(b"\n") if line.startswith(b"event:")]
+    assert events[-1] == b"event: error", events
+    assert b'"unauthorized"' in rest.split(b"event: error\n", 1)[1]
