@@ -86,7 +86,9 @@ function clampPct(x) {
 
 function progressBar(value, label, testid) {
   const wrap = el("span", { class: "progress" });
-  const bar = el("progress", { max: 100, value: clampPct(value), "aria-label": label, "data-testid": testid });
+  // No number yet (a command that prints no progress): an indeterminate bar, not a false 0%.
+  const known = typeof value === "number" && isFinite(value);
+  const bar = el("progress", { max: 100, value: known ? clampPct(value) : null, "aria-label": label, "data-testid": testid });
   wrap.append(bar, el("span", { class: "pct" }, pct(value)));
   return wrap;
 }
