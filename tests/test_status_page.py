@@ -264,3 +264,40 @@ def test_event_stream_ends_when_its_token_is_revoked(farm):
     events = [line for line in rest.split(b"\n") if line.startswith(b"event:")]
     assert events[-1] == b"event: error", events
     assert b'"unauthorized"' in rest.split(b"event: error\n", 1)[1]
+
+
+def test_sse_parser_handles_split_chunks_crlf_comments_and_multiline_data(farm, page):
+    """The page parses the stream itself (fetch, not EventSource): chunks cut
+    anywhere, CRLF or LF, ping comments and multi-line data all count."""
+    page.goto(farm.http_url + "/")
+    got = page.evaluate("""() => {
+        const p = new window.HWFStatus.SSEParser();
+        const out = [];
+        for (const chunk of [": ping\\n\\nev", "ent: snapshot\\r\\ndata: {\\"a\\"", ":1}\\r\\n\\r\\n",
+                             "data: line1\\ndata: line2\\n", "\\nevent: error\\ndata:x\\n\\n", "data: partial"])
+            out.push(...p.feed(chunk));
+        return out;
+    }""")
+    assert got == [{"event": "snapshot", "data": '{"a":1}'},
+                   {"event": "message", "data": "line1\nline2"},
+                   {"event": "error", "data": "x"}]
+
+
+def test_hub_restart_shows_reconnecting_then_live_again(farm, page, request):
+    """Runs last: it restarts the module's hub."""
+    log_in(page, farm, farm.token)
+    farm.hub_process.kill()
+    farm.hub_process.wait()
+    conn = page.get_by_test_id("connection")
+    page.wait_for_selector("[data-testid=connection][data-state=retry]")
+    assert "reconnecting" in conn.inner_text()
+    assert "reconnecting" in page.get_by_test_id("error").inner_text()
+    assert "stale" in page.locator("#panels").get_attribute("class")
+    page.evaluate("window.__noReload = 1")
+    screenshot(page, request, "1-hub-down-reconnecting")
+    farm.restart_hub()
+    page.wait_for_selector("[data-testid=connection][data-state=live]", timeout=30_000)
+    assert page.get_by_test_id("error").is_hidden()  # the lost-connection notice is gone
+    assert "stale" not in (page.locator("#panels").get_attribute("class") or "")
+    assert page.evaluate("window.__noReload") == 1
+    screenshot(page, request, "2-live-again")

@@ -199,6 +199,7 @@ function logout() {
   state.whoami = null;
   state.snapshot = null;
   $("who").textContent = "";
+  $("updated").textContent = "";
   delete document.body.dataset.role;
   for (const id of ["sessions", "tasks", "workers", "credits"]) $(id).replaceChildren();
   setConnection("not connected", "off");
@@ -227,7 +228,9 @@ function scheduleReconnect(reason) {
   const delay = state.backoff;
   state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
   setConnection(`reconnecting… (${reason})`, "retry");
-  showError(`Connection to the hub lost (${reason}); reconnecting… in ${(delay / 1000).toFixed(1)} s`);
+  const shown = state.snapshot ? ` What you see is from ${fmtTime(state.snapshot.time)}.` : "";
+  showError(`No live updates from the hub (${reason}); reconnecting… in ${(delay / 1000).toFixed(1)} s.${shown}`);
+  $("panels").classList.add("stale");
   state.connError = true;
   state.retryTimer = setTimeout(connect, delay);
 }
@@ -282,7 +285,8 @@ async function connect() {
         }
         state.backoff = BACKOFF_MIN_MS; // a snapshot arrived: the link works
         setConnection("live", "live");
-        if (state.connError) { showError(""); state.connError = false; }
+        if (state.connError) showError("");
+        $("panels").classList.remove("stale");
         render(snap);
       }
     }
