@@ -368,7 +368,7 @@ function taskProgress(t) {
   if (t.status === "queued" || t.status === "retrying") {
     return el("span", { class: "wait", "data-testid": "wait-reason" }, t.wait_reason || "waiting");
   }
-  if (t.error) return el("span", { class: "err", title: t.error }, t.error);
+  if (t.error && t.error !== t.status) return el("span", { class: "err", title: t.error }, t.error);
   return el("span", {}, t.finished ? `done ${fmtTime(t.finished)}` : "");
 }
 
