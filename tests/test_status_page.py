@@ -116,6 +116,10 @@ def test_login_then_session_progress_advances_without_reload(farm, client, page,
     assert seen == sorted(seen), f"progress went backwards: {seen}"
     assert page.evaluate("window.__noReload") == "still here"
     assert "finished 6" in row.inner_text()
+    # Finished tasks paid credits: the leaderboard shows this user's.
+    credit = page.locator("[data-testid=credit-row]", has_text=farm.user)
+    credit.wait_for()
+    assert int(credit.locator("td").nth(2).inner_text()) >= 6
     screenshot(page, request, "3-session-done")
     assert page.js_errors == []
 
