@@ -1216,6 +1216,10 @@ class HubCore:
         records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"])) for r in rows]
         self._send(peer, p.TaskList(id=msg.id, tasks=records, total=total))
 
+    def _m_list_sessions(self, peer: int, ps: _PeerState, msg: p.ListSessions) -> None:
+        rows = self.store.sessions_of(None if ps.who.is_admin else ps.who.user, msg.limit)
+        self._send(peer, p.SessionList(id=msg.id, sessions=[p.SessionSummary(**r) for r in rows]))
+
     def _m_update_task(self, peer: int, ps: _PeerState, msg: p.UpdateTask) -> None:
         row = self._visible_rows([msg.task_id], ps.who)[msg.task_id]
         if msg.priority is not None and msg.priority != row["priority"]:
@@ -1340,6 +1344,7 @@ class HubCore:
         p.GetCreditTally: _m_get_credit_tally,
         p.GetCreditSlots: _m_get_credit_slots,
         p.ListTasks: _m_list_tasks,
+        p.ListSessions: _m_list_sessions,
         p.UpdateTask: _m_update_task,
         p.SetMachine: _m_set_machine,
         p.PutJobFile: _m_put_job_file,

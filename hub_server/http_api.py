@@ -372,13 +372,11 @@ class HttpApi:
 
     async def _list_sessions(self, request: web.Request) -> web.Response:
         who = self._who(request)
-        return web.json_response({"sessions": self._sessions(who)})
+        return web.json_response({"sessions": await self._sessions(who)})
 
-    def _sessions(self, who: Principal) -> list[dict[str, Any]]:
-        # A read of the store (no state changes), with the core's rule: a
-        # client sees its own user's sessions, an admin everyone's.
-        rows = self.hub.store.sessions_of(None if who.is_admin else who.user)
-        return [shapes.session(r) for r in rows]
+    async def _sessions(self, who: Principal) -> list[dict[str, Any]]:
+        got = await self._ask(who, lambda rid: p.ListSessions(id=rid))
+        return [shapes.session(msgspec.structs.asdict(r)) for r in got.sessions]
 
     async def _get_session(self, request: web.Request) -> web.Response:
         who = self._who(request)
@@ -406,7 +404,7 @@ class HttpApi:
             credit_rows = [shapes.credit_row(r) for r in tally.rows] or None
         except HttpError:
             credit_rows = None
-        return {"time": time.time(), "user": who.user, "role": who.role, "sessions": self._sessions(who),
+        return {"time": time.time(), "user": who.user, "role": who.role, "sessions": await self._sessions(who),
                 "tasks": [shapes.task(t) for t in tasks.tasks],
                 "workers": {m.machine_id: shapes.worker(m) for m in pool}, "credits": credit_rows}
 

@@ -404,6 +404,7 @@ class Welcome(_Msg, tag="welcome"):
     hub_id: str
     limits: Limits
     time: float
+    http_port: Optional[int] = None  # the Manager API and status page (None: off)
 
 
 class Error(_Msg, tag="error"):
@@ -586,6 +587,25 @@ class TaskList(_Msg, tag="task_list"):
     id: int
     tasks: list[TaskRecord]
     total: int  # matching tasks in all (for paging)
+
+
+class ListSessions(_Msg, tag="list_sessions"):
+    """Newest sessions with task counts by status (a client: its own; an admin: anyone's)."""
+
+    id: RequestId
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+
+
+class SessionSummary(msgspec.Struct):
+    session_id: str
+    created: float
+    user: str
+    counts: dict[str, int]
+
+
+class SessionList(_Msg, tag="session_list"):
+    id: int
+    sessions: list[SessionSummary]
 
 
 class UpdateTask(_Msg, tag="update_task"):
@@ -892,6 +912,8 @@ Message = Union[
     CreditSlots,
     ListTasks,
     TaskList,
+    ListSessions,
+    SessionList,
     UpdateTask,
     SetMachine,
     PutJobFile,
@@ -904,7 +926,7 @@ Message = Union[
 CREDIT_REQUESTS = (CreditAlloc, CreditDiscard, CreditCounters, CreditMeta, GetCreditTally, GetCreditSlots)
 CLIENT_REQUESTS = (
     Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
-    ListTasks, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
+    ListTasks, ListSessions, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
 )
 DAEMON_REQUESTS = (
     Register,

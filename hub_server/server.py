@@ -292,7 +292,8 @@ class HubServer:
             return await self._refuse_hello(peer, "version", text)
         version = min(msg.version, p.PROTOCOL_VERSION)
         peer.post(p.Welcome(version=version, role=peer.role, hub_id=self.core.hub_id,
-                            limits=self.config.limits, time=time.time()))
+                            limits=self.config.limits, time=time.time(),
+                            http_port=self.http.port if self.http is not None else None))
         return version
 
     @staticmethod

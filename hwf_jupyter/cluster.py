@@ -283,4 +283,12 @@ class LocalCluster:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}>"
+        page = f" status page {self.http_url}/" if self.http_url else ""
+        return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}{page}>"
+
+    def _repr_html_(self) -> str:
+        from .widgets._common import link_card
+
+        rows = [("address", self.address), ("daemons", f"{len(self.daemon_processes)} × {self.slots} slots"),
+                ("state dir", str(self.state_dir))]
+        return link_card("HWF LocalCluster", rows, f"{self.http_url}/" if self.http_url else None)

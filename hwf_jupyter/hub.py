@@ -206,6 +206,25 @@ class Hub:
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
         return f"<Hub {self.url} ({state})>"
 
+    @property
+    def status_url(self) -> Optional[str]:
+        """The hub's status page (its Manager HTTP API), once connected; None if it serves none."""
+        welcome = self._link.welcome if self._link is not None else None
+        if welcome is None or welcome.http_port is None:
+            return None
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("ws", "wss"):  # a unix: socket: the page is on the hub's own host
+            return f"http://127.0.0.1:{welcome.http_port}/"
+        host = parts.hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if parts.scheme == 'wss' else 'http'}://{host}:{welcome.http_port}/"
+
+    def _repr_html_(self) -> str:
+        from .widgets._common import link_card
+
+        state = "connected" if self._link is not None and self._link.is_open else "not connected"
+        return link_card("HWF Hub", [("address", self.url), ("state", state)], self.status_url)
+
     # -- connection (runs on the I/O loop) -----------------------------------
 
     async def _connected(self) -> Link:

@@ -148,3 +148,13 @@ def test_job_files_are_per_user_and_must_be_uploaded_blobs(tmp_path):
     assert reply(f.handle(Received(OTHER, p.GetJobFile(id=4, job_id="j1"))), peer=OTHER).sha256 is None
     err = reply(f.handle(Received(OTHER, p.PutJobFile(id=5, job_id="j2", sha256=sha))), peer=OTHER)
     assert isinstance(err, p.Error) and err.code == "missing_blob", "bob cannot claim alice's blob as his job file"
+
+
+def test_sessions_are_listed_per_user_with_counts(tmp_path):
+    f = farm(tmp_path)
+    a = f.submit(spec(), spec())
+    b = f.submit(spec(), peer=OTHER)
+    mine = reply(f.handle(Received(CLIENT, p.ListSessions(id=1)))).sessions
+    assert [s.session_id for s in mine] == [a.session_id] and mine[0].counts == {"queued": 2}
+    every = reply(f.handle(Received(ADMIN_PEER, p.ListSessions(id=2))), peer=ADMIN_PEER).sessions
+    assert {s.session_id for s in every} == {a.session_id, b.session_id}

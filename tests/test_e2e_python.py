@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import cloudpickle
+from hwf_jupyter.pycall import dumps as pycall_dumps
 import psutil
 import pytest
 from task_python import TASK_PY, needs_task_python
@@ -36,7 +37,8 @@ AS_ROOT = os.geteuid() == 0
 
 
 def call(fn, *args, python: str = PY, hardware=None, **kw) -> p.TaskSpec:
-    pickled = base64.b64encode(cloudpickle.dumps((fn, args, {}))).decode()
+    # HWF's pickler: cloudpickle >= 3.1.3 alone writes "<dynamic-code>" for the file names.
+    pickled = base64.b64encode(pycall_dumps((fn, args, {}))).decode()
     stage = p.StageSpec(name="call", cmds=[], call=p.PyCall(python=python, pickled=pickled),
                         track_cpu=True, track_ram=True)
     return p.TaskSpec(stages=[stage], hardware=hardware if hardware is not None else {"runtime": f"python{python}"},

@@ -243,3 +243,28 @@ def test_the_page_and_the_openapi_document(farm):
     doc = requests.get(url(farm, "/api/openapi.json")).json()
     assert doc["openapi"].startswith("3.") and {"/tasks", "/tasks/{id}", "/workers", "/workers/{id}",
                                                  "/tasks/file/{job_id}", "/credits"} <= set(doc["paths"])
+
+
+def test_the_hub_and_the_cluster_link_their_status_page(farm):
+    from hwf_jupyter import Hub
+
+    hub = Hub(farm.address, token=farm.token)
+    try:
+        hub.connect_sync()
+        assert hub.status_url == farm.http_url + "/"
+        assert f"href='{farm.http_url}/'" in hub._repr_html_()
+    finally:
+        hub.close_sync()
+    assert f"{farm.http_url}/" in farm._repr_html_() and "status page" in repr(farm)
+
+
+def test_a_tls_hub_serves_the_api_over_https_only(tmp_path):
+    from tlsfiles import make_tls_files
+
+    pem, key, ca_pem = make_tls_files(tmp_path)
+    with LocalCluster(daemons=0, state_dir=tmp_path / "c", tls=(pem, key, ca_pem)) as c:
+        assert c.http_url.startswith("https://127.0.0.1:")
+        r = requests.get(c.http_url + "/api/whoami", headers=h(c.token), verify=str(ca_pem))
+        assert r.json()["role"] == "client"
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(c.http_url.replace("https://", "http://") + "/api/whoami", headers=h(c.token), timeout=5)

@@ -31,6 +31,9 @@ def fresh_kernel(tmp_path):
 
 
 def test_the_seed_example_through_magics(kernel):
+    shown = kernel.run("%hwf_local --daemons 2")
+    card = shown.data("text/html")[0]
+    assert "HWF LocalCluster" in card and "status page" in card and "href='http://127.0.0.1:" in card
     kernel.run("cluster = %hwf_local --daemons 2")
     r = kernel.run("%%hwf_stage build --data input.txt:in.txt\ncp in.txt copy.txt\n")
     assert "build" in r.data()[0] and "in.txt" in r.data()[0]

@@ -286,3 +286,15 @@ def test_functions_of_a_local_module_travel_by_value(tmp_path, monkeypatch):
     enc2 = CallEncoder()
     installed = enc2.encode(np.sum, ([1],), {})
     assert b"numpy" in base64.b64decode(installed.pickled), "installed packages go by name"
+
+
+def test_hwf_pickles_keep_the_source_file_name_for_remote_tracebacks():
+    import pickle
+
+    from hwf_jupyter.pycall import dumps
+
+    def local(x):  # a closure: always pickled by value
+        return x
+
+    assert pickle.loads(dumps(local)).__code__.co_filename == __file__
+    assert pickle.loads(dumps(local))(3) == 3
