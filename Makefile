@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-installed test-pythons test-soak bench bench-quick lab clean
+.PHONY: install browser demo test test-installed test-pythons test-soak bench bench-quick lab clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,17 @@ lab: $(STAMP)
 	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
 	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# Debian's Chromium for the status page's browser tests (Playwright cannot
+# download its own browsers here).  Needs root for apt-get; if it cannot be
+# installed, the browser tests skip and say why, and the rest still runs.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then echo "browser: $(CHROMIUM) present"; \
+	else (apt-get update && apt-get install -y --no-install-recommends chromium) \
+	  || echo "browser: could not install chromium; the browser tests will skip"; fi
+
 # The editable suite, then the wheel installed in a fresh venv outside the checkout.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 	$(PY) tests/installed/smoke.py
 

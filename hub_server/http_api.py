@@ -420,6 +420,9 @@ class HttpApi:
         last, last_sent = None, 0.0
         try:
             while True:
+                # The token is checked again each round: a revoked (or expired)
+                # token must not keep watching the farm on a stream it opened before.
+                who = self._who(request)
                 snap = await self._snapshot_of(who)
                 key = json.dumps({k: v for k, v in snap.items() if k != "time"}, sort_keys=True, default=str)
                 now = time.monotonic()

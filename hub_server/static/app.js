@@ -86,7 +86,9 @@ function clampPct(x) {
 
 function progressBar(value, label, testid) {
   const wrap = el("span", { class: "progress" });
-  const bar = el("progress", { max: 100, value: clampPct(value), "aria-label": label, "data-testid": testid });
+  // No number yet (a command that prints no progress): an indeterminate bar, not a false 0%.
+  const known = typeof value === "number" && isFinite(value);
+  const bar = el("progress", { max: 100, value: known ? clampPct(value) : null, "aria-label": label, "data-testid": testid });
   wrap.append(bar, el("span", { class: "pct" }, pct(value)));
   return wrap;
 }
@@ -129,9 +131,11 @@ const state = {
   abort: null, // AbortController of the running stream
   backoff: BACKOFF_MIN_MS,
   retryTimer: null,
+  connError: false, // the error box shows a lost connection (cleared by the next snapshot)
 };
 
 function showError(message) {
+  state.connError = false;
   const box = $("error");
   box.textContent = message;
   box.hidden = !message;
@@ -195,6 +199,7 @@ function logout() {
   state.whoami = null;
   state.snapshot = null;
   $("who").textContent = "";
+  $("updated").textContent = "";
   delete document.body.dataset.role;
   for (const id of ["sessions", "tasks", "workers", "credits"]) $(id).replaceChildren();
   setConnection("not connected", "off");
@@ -223,6 +228,10 @@ function scheduleReconnect(reason) {
   const delay = state.backoff;
   state.backoff = Math.min(state.backoff * 2, BACKOFF_MAX_MS);
   setConnection(`reconnecting… (${reason})`, "retry");
+  const shown = state.snapshot ? ` What you see is from ${fmtTime(state.snapshot.time)}.` : "";
+  showError(`No live updates from the hub (${reason}); reconnecting… in ${(delay / 1000).toFixed(1)} s.${shown}`);
+  $("panels").classList.add("stale");
+  state.connError = true;
   state.retryTimer = setTimeout(connect, delay);
 }
 
@@ -260,6 +269,12 @@ async function connect() {
       const { value, done } = await reader.read();
       if (done) break;
       for (const ev of parser.feed(decoder.decode(value, { stream: true }))) {
+        if (ev.event === "error") { // the hub ends the stream after this (e.g. token revoked)
+          let msg = ev.data;
+          try { const e = JSON.parse(ev.data); msg = `${e.error}: ${e.message}`; } catch (_) { /* keep the raw text */ }
+          showError(`The hub closed the event stream: ${msg}`);
+          continue;
+        }
         if (ev.event !== "snapshot") continue;
         let snap;
         try {
@@ -270,6 +285,8 @@ async function connect() {
         }
         state.backoff = BACKOFF_MIN_MS; // a snapshot arrived: the link works
         setConnection("live", "live");
+        if (state.connError) showError("");
+        $("panels").classList.remove("stale");
         render(snap);
       }
     }
@@ -351,7 +368,7 @@ function taskProgress(t) {
   if (t.status === "queued" || t.status === "retrying") {
     return el("span", { class: "wait", "data-testid": "wait-reason" }, t.wait_reason || "waiting");
   }
-  if (t.error) return el("span", { class: "err", title: t.error }, t.error);
+  if (t.error && t.error !== t.status) return el("span", { class: "err", title: t.error }, t.error);
   return el("span", {}, t.finished ? `done ${fmtTime(t.finished)}` : "");
 }
 
