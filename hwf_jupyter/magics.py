@@ -256,7 +256,7 @@ class HWFMagics(Magics):
 
         view = watch_progress(hub, None if session else list(ids), session=session, title=title)
         self.progress_views.append(view)
-        display(view)
+        view.show()  # a display handle: replaced by the static final snapshot at the end
         return view
 
     def _settle(self, view: Any) -> None:

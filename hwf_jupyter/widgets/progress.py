@@ -1,8 +1,14 @@
 """``Progress``: live progress of a set of tasks, as a widget or as text.
 
-The bar counts tasks: an ended task is 1, a running one its parser's
-progress/100 (``TaskSpec.parser``: the hub sends progress events while it
-runs), so a few long renders still move the bar.
+The bar counts tasks: an ended task is 1, a running one the larger of its
+parser's progress/100 (``TaskSpec.parser``: the hub sends progress events
+while it runs) and its stages done / stages, so a few long tasks still move
+the bar.  While anything runs a 1 s ticker redraws the elapsed time and asks
+the hub, every few seconds, why queued tasks wait.  Failed tasks show the
+last lines of their stderr.  The displayed output carries a static HTML
+snapshot next to the widget, and once everything has ended the display is
+replaced by that snapshot alone, so a saved notebook reads right without a
+kernel (see ``_snapshot``).
 
 Watch callbacks run on HWF's I/O thread and can come thousands a second, so
 they only update plain state under a lock; drawing happens at most
@@ -12,7 +18,10 @@ loop (a widget update per event would flood the browser).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
@@ -23,6 +32,7 @@ from hub_server.protocol import TERMINAL_STATES
 from .._ioloop import io_loop
 from ..functions import task_ids_of
 from ._common import esc, fmt_seconds, resolve_interactive
+from ._snapshot import failure_tail, failures_html, segments_html, snapshot_html
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -36,6 +46,13 @@ _COLORS = {"finished": "#2e7d32", "failed": "#c62828", "cancelled": "#757575",
            "running": "#1565c0", "retrying": "#ef6c00", "queued": "#616161"}
 MAX_FAILED_SHOWN = 20
 MAX_FRAMES_SHOWN = 5  # running tasks' current frames listed in the summary
+TICK = 1.0  # seconds between redraws of the elapsed time while anything runs
+WAIT_EVERY = 3.0  # seconds between asking the hub why queued tasks wait
+MAX_WAIT_ASKED = 50  # queued tasks asked about per round (the reasons repeat)
+MAX_WAIT_SHOWN = 3  # distinct wait reasons listed
+_WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+log = logging.getLogger(__name__)
 
 
 def _bucket(status: str) -> str:
@@ -115,11 +132,20 @@ class Progress:
         self._stages: dict[int, _StageStats] = {}
         self._progress: dict[str, float] = {}  # running task -> percent from its parser
         self._frames: dict[str, int] = {}  # running task -> frame being rendered
+        self._fail_info: dict[str, dict[str, Any]] = {}  # failed task -> where + stderr tail
+        self._n_stages: dict[str, int] = {}  # task -> its number of stages (from the snapshot)
+        self._stages_done: dict[str, set[int]] = {}  # running task -> finished stage indices
+        self._wait: dict[str, str] = {}  # queued task -> why it waits (hub's wait_reason)
+        self.hub: Optional["Hub"] = None  # set by watch_progress: wait reasons are asked of it
+        self._ticker: Optional[concurrent.futures.Future] = None
+        self._handle: Any = None  # the DisplayHandle of show(), updated with the final snapshot
+        self._final_published = False
         self._t0 = time.monotonic()
         self._t_done: Optional[float] = None
         self._scheduled = False
         self._last_render = float("-inf")
         self._closing_watch = False
+        self._closed = False  # close() was called: no more ticks
         for tid in dict.fromkeys(task_ids):
             self._set_status(tid, "queued")
         self._check_done()
@@ -139,6 +165,8 @@ class Progress:
                 since = max(0.0, time.time() - min(submitted))
                 self._t0 = min(self._t0, time.monotonic() - since)
             for b in briefs:
+                if b.n_stages:
+                    self._n_stages[b.task_id] = b.n_stages
                 self._set_status(b.task_id, b.status, b.error)
                 self._set_progress(b.task_id, b.progress, b.frame_current)
                 for i, st in enumerate(b.stages):
@@ -151,6 +179,8 @@ class Progress:
             if ev.status == "retrying":
                 for stats in self._stages.values():  # the hub starts the stages over
                     stats.drop(ev.task_id)
+                self._stages_done.pop(ev.task_id, None)
+                self._fail_info.pop(ev.task_id, None)
             self._set_status(ev.task_id, ev.status, ev.error)
             self._set_progress(ev.task_id, ev.progress, ev.frame_current)
             if ev.stage is not None and ev.stage_index is not None:
@@ -172,6 +202,10 @@ class Progress:
             self._errors[task_id] = error or "failed (no error text)"
         else:
             self._errors.pop(task_id, None)
+        if status != "queued":
+            self._wait.pop(task_id, None)
+        if status in TERMINAL_STATES:
+            self._stages_done.pop(task_id, None)
 
     def _set_progress(self, task_id: str, percent: Optional[float], frame: Optional[int]) -> None:
         """Keep a running task's latest progress; a task that is not running has none.
@@ -191,14 +225,31 @@ class Progress:
     def _set_stage(self, task_id: str, index: int, st: p.StageOutcome) -> None:
         if st.status == "skipped":
             return
+        if st.status == "failed":
+            info = failure_tail(index, st)
+            if info is not None:
+                self._fail_info[task_id] = info
+        elif st.status == "finished" and self._status.get(task_id) not in TERMINAL_STATES:
+            self._stages_done.setdefault(task_id, set()).add(index)
         stats = self._stages.get(index)
         if stats is None:
             stats = self._stages[index] = _StageStats(st.name)
         stats.put(task_id, st.status, st.duration)
 
+    def apply_wait_reasons(self, reasons: dict[str, Optional[str]]) -> None:
+        """Why queued tasks wait (the hub's ``wait_reason``); ignored for tasks no longer queued."""
+        with self._lock:
+            for tid, reason in reasons.items():
+                if reason and self._status.get(tid) == "queued":
+                    self._wait[tid] = str(reason)
+                else:
+                    self._wait.pop(tid, None)
+            self._changed()
+
     def _changed(self) -> None:
         """Called with the lock held after every update."""
         self._check_done()
+        self._ensure_ticker()
         if self.interactive and not self._scheduled:
             self._scheduled = True
             delay = max(0.0, self._last_render + 1.0 / self.max_rate - time.monotonic())
@@ -263,7 +314,26 @@ class Progress:
 
     def _done_units(self) -> float:
         ended = sum(self._counts[s] for s in TERMINAL_STATES)
-        return ended + sum(self._progress.values()) / 100.0
+        return ended + sum(self._running_fraction(t) for t, s in self._status.items() if s == "running")
+
+    def _running_fraction(self, task_id: str) -> float:
+        """A running task's share done: its parser's progress or its stages done, whichever is more."""
+        parser = self._progress.get(task_id, 0.0) / 100.0
+        n = self._n_stages.get(task_id, 0)
+        staged = min(1.0, len(self._stages_done.get(task_id, ())) / n) if n else 0.0
+        return max(parser, staged)
+
+    @property
+    def wait_reasons(self) -> dict[str, str]:
+        """Queued tasks and why they wait, as the hub last said."""
+        with self._lock:
+            return dict(self._wait)
+
+    @property
+    def failure_details(self) -> dict[str, dict[str, Any]]:
+        """Failed tasks: ``where`` (stage, command counted from 0, exit code), ``tail`` (last lines)."""
+        with self._lock:
+            return {t: dict(i) for t, i in self._fail_info.items() if t in self._errors}
 
     def _frames_text(self) -> str:
         if not self._frames:
@@ -310,18 +380,42 @@ class Progress:
         with self._lock:
             return self._text()
 
-    def _text(self) -> str:
+    def _headline(self) -> str:
+        """``3/5 done`` while tasks run; at the end the true outcome: ``2/2 cancelled``, ``3/3 ended``."""
         n = len(self._status)
         ended = sum(self._counts[s] for s in TERMINAL_STATES)
+        if n and ended == n:
+            states = [s for s in STATES if self._counts[s]]
+            if states == ["finished"]:
+                return f"{n}/{n} done"
+            return f"{n}/{n} {states[0]}" if len(states) == 1 else f"{n}/{n} ended"
+        return f"{ended}/{n} done"
+
+    def _wait_groups(self) -> list[tuple[str, int]]:
+        """Distinct wait reasons of queued tasks, most common first."""
+        groups: dict[str, int] = {}
+        for tid, reason in self._wait.items():
+            if self._status.get(tid) == "queued":
+                groups[reason] = groups.get(reason, 0) + 1
+        return sorted(groups.items(), key=lambda kv: -kv[1])
+
+    def _text(self) -> str:
         parts = ", ".join(f"{s} {self._counts[s]}" for s in STATES if self._counts[s])
-        lines = [f"{self.title or 'hwf'}: {ended}/{n} done [{parts}] {self._elapsed():.1f}s"]
+        n = len(self._status)
+        lines = [f"{self.title or 'hwf'}: {self._headline()} [{parts}] {self._elapsed():.1f}s"]
         if self._progress or self._frames:
             live = [f"{self._done_units() / n * 100:.1f}%"] if self._progress and n else []
             live += [self._frames_text()] if self._frames else []
             lines[0] += " (" + ", ".join(live) + ")"
+        for reason, count in self._wait_groups()[:MAX_WAIT_SHOWN]:
+            lines.append(f"  queued {count}: {_one_line(reason, 160)}")
         if self._errors:
             tid, err = next(iter(self._errors.items()))
             lines.append(f"  failed {tid}: {_one_line(err, 160)}")
+            info = self._fail_info.get(tid)
+            if info and info["tail"]:
+                lines.append(f"    last lines of {info['stream']} ({info['where']}):")
+                lines.extend(f"    | {ln}" for ln in info["tail"].splitlines())
             if len(self._errors) > 1:
                 others = list(self._errors)[1:]
                 shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
@@ -386,22 +480,33 @@ class Progress:
                     self._bar.value = view["value"]
                     self._bar.max = view["max"]
                 self._bar.bar_style = view["bar_style"]
+                self._bar.style.bar_color = view["bar_color"]
                 self._summary.value = view["summary"]
                 self._stage_html.value = view["stages"]
                 self._failed_html.value = view["failed"]
+        if view["done"] and self.auto_close:
+            self._publish_final()
 
     def _view(self) -> dict[str, Any]:
         n = len(self._status)
         ended = sum(self._counts[s] for s in TERMINAL_STATES)
+        done = self._is_done()
+        color = None
         if self._counts["failed"]:
             style = "danger"
         elif n and self._counts["finished"] == n:
             style = "success"
         else:
             style = ""
+            if done and self._counts["cancelled"]:
+                color = _COLORS["cancelled"]  # cancelled is its own colour, never a "done" blue
         value = min(float(n), self._done_units())
-        return {"max": n, "value": value, "bar_style": style, "summary": self._summary_html(n, ended),
-                "stages": self._stages_html(), "failed": self._failed_block()}
+        partial = value - ended
+        return {"max": n, "value": value, "bar_style": style, "bar_color": color, "done": done,
+                "summary": self._summary_html(n, ended), "stages": self._stages_html(),
+                "failed": self._failed_block(),
+                "segments": segments_html(self._counts, _COLORS, partial=partial),
+                "text": self._text()}
 
     def _summary_html(self, n: int, ended: int) -> str:
         title = f"<b>{esc(self.title)}</b> &nbsp;" if self.title else ""
@@ -414,7 +519,15 @@ class Progress:
             live += f" &nbsp; {self._done_units() / n * 100:.1f}%"
         if self._frames:
             live += f" &nbsp; {esc(self._frames_text())}"
-        return f"{title}{ended}/{n} done{live} &nbsp; {parts} &nbsp; <i>{fmt_seconds(self._elapsed())}</i>"
+        head = esc(self._headline())
+        line = f"{title}{head}{live} &nbsp; {parts} &nbsp; <i>{fmt_seconds(self._elapsed())}</i>"
+        waits = self._wait_groups()
+        for reason, count in waits[:MAX_WAIT_SHOWN]:
+            line += (f'<div style="color:{_COLORS["queued"]}">queued {count}: '
+                     f'<span class="hwf-wait-reason">{esc(_one_line(reason, 300))}</span></div>')
+        if len(waits) > MAX_WAIT_SHOWN:
+            line += f"<div>+{len(waits) - MAX_WAIT_SHOWN} more wait reasons</div>"
+        return line
 
     def _stages_html(self) -> str:
         rows = self._stage_rows()
@@ -434,33 +547,115 @@ class Progress:
         return f'<table style="font-size:90%"><tr>{head}</tr>{body}</table>'
 
     def _failed_block(self) -> str:
-        if not self._errors:
-            return ""
         items = list(self._errors.items())
-        lines = [
-            f"<div><b>{esc(tid)}</b>: {esc(_one_line(err, 500))}</div>" for tid, err in items[:MAX_FAILED_SHOWN]
-        ]
-        if len(items) > MAX_FAILED_SHOWN:
-            lines.append(f"<div>+{len(items) - MAX_FAILED_SHOWN} more</div>")
-        return f'<div style="color:#c62828;font-family:monospace;font-size:90%">{"".join(lines)}</div>'
+        shown = [(tid, _one_line(err, 500), self._fail_info.get(tid)) for tid, err in items[:MAX_FAILED_SHOWN]]
+        return failures_html(shown, max(0, len(items) - MAX_FAILED_SHOWN))
+
+    def snapshot_html(self) -> str:
+        """The current state as static HTML (what a saved notebook shows without a kernel)."""
+        with self._lock:
+            return snapshot_html(self._view())
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
-        """The widget in a notebook, the text everywhere else."""
+        """The widget plus a static HTML/text fallback; once all has ended, the fallback alone.
+
+        A saved notebook has no widget model: a widget view there reads "Error
+        displaying widget: model not found", so the final output must not be one.
+        """
         if self._box is None:
             return {"text/plain": self.text()}
-        self.flush()
+        with self._lock:
+            final = self._is_done() and self.auto_close
+        if not final:
+            self.flush()
+        with self._lock:
+            view = self._view()
+        static = {"text/html": snapshot_html(view), "text/plain": view["text"]}
+        if final:
+            return static
         bundle = dict(self._box._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = self.text()
+        bundle.update(static)
         return bundle
+
+    # -- display and ticking ----------------------------------------------------
+
+    def show(self) -> Any:
+        """Display this view in the current cell; it is replaced by its static snapshot at the end."""
+        from IPython.display import display
+
+        handle = display(self, display_id=True)
+        with self._lock:
+            self._handle = handle
+            if self._is_done() and self.auto_close:
+                self._final_published = True  # what was just displayed is the final snapshot
+        return handle
+
+    def _publish_final(self) -> None:
+        """Replace the displayed widget with the final snapshot (once)."""
+        with self._lock:
+            handle = self._handle
+            if handle is None or self._final_published:
+                return
+            self._final_published = True
+        try:
+            handle.update(self)
+        except Exception:  # a closed kernel channel must not break the I/O thread
+            log.exception("could not update the progress display")
+
+    def _ensure_ticker(self) -> None:
+        """Lock held: a 1 s ticker runs while anything is not ended (and a view or hub needs it)."""
+        if self._closed or self._is_done() or not (self.interactive or self.hub is not None):
+            return
+        if self._ticker is not None and not self._ticker.done():
+            return
+        self._ticker = io_loop().submit(self._tick())
+
+    @property
+    def ticking(self) -> bool:
+        """The elapsed-time ticker is running."""
+        t = self._ticker
+        return t is not None and not t.done()
+
+    async def _tick(self) -> None:
+        last_ask = float("-inf")
+        while True:
+            await asyncio.sleep(TICK)
+            with self._lock:
+                if self._closed or self._is_done():
+                    return
+                queued = [t for t, s in self._status.items() if s == "queued"][:MAX_WAIT_ASKED]
+            if self._box is not None:
+                self._render()  # the elapsed time moves even when no event arrives
+            if self.hub is not None and queued and time.monotonic() - last_ask >= WAIT_EVERY:
+                last_ask = time.monotonic()
+                await self._ask_wait_reasons(queued)
+
+    async def _ask_wait_reasons(self, ids: list[str]) -> None:
+        hub = self.hub
+        if hub is None:
+            return
+        try:
+            results = await asyncio.wait_for(hub.get_result(ids, download=False), timeout=10.0)
+        except Exception as exc:  # an unreachable hub: try again next round
+            log.debug("asking why tasks wait failed: %s", exc)
+            return
+        self.apply_wait_reasons({r.task_id: r.wait_reason for r in results})
 
     # -- lifetime ---------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop watching (without waiting); the last state stays on screen."""
+        """Stop watching and ticking (without waiting); the last state stays on screen."""
         with self._lock:
-            w, self._closing_watch = self.watcher, True
+            w, self._closing_watch, self._closed = self.watcher, True, True
+            ticker, self._ticker = self._ticker, None
+            final = self._is_done()
+        if ticker is not None:
+            ticker.cancel()
         if w is not None:
             io_loop().submit(w.close())
+        if final and self._box is not None:
+            self._render()
+            self._publish_final()
 
     @classmethod
     def attach(
@@ -504,6 +699,7 @@ def watch_progress(
     ids = [task_ids] if isinstance(task_ids, str) else task_ids_of(task_ids or [])
     prog = Progress(ids, title=title, interactive=interactive, max_rate=max_rate)
     prog.auto_close = session is None
+    prog.hub = hub
     if session is not None:
         watcher = hub.watch_sync(session=session, on_event=prog.apply_event, on_snapshot=prog.apply_snapshot)
     else:
@@ -511,4 +707,5 @@ def watch_progress(
     with prog._lock:
         prog.watcher = watcher
         prog._maybe_close_watch()  # everything may have ended before the watch began
+        prog._ensure_ticker()
     return prog
