@@ -297,3 +297,45 @@ def describe(req: Mapping[str, Any]) -> str:
         else:
             parts.append(f"{k}={v}")
     return ", ".join(parts)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def _seen(values: list[str], limit: int = 6) -> str:
+    vals = sorted(set(values))
+    return ", ".join(vals[:limit]) + (", ..." if len(vals) > limit else "") if vals else "none"
+
+
+def unmet_hints(req: Mapping[str, Any], machines: list[Mapping[str, Any]]) -> list[str]:
+    """What the connected machines offer for each requirement none of them meets.
+
+    For 'why does this wait' texts: ``ram>=64.0GiB`` alone does not say how
+    far off the pool is, ``largest: 23.5 GB`` does.
+    """
+    if not machines:
+        return ["no daemon is connected"]
+    hints = []
+    for key, want in req.items():
+        if key == "owners" or any(_CHECKS[key](want, m) for m in machines):
+            continue
+        if key == "ram":
+            hints.append(f"largest ram: {_gb(max(_number(m.get('ram')) for m in machines))}")
+        elif key == "cores":
+            hints.append(f"most cores: {max(int(_number(m.get('cores'))) for m in machines)}")
+        elif key == "gpu":
+            names = [str(g.get("name", "")) for m in machines for g in (m.get("gpus") or [])
+                     if isinstance(g, Mapping)]
+            hints.append(f"GPUs seen: {_seen(names)}")
+        elif key == "os":
+            hints.append(f"connected os: {_seen([str(m.get('os', '?')) for m in machines])}")
+        elif key == "cpu":
+            hints.append(f"connected cpus: {_seen([str(m.get('arch', '?')) for m in machines])}")
+        elif key == "tags":
+            hints.append(f"tags seen: {_seen([str(t) for m in machines for t in (m.get('tags') or [])])}")
+        elif key == "daemon":
+            hints.append(f"connected daemons: {_seen([str(m.get('name', '?')) for m in machines])}")
+    if not hints and len(req) > 1:
+        hints.append("each requirement is met somewhere, but no single daemon meets them all")
+    return hints

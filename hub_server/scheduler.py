@@ -277,6 +277,9 @@ class Scheduler:
             if group.excluded:
                 what += f" (excluding {', '.join(sorted(group.excluded))}, which lost it)"
             reason = f"waiting for matching hardware: no connected daemon has {what}"
+            hints = hw.unmet_hints(group.req, [m.facts for m in self._machines.values()])
+            if hints and not group.excluded:
+                reason += f" ({'; '.join(hints)})"
             if "runtime" in group.req and self._machines:
                 offered = sorted({r for m in self._machines.values() for r in hw.machine_runtimes(m.facts)})
                 reason += f" (connected daemons run: {', '.join(offered)})"

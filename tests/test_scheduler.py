@@ -163,3 +163,22 @@ def test_short_tasks_may_wait_on_a_daemon_beyond_its_slots():
     s.release(got[1][1])
     s.release(got[2][1])
     assert [t for t, _ in s.schedule()] == ["shell"]
+
+
+def test_wait_reason_says_how_far_off_the_pool_is():
+    s = Scheduler()
+    s.enqueue("big", hw.normalize({"ram": "64GB"}))
+    assert "no daemon is connected" in s.wait_reason("big")
+    s.add_machine("small", dict(LINUX, ram=int(23.5 * 2**30)), slots=2)
+    s.add_machine("tiny", dict(LINUX, ram=4 * 2**30), slots=2)
+    assert s.schedule() == []
+    reason = s.wait_reason("big")
+    assert "no connected daemon has ram>=64.0GiB" in reason and "largest ram: 23.5 GB" in reason
+    s.enqueue("gpu", hw.normalize({"gpu": "a100", "cores": 64}))
+    reason = s.wait_reason("gpu")
+    assert "GPUs seen: none" in reason and "most cores: 4" in reason
+    # each requirement is met by some machine, never by one machine
+    s.add_machine("gpu-box", dict(GPU, ram=2 * 2**30), slots=1)
+    s.enqueue("both", hw.normalize({"gpu": "a100", "ram": "8GB"}))
+    assert s.schedule() == []
+    assert "no single daemon meets them all" in s.wait_reason("both")
