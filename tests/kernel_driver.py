@@ -66,7 +66,8 @@ class Kernel:
                 break
             if msg["msg_type"] == "error":
                 run.error = content
-            if msg["msg_type"] in ("stream", "display_data", "execute_result", "error", "comm_msg", "comm_open"):
+            if msg["msg_type"] in ("stream", "display_data", "update_display_data", "execute_result", "error",
+                                   "comm_msg", "comm_open"):
                 run.outputs.append(content)
         reply = self.kc.get_shell_msg(timeout=10)
         run.status = reply["content"]["status"]

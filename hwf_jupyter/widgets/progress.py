@@ -31,6 +31,7 @@ from hub_server.protocol import TERMINAL_STATES
 
 from .._ioloop import io_loop
 from ..functions import task_ids_of
+from . import _finals
 from ._common import esc, fmt_seconds, resolve_interactive
 from ._snapshot import failure_tail, failures_html, segments_html, snapshot_html
 
@@ -581,8 +582,10 @@ class Progress:
 
     def show(self) -> Any:
         """Display this view in the current cell; it is replaced by its static snapshot at the end."""
+        from IPython import get_ipython
         from IPython.display import display
 
+        _finals.hook_shell(get_ipython())
         handle = display(self, display_id=True)
         with self._lock:
             self._handle = handle
@@ -601,6 +604,9 @@ class Progress:
             handle.update(self)
         except Exception:  # a closed kernel channel must not break the I/O thread
             log.exception("could not update the progress display")
+        if threading.current_thread() is not threading.main_thread():
+            # Sent under the (maybe finished) dispatching cell: again after the next cell.
+            _finals.resend_after_next_cell(lambda: handle.update(self))
 
     def _ensure_ticker(self) -> None:
         """Lock held: a 1 s ticker runs while anything is not ended (and a view or hub needs it)."""
