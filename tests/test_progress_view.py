@@ -173,3 +173,26 @@ def test_text_mode_without_hub_does_not_tick():
     prog = Progress(["a"], interactive=False)
     prog.apply_event(ev("a", "running"))
     assert not prog.ticking and prog.renders == 0
+
+
+def test_snapshot_bar_shows_each_state_and_running_progress():
+    prog = Progress([], interactive=False)
+    prog.apply_snapshot([p.TaskBrief(task_id="f", status="finished"), p.TaskBrief(task_id="x", status="failed"),
+                         p.TaskBrief(task_id="r", status="running", n_stages=2),
+                         p.TaskBrief(task_id="q", status="queued")])
+    prog.apply_event(ev("r", "running", index=0, stage=p.StageOutcome(name="a", status="finished")))
+    snap = prog.snapshot_html()
+    for state in ("finished 1", "failed 1", "running 1", "queued 1"):
+        assert f'title="{state}"' in snap
+    assert "width:25.000%" in snap and "linear-gradient(to right, #1565c0 50.0%" in snap
+
+
+def test_a_closed_session_view_ends_as_a_snapshot_too():
+    prog = Progress(["a"], interactive=True)
+    prog.auto_close = False  # a session view stays open for tasks added later
+    prog._handle = handle = FakeHandle()
+    prog.apply_event(ev("a", "finished"))
+    prog.flush()
+    assert handle.updates == [] and WIDGET in prog._repr_mimebundle_()
+    prog.close()
+    assert len(handle.updates) == 1 and WIDGET not in handle.updates[0]

@@ -485,7 +485,7 @@ class Progress:
                 self._summary.value = view["summary"]
                 self._stage_html.value = view["stages"]
                 self._failed_html.value = view["failed"]
-        if view["done"] and self.auto_close:
+        if view["final"]:
             self._publish_final()
 
     def _view(self) -> dict[str, Any]:
@@ -504,6 +504,7 @@ class Progress:
         value = min(float(n), self._done_units())
         partial = value - ended
         return {"max": n, "value": value, "bar_style": style, "bar_color": color, "done": done,
+                "final": done and (self.auto_close or self._closed),
                 "summary": self._summary_html(n, ended), "stages": self._stages_html(),
                 "failed": self._failed_block(),
                 "segments": segments_html(self._counts, _COLORS, partial=partial),
@@ -566,7 +567,7 @@ class Progress:
         if self._box is None:
             return {"text/plain": self.text()}
         with self._lock:
-            final = self._is_done() and self.auto_close
+            final = self._is_done() and (self.auto_close or self._closed)
         if not final:
             self.flush()
         with self._lock:
@@ -589,7 +590,7 @@ class Progress:
         handle = display(self, display_id=True)
         with self._lock:
             self._handle = handle
-            if self._is_done() and self.auto_close:
+            if self._is_done() and (self.auto_close or self._closed):
                 self._final_published = True  # what was just displayed is the final snapshot
         return handle
 
