@@ -112,18 +112,26 @@ def _delete(url: str) -> None:
         pass
 
 
-def _open_notebook(page, lab) -> None:
-    page.goto(f"{lab['url']}/lab/tree/quickstart.ipynb?token={lab['token']}")
+def _open_notebook(page, lab, name: str = "quickstart.ipynb") -> None:
+    # A workspace per notebook: JupyterLab does not restore the other test's tabs (and dialogs).
+    workspace = name.replace(".", "-")
+    page.goto(f"{lab['url']}/lab/workspaces/{workspace}/tree/{name}?token={lab['token']}")
     page.locator(".jp-Notebook").first.wait_for(state="visible", timeout=30_000)
-    # The shipped notebook names no kernel: JupyterLab asks, as it would ask a user.
+    # The shipped notebook names no kernel: JupyterLab asks, as it would ask a user.  Wait
+    # until a kernel is idle and no dialog has come for a moment (the dialog can come late).
     select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
-    try:
-        select.wait_for(timeout=5_000)
-        select.click()
-    except Exception:  # no dialog: a kernel was chosen already
-        pass
-    # The kernel is up when the toolbar's status says Idle.
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=30_000)
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first
+    deadline, calm_since = time.monotonic() + 40, None
+    while time.monotonic() < deadline:
+        if select.is_visible():
+            select.click()
+            calm_since = None
+        elif idle.is_visible():
+            calm_since = calm_since or time.monotonic()
+            if time.monotonic() - calm_since > 1.5:
+                return
+        time.sleep(0.2)
+    raise AssertionError("the notebook's kernel did not become idle")
 
 
 def _progress_cell(page):
@@ -189,3 +197,51 @@ def _run_all_save_reopen(lab, page, request) -> None:
     _progress_cell(page).scroll_into_view_if_needed()
     screenshot(page, request, "reopened")
     assert not page.js_errors, page.js_errors
+
+
+LIVE_CELLS = [
+    "cluster = %hwf_local --daemons 1",
+    "%%hwf_stage nap\nsleep 4\n",
+    "nap = %hwf_dispatch --repeat 2",
+    "%hwf_draft --clear",
+    "%%hwf_stage long\nsleep 60\n",
+    "long = %hwf_dispatch --repeat 2",
+    "import threading\nhub = cluster.hub()\n"
+    "threading.Timer(2.0, lambda: hub.cancel_sync(session=long.session_id)).start()",
+]
+
+
+def test_live_widget_ticks_then_ends_as_snapshot_after_the_cells_finished(lab, page, request):
+    """No --wait: every cell is done long before the tasks, so only the kernel's
+    I/O thread can end the displays; JupyterLab must still show the true end."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in LIVE_CELLS])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, lab["dir"] / "live.ipynb")
+    try:
+        _open_notebook(page, lab, "live.ipynb")
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        cells = page.locator(".jp-CodeCell")
+        nap, long_ = cells.nth(2), cells.nth(5)
+        live = nap.locator(".widget-html-content").filter(has_text="running 2").first
+        live.wait_for(timeout=30_000)
+        first = live.inner_text()
+        time.sleep(1.6)  # no task event in between: only the 1 s ticker changes the text
+        assert live.inner_text() != first, "elapsed time should tick while tasks run"
+        screenshot(page, request, "live")
+        done = nap.locator(".hwf-progress-snapshot")
+        done.wait_for(timeout=20_000)
+        assert "2/2 done" in done.inner_text()
+        cancelled = long_.locator(".hwf-progress-snapshot")
+        cancelled.wait_for(timeout=20_000)
+        assert "2/2 cancelled" in cancelled.inner_text()
+        assert cancelled.locator('[title="cancelled 2"]').count() == 1  # grey segment, not a blue "done"
+        assert long_.locator('[title="finished 2"]').count() == 0
+        body = page.locator(".jp-Notebook").first.inner_text()
+        for bad in BROKEN:
+            assert bad not in body
+        long_.scroll_into_view_if_needed()
+        screenshot(page, request, "ended")
+    except BaseException:
+        screenshot(page, request, "failure")
+        raise
