@@ -25,6 +25,7 @@ from hub_server import protocol as p
 from hub_server.hardware import HardwareError
 from hub_server.link import HubError
 
+from . import localfarm
 from .cluster import ClusterError, LocalCluster
 from .functions import make_options, submit_each
 from .pycall import RUNTIME, TaskFailed
@@ -37,6 +38,8 @@ from .stream import CellStream
 from .task import Data, Stage, TaskError
 
 LEVELS = ("task", "stage", "command")
+NOT_CONNECTED = ("hwf: not connected to a hub (a new or restarted kernel): run %hwf_local (starts your local "
+                 "farm, or re-attaches to the running one) or %hwf_connect URL --token T, then run this again")
 _USER_ERRORS = (TaskError, HubError, HardwareError, ClusterError, ValueError, TypeError, NotImplementedError,
                 OSError)
 
@@ -104,7 +107,7 @@ class HWFMagics(Magics):
         if self.hub is None and self.hub_url:
             self._connect(self.hub_url, self.token or None, self.ca_file or None)
         if self.hub is None:
-            raise UsageError("hwf: not connected to a hub: run %hwf_connect URL or %hwf_local first")
+            raise UsageError(NOT_CONNECTED)
         return self.hub
 
     def _connect(self, url: str, token: Optional[str], ca_file: Optional[str] = None) -> Hub:
@@ -129,20 +132,56 @@ class HWFMagics(Magics):
         return self._connect(args.url, token, args.ca_file or self.ca_file or None)
 
     @magic_arguments()
-    @argument("--daemons", type=int, default=2, help="daemon processes to start")
-    @argument("--slots", type=int, default=2, help="tasks each daemon runs at once")
+    @argument("--daemons", type=int, default=None,
+              help="daemon processes (default: what the running farm has; 2 for a new one)")
+    @argument("--slots", type=int, default=None,
+              help="tasks each daemon runs at once (default: what the running farm has; 2 for a new one)")
+    @argument("--stop", action="store_true", help="stop your local farm (its running tasks end)")
     @line_magic
     @_one_line_errors
-    def hwf_local(self, line: str) -> LocalCluster:
-        """Start (or reuse) an embedded hub + daemons owned by this kernel."""
+    def hwf_local(self, line: str) -> Optional[LocalCluster]:
+        """Start your local farm (a hub + daemons on this machine), or attach to
+        the one already running.  It outlives kernel restarts: after one, run
+        %hwf_local again and %hwf_results --session S.  Its state, logs and
+        record live in $HWF_LOCAL_DIR (default ~/.hwf/local)."""
         args = parse_argstring(self.hwf_local, line)
-        if self.cluster is None:
-            if args.daemons < 1:
-                raise UsageError("hwf: --daemons must be >= 1")
-            self.cluster = LocalCluster(daemons=args.daemons, slots=args.slots)
-        if self.hub is None or self.hub.url != self.cluster.address:
-            self.hub = self.cluster.hub(artifacts_dir=self.artifacts_dir)
-        return self.cluster
+        if args.stop:
+            if args.daemons is not None or args.slots is not None:
+                raise UsageError("hwf: %hwf_local --stop takes no --daemons/--slots")
+            self._stop_local()
+            return None
+        for name in ("daemons", "slots"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"hwf: --{name} must be >= 1, got {value}")
+        cluster = self.cluster
+        if cluster is not None and (cluster.hub_process is None or cluster.hub_process.poll() is not None):
+            cluster = None  # stopped (here or by another kernel) or died: find or start it again
+        if cluster is None:
+            self.cluster = cluster = LocalCluster(daemons=args.daemons, slots=args.slots, persistent=True)
+            how = "attached to your running local farm" if cluster.attached else "started your local farm"
+            print(f"hwf: {how} in {cluster.root}; it outlives kernel restarts (%hwf_local --stop ends it)")
+        else:
+            conflict = localfarm.shape_conflict(_record_of(cluster), args.daemons, args.slots)
+            if conflict:
+                raise UsageError(f"hwf: {conflict}")
+        if self.hub is None or self.hub.url != cluster.address:
+            if self.hub is not None:
+                self.hub.close_sync()
+            self.hub = cluster.hub(artifacts_dir=self.artifacts_dir)
+        return cluster
+
+    def _stop_local(self) -> None:
+        root = self.cluster.root if self.cluster is not None else localfarm.default_root()
+        if self.cluster is not None and self.hub is not None and self.hub.url == self.cluster.address:
+            self.hub.close_sync()
+            self.hub = None
+        stopped = self.cluster.stop() if self.cluster is not None else localfarm.stop_farm(root)
+        self.cluster = None
+        if stopped:
+            print(f"hwf: stopped your local farm in {root} (pids {' '.join(map(str, stopped))})")
+        else:
+            print(f"hwf: no local farm was running in {root}")
 
     # -- the draft ----------------------------------------------------------
 
@@ -240,6 +279,8 @@ class HWFMagics(Magics):
                             stream=args.stream, credits=_credits_arg(args.credits),
                             parser=args.parser, frames=frames)
         self.submissions.append(sub)
+        print(f"hwf: dispatched {len(sub)} task(s) in session {sub.session_id}  "
+              f"(after a kernel restart: %hwf_results --session {sub.session_id})")
         view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:
             self.streams.append(CellStream.start(hub, list(sub), shell=self.shell))
@@ -396,6 +437,12 @@ class HWFMagics(Magics):
         return hub.cancel_sync(args.ids or None, session=args.session)
 
 
+def _record_of(cluster: LocalCluster) -> localfarm.FarmRecord:
+    """The shape of the farm this kernel uses, as shape_conflict wants it."""
+    return localfarm.FarmRecord(root=str(cluster.root), address=cluster.address, hub_pid=0, port=cluster.port,
+                                slots=cluster.slots, daemons={n: 0 for n in cluster.daemon_processes})
+
+
 def _credits_arg(text: Optional[str]) -> Any:
     """``--credits N`` or ``MIN:MAX`` -> dispatch's credits= (checked there)."""
     if text is None:
@@ -453,4 +500,4 @@ def load_ipython_extension(ipython: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("HWFMagics")
     if magics is not None and magics.cluster is not None:
-        magics.cluster.close()
+        magics.cluster.close()  # the local farm keeps running: %hwf_local --stop ends it
