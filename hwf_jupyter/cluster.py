@@ -224,9 +224,11 @@ class LocalCluster:
                 else:
                     self.add_daemon(name, wait=False)  # it died: start it again
         else:
-            if record is not None:  # a half-dead farm: end what is left of it, keep its ports
+            if record is not None:  # a dead farm: end what is left of it, keep its ports and shape
                 _stop_processes([localfarm.AdoptedProcess(pid, self.root) for pid in record.pids])  # type: ignore[misc]
                 self.port, self.http_port = record.port, record.http_port or 0
+                daemons = len(record.daemons) if daemons is None else daemons
+                slots = record.slots if slots is None else slots
             self.slots = slots or 2
             try:
                 self._start_hub()
