@@ -153,3 +153,30 @@ def test_reattach_to_an_external_hub_after_restart(cluster, tmp_path):
         assert got.strip().splitlines()[-1] == "['external-ok', 'external-ok']"
     finally:
         k.close()
+
+
+def test_a_headless_notebook_run_stops_only_the_farm_it_started(tmp_path, monkeypatch):
+    import nbformat
+
+    from hwf_jupyter import LocalCluster
+    from hwf_jupyter.notebook_runner import execute_notebook
+
+    local_dir = tmp_path / "farm"
+    monkeypatch.setenv("HWF_LOCAL_DIR", str(local_dir))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "%load_ext hwf_jupyter\nc = %hwf_local --daemons 1\nprint('pids', *c.pids)")])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    _, done = execute_notebook(tmp_path / "nb.ipynb", widgets=False)
+    text = "".join(o.get("text", "") for o in done.cells[0].outputs)
+    pids = [int(p) for p in text.split("pids", 1)[1].split()]
+    assert len(pids) == 2 and _wait_gone(pids) == [], "nobody can re-attach to a headless run's farm"
+    assert localfarm.read_record(local_dir) is None
+
+    mine = LocalCluster(daemons=1, slots=1, persistent=True, state_dir=local_dir)  # the user's own farm
+    try:
+        _, done = execute_notebook(tmp_path / "nb.ipynb", widgets=False)
+        assert "attached to your running local farm" in "".join(o.get("text", "") for o in done.cells[0].outputs)
+        assert all(_alive(p) for p in mine.pids) and len(mine.pids) == 2, "a farm that ran before is left alone"
+    finally:
+        recorded = sorted(_farm_pids(local_dir))
+        assert sorted(mine.stop()) == recorded
