@@ -433,4 +433,6 @@ class LocalCluster:
 
         rows = [("address", self.address), ("daemons", f"{len(self.daemon_processes)} × {self.slots} slots"),
                 ("state dir", str(self.state_dir))]
+        if self.persistent:
+            rows.append(("lifetime", "outlives kernel restarts; %hwf_local --stop ends it"))
         return link_card("HWF LocalCluster", rows, f"{self.http_url}/" if self.http_url else None)
