@@ -601,6 +601,14 @@ class ResultList(list[TaskResult]):
             return _frame(rows, _COMMAND_COLUMNS, self.stage_names())
         raise ValueError(f"unknown level {level!r}; use one of: {', '.join(map(repr, _LEVELS))}")
 
+    def plot_timeline(self, ax: Any = None, *, title: Optional[str] = "stages per machine slot") -> Any:
+        """A Gantt chart (matplotlib) of every stage on the machine slot it ran in;
+        returns the Axes.  x: seconds since the first start, colour: stage,
+        hatched red edge: failed.  See ``timeline.py``."""
+        from .timeline import plot_timeline
+
+        return plot_timeline(self, ax, title=title)
+
     def stage_names(self) -> list[str]:
         """Every stage name, in the order the tasks run them (the ``stage`` categories)."""
         return stage_order([s.name for s in t.stages] for t in self)

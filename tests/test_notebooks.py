@@ -36,7 +36,8 @@ def _check_line(nb):
     return ast.literal_eval(shape_text + ")"), ast.literal_eval(cols_text)
 
 
-STAGE_COLUMNS = {"task_id", "machine", "stage", "duration", "peak_ram", "cpu_percent", "cpu_time"}
+STAGE_COLUMNS = {"task_id", "machine", "stage", "started", "ended", "duration_s", "peak_ram_mb", "cpu_percent",
+                 "cpu_time_s"}
 
 
 def test_quickstart_notebook(tmp_path):

@@ -447,3 +447,39 @@ def test_empty_hardware_pool() -> None:
     assert len(pool) == 0 and pool.names == []
     assert repr(pool) == "<HardwarePool 0 machines>"
     assert pool.to_dataframe().shape == (0, 21)
+
+
+# ------------------------------------------------------------ display
+
+
+def test_frames_display_short_ids_but_keep_the_full_id() -> None:
+    from hwf_jupyter.frames import ResultFrame, short_id
+
+    rec = finished_record()
+    rec = p.TaskRecord(**{**{f: getattr(rec, f) for f in rec.__struct_fields__},
+                          "task_id": "t-0123456789abcdef", "session_id": "s-fedcba9876543210",
+                          "machine": "gpu-node-01"})
+    df = ResultList.from_records([rec]).to_dataframe()
+    assert isinstance(df, ResultFrame)
+    assert df["task_id"][0] == "t-0123456789abcdef"  # the data keeps the full id
+    assert short_id("t-0123456789abcdef") == "t-01234567…"
+    assert short_id("77aa") == "77aa" and short_id(None) is None
+    html = df._repr_html_()
+    assert "t-01234567…" in html and "t-0123456789abcdef" not in html
+    assert "s-fedcba98…" in html
+    assert 'class="hwf-frame"' in html and "white-space: nowrap" in html
+    text = repr(df)
+    assert "t-01234567…" in text and "t-0123456789abcdef" not in text
+    # Operations keep the display; the full ids are still there to use.
+    sub = df[["task_id", "machine"]]
+    assert isinstance(sub, ResultFrame) and "t-01234567…" in sub._repr_html_()
+    assert df.set_index("task_id").index[0] == "t-0123456789abcdef"
+
+
+def test_frame_html_escapes_names_from_daemons() -> None:
+    rec = finished_record()
+    rec = p.TaskRecord(**{**{f: getattr(rec, f) for f in rec.__struct_fields__},
+                          "machine": "<img src=x onerror=alert(1)>", "label": "<b>x</b>"})
+    html = ResultList.from_records([rec]).to_dataframe()._repr_html_()
+    assert "<img" not in html and "<b>x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
