@@ -609,6 +609,12 @@ class ResultList(list[TaskResult]):
 
         return plot_timeline(self, ax, title=title)
 
+    def _repr_html_(self) -> str:
+        """A summary card (counts, machines, wall time, first error) above the first tasks."""
+        from .cards import results_card
+
+        return results_card(self)
+
     def stage_names(self) -> list[str]:
         """Every stage name, in the order the tasks run them (the ``stage`` categories)."""
         return stage_order([s.name for s in t.stages] for t in self)
