@@ -48,6 +48,8 @@ def test_quickstart_notebook(tmp_path):
     assert shape[0] == 4 and STAGE_COLUMNS <= set(cols)
     html = "".join(o.get("data", {}).get("text/html", "") for o in _tagged(nb, "stages").outputs)
     assert "build" in html and "run" in html
+    timeline = _tagged(nb, "timeline").outputs
+    assert [o for o in timeline if "image/png" in o.get("data", {})], "the timeline is drawn"
     assert (tmp_path / "hwf_artifacts").is_dir()
 
 
