@@ -12,6 +12,7 @@ overlap, which is the machine's concurrency).  Bars are drawn as one
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -41,6 +42,11 @@ class Bar:
     task_id: str
 
 
+def _natural(name: str) -> list:
+    """node-2 before node-10."""
+    return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"(\d+)", name)]
+
+
 def _task_span(t: Any) -> Optional[tuple[float, float]]:
     spans = [(s.started, s.ended) for s in t.stages if s.started is not None and s.ended is not None]
     if spans:
@@ -64,7 +70,7 @@ def layout(results: "ResultList") -> tuple[list[Bar], list[str], list[str]]:
         by_machine.setdefault(t.machine, []).append((t, span))
     bars: list[Bar] = []
     labels: list[str] = []
-    for machine in sorted(by_machine):
+    for machine in sorted(by_machine, key=_natural):
         items = sorted(by_machine[machine], key=lambda ts: (ts[1][0], ts[1][1]))
         busy: list[tuple[float, int]] = []  # (end, lane): lanes in use until `end`
         idle: list[int] = []  # lanes free now; the lowest is reused, so rows fill from the top
@@ -124,7 +130,8 @@ def plot_timeline(results: "ResultList", ax: Optional["Axes"] = None, *,
     if any(b.failed for b in bars):
         handles.append(Patch(facecolor="white", edgecolor=FAILED_EDGE, hatch="//", label="failed"))
     if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize="small")
+        # Outside the plot: a legend inside would hide the latest bars.
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     ax.set_yticks(range(len(labels)), [_plain(x) for x in labels])
     if labels:
         ax.set_ylim(len(labels) - 0.5, -0.5)  # first machine at the top
