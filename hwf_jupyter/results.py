@@ -759,6 +759,13 @@ class HardwarePool(Sequence[Machine]):
         """One row per machine: hardware, capacity and current load."""
         return _frame([_machine_row(m) for m in self._machines], _MACHINE_COLUMNS)
 
+    def _repr_html_(self) -> str:
+        """A card: workers, slots, cores, memory, then one row per machine."""
+        from .cards import card, machines_table, pool_rows
+
+        sections = [(f"Machines ({len(self)})", machines_table(self))] if len(self) else []
+        return card("HWF hardware pool", pool_rows(self), sections=sections, open_sections=True)
+
     def __repr__(self) -> str:
         n = len(self._machines)
         noun = "machine" if n == 1 else "machines"
