@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +63,12 @@ def test_restart_mid_run_then_reattach_sees_every_task_finish(kernel):
     pids = _farm_pids(k.local_dir)
     assert len(pids) == 3 and all(_alive(p) for p in pids)
     assert oct(os.stat(k.local_dir).st_mode & 0o777) == "0o700"
-    k.run("%%hwf_stage work\nsleep 4\necho \"finished-$HOSTNAME-ok\"\n")
+    # Each task runs 3 s, then waits for the gate the test opens after re-attaching (at most 60 s),
+    # so "mid-run" does not depend on how fast the machine restarts a kernel.
+    gate = Path(tempfile.mkdtemp(prefix="hwf-gate-")) / "open"
+    os.chmod(gate.parent, 0o755)
+    k.run(f"%%hwf_stage work\nsleep 3\nfor i in $(seq 600); do [ -e {gate} ] && break; sleep 0.1; done\n"
+          "echo \"finished-$HOSTNAME-ok\"\n")
     shown = k.run("sub = %hwf_dispatch --repeat 3").stdout
     session = re.search(r"session (s-\S+)", shown).group(1)
     assert f"%hwf_results --session {session}" in shown  # what to run after a restart, copyable
@@ -78,6 +85,7 @@ def test_restart_mid_run_then_reattach_sees_every_task_finish(kernel):
     mid = k.run(f"df = %hwf_results --session {session}\nimport json; print(json.dumps(list(df['status'])))")
     statuses = json.loads(mid.stdout.strip().splitlines()[-1])
     assert len(statuses) == 3 and "finished" not in statuses, f"the restart came while tasks ran: {statuses}"
+    gate.touch()
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in mid.outputs), \
         "an unfinished session shows live progress again"
     got = k.run(
@@ -100,6 +108,7 @@ def test_restart_mid_run_then_reattach_sees_every_task_finish(kernel):
     assert not (Path(k.local_dir) / "farm.json").exists()
     assert "no local farm was running" in k.run("%hwf_local --stop").stdout
     assert "not connected" in _usage_error(k, f"%hwf_results --session {session}")
+    shutil.rmtree(gate.parent, ignore_errors=True)
 
 
 def test_a_killed_farm_restarts_on_its_state_and_keeps_sessions(kernel):
