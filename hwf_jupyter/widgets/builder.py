@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..dispatch import Submission, dispatch_sync
 from ..task import TRACK_FLAGS, Data, Stage, Task, TaskError
-from ._common import describe_error, error_html, esc
+from ._common import as_hub, describe_error, error_html, esc
 from .progress import Progress, watch_progress
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class TaskBuilder:
     def __init__(self, hub: "Hub", *, title: str = "") -> None:
         import ipywidgets as w
 
-        self.hub = hub
+        self.hub = as_hub(hub, 'TaskBuilder')
         self.stages: list[Stage] = []
         self.submission: Optional[Submission] = None
         self.progress: Optional[Progress] = None
