@@ -138,8 +138,11 @@ class LocalCluster:
         """Start ``python -m MODULE ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
         log = open(self.log_dir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", module, *args, "--parent-pid", str(os.getpid())]
+        # Own session: Jupyter's "interrupt kernel" signals the kernel's whole
+        # process group, and Ctrl-C on a wait must not kill the hub and daemons
+        # (--parent-pid still ends them with this process).
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self._procs.append(proc)
         if secret is not None:

@@ -191,8 +191,8 @@ class HWFMagics(Magics):
 
         A stage named like one already in the draft replaces it (re-running a
         cell does not add it twice); after ``%hwf_dispatch`` the next stage
-        starts a new draft.  ``%hwf_draft`` shows the draft, ``%hwf_draft
-        --clear`` empties it."""
+        starts a new draft.  ``%hwf_draft`` shows the draft,
+        ``%hwf_draft --clear`` empties it."""
         args = parse_argstring(self.hwf_stage, line)
         tracks = {t.strip() for t in args.track.split(",") if t.strip()}
         unknown = tracks - {"time", "ram", "cpu", "gpu"}
