@@ -142,12 +142,14 @@ class HWFMagics(Magics):
         if args.token_file:
             token: Optional[str] = _read_token_file(args.token_file)
         elif args.token:
-            print("hwf: warning: --token is saved in this notebook with the cell; "
-                  "use --token-file PATH or $HWF_TOKEN to keep it out", file=sys.stderr)
             token = args.token
         else:
             token = self.token or os.environ.get("HWF_TOKEN") or None
-        return self._connect(args.url, token, args.ca_file or self.ca_file or None)
+        hub = self._connect(args.url, token, args.ca_file or self.ca_file or None)
+        if args.token:  # after connecting, so a failure stays one line
+            print("hwf: warning: --token is saved in this notebook with the cell; "
+                  "use --token-file PATH or $HWF_TOKEN to keep it out", file=sys.stderr)
+        return hub
 
     @magic_arguments()
     @argument("--daemons", type=int, default=2, help="daemon processes to start")

@@ -170,6 +170,11 @@ def test_connect_with_a_token_file_and_a_warning_for_a_literal_token(kernel, tmp
     r = kernel.run(f"%hwf_connect {address} --token {token_file.read_text().strip()}")
     assert r.stderr.strip() == ("hwf: warning: --token is saved in this notebook with the cell; "
                                 "use --token-file PATH or $HWF_TOKEN to keep it out")
+    r = kernel.run(f"import os\nos.environ['HWF_TOKEN'] = cluster.token\n%hwf_connect {address}\n"
+                   "del os.environ['HWF_TOKEN']")
+    assert r.stderr == ""
+    r = kernel.run(f"%hwf_connect {address}", allow_error=True)  # no token at all now
+    assert r.error["ename"] == "UsageError" and "token" in r.error["evalue"], r.error
     empty = tmp_path / "empty"
     empty.write_text("\n")
     for args, words in ((f"--token-file {empty}", "is empty"), (f"--token-file {tmp_path}/nope", "No such file"),
