@@ -126,7 +126,7 @@ def test_dispatch_with_a_progress_parser(kernel):
     out = kernel.run(
         "sub = %hwf_dispatch --parser frames --frames 1:4 --wait\n"
         "df = %hwf_results\n"
-        "print(df['status'][0], df['progress'][0], df['frame_current'][0])"
+        "print(df['status'][0], df['progress_percent'][0], df['frame_current'][0])"
     ).stdout
     assert out.split() == ["finished", "100.0", "4"]
 
