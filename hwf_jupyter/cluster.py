@@ -115,6 +115,10 @@ class LocalCluster:
         self.admin_token = auth.read_admin_token(self.state_dir)
         self.hub_process: Optional[subprocess.Popen] = None
         self.daemon_processes: dict[str, subprocess.Popen] = {}
+        self.daemon_slots: dict[str, int] = {}  # slots each daemon was started with
+        # Pools fetched by this cluster's Hubs, for the HTML card (which never waits on the hub).
+        self._hubs: "weakref.WeakSet[Hub]" = weakref.WeakSet()
+        self._pool_cache = None
         self._procs: list[subprocess.Popen] = []
         self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._tmpdir)
         atexit.register(self._finalizer)
@@ -213,6 +217,7 @@ class LocalCluster:
             argv += ["--ca-file", self.ca_file]
         self.daemon_processes[name] = self._spawn(name, argv, module="hwf_daemon",
                                                     secret=token or self.daemon_token)
+        self.daemon_slots[name] = slots or self.slots
         if wait:
             self.wait_for_daemons(names=[name])
         return name
@@ -243,6 +248,8 @@ class LocalCluster:
                     raise ClusterError(f"daemons did not register in time (online: {sorted(online)})")
                 time.sleep(0.05)
         finally:
+            if hub._pool_cache is not None:
+                self._pool_cache = hub._pool_cache
             hub.close_sync()
 
     def create_token(self, role: str = "client", user: Optional[str] = None, *, label: str = "") -> str:
@@ -270,7 +277,9 @@ class LocalCluster:
         if self.ca_file:
             kwargs.setdefault("ssl", self.ca_file)
         kwargs.setdefault("token", self.token)
-        return Hub(self.address, **kwargs)
+        hub = Hub(self.address, **kwargs)
+        self._hubs.add(hub)
+        return hub
 
     @property
     def pids(self) -> list[int]:
@@ -290,8 +299,31 @@ class LocalCluster:
         return f"<LocalCluster {self.address} daemons={list(self.daemon_processes)}{page}>"
 
     def _repr_html_(self) -> str:
-        from .widgets._common import link_card
+        """A Dask-like card from what is known locally (processes, this machine's
+        RAM) and the last pool a Hub of this cluster fetched: no network call."""
+        from . import cards
 
-        rows = [("address", self.address), ("daemons", f"{len(self.daemon_processes)} × {self.slots} slots"),
-                ("state dir", str(self.state_dir))]
-        return link_card("HWF LocalCluster", rows, f"{self.http_url}/" if self.http_url else None)
+        alive = [n for n, proc in self.daemon_processes.items() if proc.poll() is None]
+        hub_state = "running" if self.hub_process is not None and self.hub_process.poll() is None else "stopped"
+        slots = sum(self.daemon_slots.get(n, self.slots) for n in alive)
+        rows = [("address", cards.code(self.address)), ("hub", cards.esc(hub_state)),
+                ("daemons", cards.esc(f"{len(alive)} running of {len(self.daemon_processes)}, "
+                                      f"{slots} slots")),
+                ("memory", cards.esc(f"{cards.fmt_gb(_local_ram())} on this machine, shared by the daemons"))]
+        caches = [c for c in [self._pool_cache, *(h._pool_cache for h in list(self._hubs))] if c is not None]
+        pool, fetched = max(caches, key=lambda c: c[1]) if caches else (None, None)
+        sections: list = []
+        if pool is not None:
+            pool_rows, sections = cards.pool_section(pool, fetched)
+            rows += pool_rows
+        rows.append(("state dir", cards.code(self.state_dir)))
+        return cards.card("HWF LocalCluster", rows, status_url=f"{self.http_url}/" if self.http_url else None,
+                          sections=sections)
+
+
+def _local_ram() -> Optional[int]:
+    """Physical RAM of this machine in bytes (None where sysconf cannot say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -14,6 +15,7 @@ from hub_server import protocol as p
 from hub_server.blobs import file_sha256
 
 from ._ioloop import on_io_loop, sync_twin
+from .frames import short_id
 from .last import remember
 from .results import HardwarePool, ResultList
 from .task import Data, Task, TaskError, as_task_list, check_frames, check_parser
@@ -29,15 +31,42 @@ class Submission(list):
         super().__init__(task_ids)
         self.session_id = session_id
         self.hub = hub
+        self.submitted = time.time()
+        # Status counts from the last results() call, with when they came: the
+        # HTML card shows them (a repr never asks the hub).
+        self.counts: Optional[dict[str, int]] = None
+        self.counts_at: Optional[float] = None
+
+    def _remember(self, results: ResultList) -> ResultList:
+        self.counts, self.counts_at = results.by_status(), time.time()
+        return results
 
     async def results(self, wait: bool = True, timeout: Optional[float] = None) -> ResultList:
-        return await self.hub.get_result(list(self), wait=wait, timeout=timeout)
+        return self._remember(await self.hub.get_result(list(self), wait=wait, timeout=timeout))
 
     def results_sync(self, wait: bool = True, timeout: Optional[float] = None) -> ResultList:
-        return self.hub.get_result_sync(list(self), wait=wait, timeout=timeout)
+        return self._remember(self.hub.get_result_sync(list(self), wait=wait, timeout=timeout))
 
     def __repr__(self) -> str:
         return f"<Submission {len(self)} task(s) in session {self.session_id}>"
+
+    def _repr_html_(self) -> str:
+        """A Dask-like card: session, task count, last known status counts, status page."""
+        from . import cards
+
+        now = time.time()
+        if self.counts is None:
+            status = f"<i>submitted {cards.esc(cards.fmt_age(now - self.submitted))}; "\
+                     f"<code>sub.results_sync(wait=False)</code> fetches the status</i>"
+        else:
+            status = f"{cards.status_counts_html(self.counts)} " \
+                     f"<i>({cards.esc(cards.fmt_age(now - (self.counts_at or now)))})</i>"
+        rows = [("session", cards.code(self.session_id)), ("tasks", cards.esc(len(self))),
+                ("status", status), ("hub", cards.code(self.hub.url))]
+        ids = ", ".join(cards.code(short_id(t)) for t in list(self)[:5]) + (" …" if len(self) > 5 else "")
+        if ids:
+            rows.append(("task ids", ids))
+        return cards.card("HWF Submission", rows, status_url=self.hub.status_url)
 
 
 MAX_TASKS = 100_000  # one dispatch; a typo in a sweep should not queue millions

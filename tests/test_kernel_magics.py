@@ -52,17 +52,17 @@ def test_the_seed_example_through_magics(kernel):
                and "application/vnd.jupyter.widget-view+json" in o["data"]]
     assert widgets, "a live progress widget is displayed"
     found = kernel.run(
-        "import json\n"
+        "import json\nimport pandas as pd\n"
         "df = %hwf_results --level stage\n"
         "tasks = %hwf_results\n"
         "cmds = %hwf_results --level command\n"
         "print(json.dumps({'shape': df.shape, 'cols': list(df.columns), 'stages': list(df['stage']),"
-        " 'ram': [None if v != v else float(v) for v in df['peak_ram_mb']],"
+        " 'ram': [None if v is pd.NA else float(v) for v in df['peak_ram_mb']],"
         " 'status': list(tasks['status']), 'ncmd': len(cmds), 'n': len(sub), 'session': sub.session_id,"
         " 'art': [open(a.path).read() for r in cluster.hub().get_result_sync(list(sub)) for a in r.artifacts]}))"
     ).json()
     assert found["shape"][0] == 4 and found["n"] == 2
-    for col in ("duration", "peak_ram", "cpu_percent", "cpu_time", "machine", "stage"):
+    for col in ("duration_s", "peak_ram_mb", "cpu_percent", "cpu_time_s", "machine", "stage", "started", "ended"):
         assert col in found["cols"]
     assert found["stages"] == ["build", "run", "build", "run"]
     assert found["ram"][0] is None and found["ram"][1] >= 50
@@ -126,7 +126,7 @@ def test_dispatch_with_a_progress_parser(kernel):
     out = kernel.run(
         "sub = %hwf_dispatch --parser frames --frames 1:4 --wait\n"
         "df = %hwf_results\n"
-        "print(df['status'][0], df['progress'][0], df['frame_current'][0])"
+        "print(df['status'][0], df['progress_percent'][0], df['frame_current'][0])"
     ).stdout
     assert out.split() == ["finished", "100.0", "4"]
 

@@ -74,11 +74,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def link_card(title: str, rows: list[tuple[str, str]], status_url: Optional[str]) -> str:
-    """A small HTML card (like Dask's client card): facts, and the status page link."""
-    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                    f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
-    if status_url:
-        url = html.escape(status_url, quote=True)
-        cells += (f"<tr><th style='text-align:left;padding-right:1em'>status page</th>"
-                  f"<td style='text-align:left'><a href='{url}' target='_blank' rel='noopener'>{url}</a></td></tr>")
-    return f"<div><strong>{html.escape(title)}</strong><table>{cells}</table></div>"
+    """A small HTML card of plain-text facts and the status page link (``cards.card``'s look)."""
+    from ..cards import card
+
+    return card(title, [(k, esc(v)) for k, v in rows], status_url=status_url)

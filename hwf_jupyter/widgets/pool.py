@@ -30,7 +30,7 @@ _COLUMNS: dict[str, Any] = {
     "arch": lambda r: r["arch"],
     "cpu": lambda r: r["cpu"],
     "cores": lambda r: r["cores"],
-    "RAM GB": lambda r: r["ram_gb"],
+    "RAM GB": lambda r: r["ram_mb"] / 1024,  # the frame has MiB; people read machines in GB
     "GPUs": lambda r: r["gpus"],
     "slots": lambda r: r["slots"],
     "running": lambda r: r["running"],
