@@ -215,3 +215,21 @@ def test_widgets_refuse_what_is_not_a_hub_naming_what_they_take():
         PoolView("ws://127.0.0.1:1", refresh=None, interactive=False)
     with pytest.raises(TypeError, match="got dict"):
         as_hub({}, "TaskBuilder")
+
+
+def test_cell_stream_caps_each_task_and_stream_on_its_own(capsys):
+    from hwf_jupyter.stream import CellStream
+
+    s = CellStream(None, prefix=True, max_lines=4)  # 3 head + 1 tail each
+    s._remaining = {"t-aaaaaa", "t-bbbbbb"}
+    for i in range(6):
+        s.on_output(p.Output(task_id="t-aaaaaa", attempt=1, stream="stdout", text=f"a{i}\n"))
+    s.on_output(p.Output(task_id="t-bbbbbb", attempt=1, stream="stdout", text="b0\n"))
+    s.on_output(p.Output(task_id="t-aaaaaa", attempt=1, stream="stderr", text="err\n"))
+    s.on_event(p.TaskEvent(watch=1, task_id="t-aaaaaa", status="finished", time=1.0))
+    s.on_event(p.TaskEvent(watch=1, task_id="t-aaaaaa", status="finished", time=1.0))  # twice: once shown
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["[aaaaaa] a0", "[aaaaaa] a1", "[aaaaaa] a2", "[bbbbbb] b0",
+                                "[aaaaaa] … 2 lines omitted (full output: %hwf_results --level command)",
+                                "[aaaaaa] a5"]
+    assert err == "[aaaaaa] err\n"
