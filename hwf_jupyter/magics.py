@@ -133,9 +133,9 @@ class HWFMagics(Magics):
     def hwf_connect(self, line: str) -> Hub:
         """Connect this notebook to a hub.
 
-        The token comes from ``--token-file PATH``, else ``$HWF_TOKEN``, else
-        ``HWFMagics.token``; ``--token T`` works but T is then saved in the
-        notebook, so it prints a warning."""
+        The token comes from ``--token-file PATH`` (its first line), else
+        ``%config HWFMagics.token``, else ``$HWF_TOKEN``; ``--token T`` works
+        but T is then saved in the notebook, so it prints a warning."""
         args = parse_argstring(self.hwf_connect, line)
         if args.token and args.token_file:
             raise UsageError("hwf: give --token or --token-file, not both")
@@ -257,7 +257,7 @@ class HWFMagics(Magics):
               help="one task per value, with $HWF_PARAM_<NAME> set (repeatable: every combination)")
     @argument("--stream-lines", type=int, default=DEFAULT_MAX_LINES, metavar="N",
               help="with --stream: lines shown per task and stream, the rest summed up "
-                   "(0: all; the results keep everything)")
+                   "(0: all; %%hwf_results --level command keeps the daemon's capture)")
     @argument("--priority", type=int, default=0, help="higher runs first")
     @argument("--across", action="store_true", help="one copy on each machine matching the hardware")
     @argument("--wait", action="store_true", help="block this cell until every task has ended")
