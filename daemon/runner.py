@@ -161,6 +161,7 @@ def exit_text(code: int) -> str:
 
 
 def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
+    """``n`` counts from 0, as the results' ``command_index`` does."""
     return f"stage {stage!r} command {n} ({_short(cmd)!r}) {exit_text(code)}"
 
 
@@ -448,7 +449,7 @@ async def _run_stage(
     started = time.time()
     t0 = time.perf_counter()
     try:
-        for n, cmd in enumerate(stage.cmds, 1):
+        for n, cmd in enumerate(stage.cmds):  # from 0, like the results' command_index
             if cancel is not None and cancel.is_set():
                 failure = _cancelled(cancel)
                 break

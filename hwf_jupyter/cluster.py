@@ -276,12 +276,14 @@ class LocalCluster:
         """Start ``python -m MODULE ARGS``; ``secret`` goes to its stdin as one line, then EOF."""
         log = open(self.log_dir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", module, *args]
-        if not self.persistent:
+        if not self.persistent:  # a persistent farm outlives this process on purpose
             cmd += ["--parent-pid", str(os.getpid())]
-        # persistent: its own session, so a kernel's shutdown (which ends its
-        # process group's children) and restart leave it running.
+        # Own session: Jupyter's "interrupt kernel" signals the kernel's whole
+        # process group, and Ctrl-C on a wait must not kill the hub and daemons;
+        # a kernel's shutdown ends its process group's children too.
+        # (--parent-pid still ends a non-persistent cluster with this process.)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if secret is None else subprocess.PIPE,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=self.persistent)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self._procs.append(proc)
         if secret is not None:

@@ -68,7 +68,7 @@ def test_the_seed_example_through_magics(kernel):
     assert found["stages"] == ["build", "run", "build", "run"]
     assert found["ram"][0] is None and found["ram"][1] >= 50
     assert found["status"] == ["finished", "finished"]
-    assert found["ncmd"] == 6
+    assert found["ncmd"] == 4  # each stage cell is one script: 2 tasks x 2 stages
     assert found["art"] == ["HELLO FROM THE NOTEBOOK\n"] * 2
 
 

@@ -156,7 +156,9 @@ def test_reattach_to_an_external_hub_after_restart(cluster, tmp_path):
         session = re.search(r"session (s-\S+)", k.run("sub = %hwf_dispatch --repeat 2").stdout).group(1)
         k.restart()
         k.run("%load_ext hwf_jupyter")
-        k.run(f"%hwf_connect {cluster.address} --token {cluster.token}")
+        token_file = tmp_path / "token"
+        token_file.write_text(cluster.token + "\n")
+        k.run(f"%hwf_connect {cluster.address} --token-file {token_file}")
         got = k.run(f"df = %hwf_results --session {session} --wait --level command\n"
                     "print(sorted(s.strip() for s in df['stdout'] if s.strip()))").stdout
         assert got.strip().splitlines()[-1] == "['external-ok', 'external-ok']"

@@ -19,6 +19,22 @@ def in_kernel() -> bool:
     return ip is not None and hasattr(ip, "kernel")
 
 
+def as_hub(obj: Any, widget: str) -> Any:
+    """The ``Hub`` a widget talks to: a Hub, or a LocalCluster's (its ``hub()``).
+
+    Anything else is a TypeError naming what the widget takes, at once,
+    rather than an AttributeError from the first background refresh."""
+    from ..cluster import LocalCluster
+    from ..hub import Hub
+
+    if isinstance(obj, LocalCluster):
+        return obj.hub()
+    if isinstance(obj, Hub) or (hasattr(obj, "get_hardware_pool") and hasattr(obj, "get_result")):
+        return obj  # a Hub, or a stand-in with its methods
+    raise TypeError(f"{widget} takes a Hub (hwf_jupyter.Hub or %hwf_connect's) or a LocalCluster, "
+                    f"got {type(obj).__name__}")
+
+
 def resolve_interactive(interactive: Optional[bool]) -> bool:
     return in_kernel() if interactive is None else bool(interactive)
 
