@@ -108,3 +108,12 @@ def test_stop_farm_signals_only_recorded_farm_processes(tmp_path):
     assert localfarm.stop_farm(root) == []  # we are still here: nothing was signalled
     assert localfarm.read_record(root) is None  # the stale record is gone
     assert localfarm.stop_farm(tmp_path / "never-made") == []
+
+
+def test_a_farm_dir_of_another_user_is_refused(tmp_path, monkeypatch):
+    # Its record would choose which pids we signal and where our tokens go.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(theirs).st_uid + 1)
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        localfarm.prepare_root(theirs)
