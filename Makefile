@@ -25,7 +25,7 @@ LAB_DIR ?= notebooks
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lab]'
 	mkdir -p $(LAB_IPYTHONDIR)/profile_default
-	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
+	echo 'c.InteractiveShellApp.extensions = ["hwf_jupyter.preload"]' > $(LAB_IPYTHONDIR)/profile_default/ipython_kernel_config.py
 	IPYTHONDIR=$(LAB_IPYTHONDIR) $(PY) -m jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # Debian's Chromium for the status page's browser tests (Playwright cannot

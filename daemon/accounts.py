@@ -228,14 +228,19 @@ def task_env(
     user: Optional[TaskUser] = None,
     home: Optional[Path] = None,
     tmpdir: Optional[Path] = None,
+    extra: Optional[Mapping[str, str]] = None,
 ) -> dict[str, str]:
     """The daemon's environment minus every ``HWF_*`` variable, plus the task's own.
 
+    ``extra`` (the spec's ``env``, checked by the hub) comes before the
+    daemon's own ``HWF_TASK_ID``/``HWF_ATTEMPT``, so it cannot replace them.
     ``HWF_*`` goes because it carries the daemon's secrets (``HWF_TOKEN``);
     as another user, ``HOME``/``TMPDIR`` point into the task dir (the daemon's
     own are not the task's to write) and ``USER``/``LOGNAME`` name the account.
     """
     env = {k: v for k, v in base.items() if not k.startswith("HWF_")}
+    if extra:
+        env.update({k: v for k, v in extra.items() if k != "HWF_TOKEN"})
     env["HWF_TASK_ID"] = task_id
     env["HWF_ATTEMPT"] = str(attempt)
     if user is not None:

@@ -161,7 +161,8 @@ def exit_text(code: int) -> str:
 
 
 def _exit_error(stage: str, n: int, cmd: str, code: int) -> str:
-    return f"stage {stage!r} command[{n}] ({_short(cmd)!r}) {exit_text(code)}"
+    """``n`` counts from 0, as the results' ``command_index`` does."""
+    return f"stage {stage!r} command {n} ({_short(cmd)!r}) {exit_text(code)}"
 
 
 # ------------------------------------------------------------------ output
@@ -448,7 +449,7 @@ async def _run_stage(
     started = time.time()
     t0 = time.perf_counter()
     try:
-        for n, cmd in enumerate(stage.cmds):  # from 0, like the DataFrame's command_index
+        for n, cmd in enumerate(stage.cmds):  # from 0, like the results' command_index
             if cancel is not None and cancel.is_set():
                 failure = _cancelled(cancel)
                 break
@@ -467,7 +468,7 @@ async def _run_stage(
                 )
             except Exception as exc:
                 failure = _Failure(
-                    f"stage {stage.name!r} command[{n}] ({_short(cmd)!r}) could not run: "
+                    f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
                     f"{_describe_exc(exc)}"
                 )
                 commands.append(CommandOutcome(cmd=cmd, exit_code=None))

@@ -55,14 +55,14 @@ async def main() -> None:
         across = await dispatch(task, hub, across=pool)    # one copy per machine
         results = await hub.get_result([*ids, *across], wait=True)
 
-        cols = ["task_id", "status", "machine", "duration", "queue_time", "attempts", "artifacts"]
+        cols = ["task_id", "status", "machine", "duration_s", "queue_time_s", "attempts", "artifacts"]
         print("== tasks ==")
         print(results.to_dataframe()[cols].to_string(index=False))
         print("\n== stages ==")
-        stage_cols = ["task_id", "machine", "stage", "status", "duration", "peak_ram_mb", "cpu_time", "cpu_percent"]
+        stage_cols = ["task_id", "machine", "stage", "status", "duration_s", "peak_ram_mb", "cpu_time_s", "cpu_percent"]
         print(results.to_dataframe(level="stage")[stage_cols].to_string(index=False))
         print("\n== hardware pool ==")
-        pool_cols = ["name", "state", "os", "arch", "cpu", "cores", "ram_gb", "slots", "load_1m", "mem_percent"]
+        pool_cols = ["name", "state", "os", "arch", "cpu", "cores", "ram_mb", "slots", "load_1m", "mem_percent"]
         print(pool.to_dataframe()[pool_cols].to_string(index=False))
         print("\n== artifacts ==")
         for r in results:

@@ -42,6 +42,7 @@ from .events import (
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
 from .store import Store, dumps, loads
+from .taskenv import env_problem
 from .ledger import Ledger, check_range
 from .requests import RequestError
 from msgspec.structs import replace as msgspec_replace
@@ -448,6 +449,9 @@ class HubCore:
             problem = unsafe_relative_path(pattern)
             if problem:
                 raise RequestError("bad_path", f"{where}: artifact {pattern!r} {problem}")
+        problem = env_problem(spec.env)
+        if problem:
+            raise RequestError("bad_task", f"{where}: {problem}")
         if spec.credits is not None:
             check_range(spec.credits.credits, spec.credits.min, spec.credits.max, f"{where} credits")
         if (spec.frame_start is None) != (spec.frame_end is None):

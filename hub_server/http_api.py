@@ -13,6 +13,7 @@ server posts forms with ``settings`` as a JSON string and a ``jobfile``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -263,8 +264,6 @@ class HttpApi:
         return web.json_response(body, status=202)
 
     async def _store_upload(self, who: Principal, data: bytes) -> str:
-        import hashlib
-
         limits = self.hub.config.limits
         if len(data) > limits.max_file_bytes:
             raise HttpError(413, "too_large", f"jobfile of {len(data)} bytes exceeds max_file_bytes={limits.max_file_bytes}")

@@ -193,6 +193,8 @@ PARSERS = ("frames", "percent", "hwf-progress")
 ParserName = Literal["frames", "percent", "hwf-progress"]
 FrameNumber = Annotated[int, Meta(ge=-(10**9), le=10**9)]
 Percent = Annotated[float, Meta(ge=0.0, le=100.0)]
+EnvName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+TaskEnv = Annotated[dict[EnvName, Annotated[str, Meta(max_length=4096)]], Meta(max_length=64)]
 ExternalId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")]
 
 
@@ -219,6 +221,9 @@ class TaskSpec(msgspec.Struct, frozen=True):
     # own id for the task (a brender server's task_id); unique per user.
     job_id: Optional[ExternalId] = None
     external_id: Optional[ExternalId] = None
+    # Extra environment variables for the task's commands (taskenv.py says
+    # which names are allowed; the hub checks them at submit).
+    env: TaskEnv = {}
 
 
 # ------------------------------------------------------------ task outcomes

@@ -201,6 +201,9 @@ class Hub:
         self._connecting: Optional[asyncio.Future] = None
         self._watchers: dict[int, Watcher] = {}
         self._functions: Optional[FunctionClient] = None  # hub.submit's futures, made on first use
+        # The last unfiltered pool and when it came: the HTML card shows it
+        # (a repr must never wait on the network).
+        self._pool_cache: Optional[tuple[HardwarePool, float]] = None
 
     def __repr__(self) -> str:
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
@@ -220,10 +223,15 @@ class Hub:
         return f"{'https' if parts.scheme == 'wss' else 'http'}://{host}:{welcome.http_port}/"
 
     def _repr_html_(self) -> str:
-        from .widgets._common import link_card
+        """A Dask-like card: address, state, workers/slots/memory from the last
+        fetched pool, the status page link.  No network call."""
+        from . import cards
 
         state = "connected" if self._link is not None and self._link.is_open else "not connected"
-        return link_card("HWF Hub", [("address", self.url), ("state", state)], self.status_url)
+        pool, fetched = self._pool_cache or (None, None)
+        pool_rows, sections = cards.pool_section(pool, fetched)
+        rows = [("address", cards.code(self.url)), ("state", cards.esc(state)), *pool_rows]
+        return cards.card("HWF Hub", rows, status_url=self.status_url, sections=sections)
 
     # -- connection (runs on the I/O loop) -----------------------------------
 
@@ -380,7 +388,10 @@ class Hub:
         reply = await self._request(
             lambda rid: p.GetPool(id=rid, hardware=[dict(h) for h in hardware], include_offline=include_offline)
         )
-        return HardwarePool.from_machines(reply.machines)
+        pool = HardwarePool.from_machines(reply.machines)
+        if not hardware:
+            self._pool_cache = (pool, time.time())
+        return pool
 
     # -- credits ----------------------------------------------------------------
 

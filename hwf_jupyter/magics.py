@@ -1,7 +1,10 @@
 """IPython magics: ``%load_ext hwf_jupyter`` then ``%%hwf_stage``, ``%hwf_dispatch``...
 
 Misuse (an empty draft, no hub, a bad option or value, a hub that is down)
-raises ``UsageError``, which IPython shows as one line, not a traceback.
+raises ``UsageError``, which IPython shows as one line, not a traceback;
+Ctrl-C during a wait shows one line too: what still runs, how to cancel it.
+``%hwf_results``/``%hwf_cancel`` default to the kernel's last submission,
+made by ``%hwf_dispatch``, ``dispatch()`` or the TaskBuilder (last.py).
 Network work runs on HWF's I/O thread; a magic blocks its cell only when it
 waits for results (``--wait``), and live widgets keep updating meanwhile.
 """
@@ -25,6 +28,7 @@ from hub_server import protocol as p
 from hub_server.hardware import HardwareError
 from hub_server.link import HubError
 
+from . import localfarm
 from .cluster import ClusterError, LocalCluster
 from .functions import make_options, submit_each
 from .pycall import RUNTIME, TaskFailed
@@ -32,11 +36,15 @@ from .px import CELL_FILE, TargetOutput, cell_names, describe_error, render, run
 from .dispatch import Submission, dispatch_sync, progress_fields
 from .draft import Draft
 from .hub import Hub
+from .last import last_submission
+from .notices import CancelReport, Interrupted, interrupted_line
 from .results import ResultList
-from .stream import CellStream
+from .stream import DEFAULT_MAX_LINES, CellStream
 from .task import Data, Stage, TaskError
 
 LEVELS = ("task", "stage", "command")
+NOT_CONNECTED = ("hwf: not connected to a hub (a new or restarted kernel): run %hwf_local (starts your local "
+                 "farm, or re-attaches to the running one) or %hwf_connect URL --token T, then run this again")
 _USER_ERRORS = (TaskError, HubError, HardwareError, ClusterError, ValueError, TypeError, NotImplementedError,
                 OSError)
 
@@ -104,7 +112,7 @@ class HWFMagics(Magics):
         if self.hub is None and self.hub_url:
             self._connect(self.hub_url, self.token or None, self.ca_file or None)
         if self.hub is None:
-            raise UsageError("hwf: not connected to a hub: run %hwf_connect URL or %hwf_local first")
+            raise UsageError(NOT_CONNECTED)
         return self.hub
 
     def _connect(self, url: str, token: Optional[str], ca_file: Optional[str] = None) -> Hub:
@@ -117,51 +125,124 @@ class HWFMagics(Magics):
 
     @magic_arguments()
     @argument("url", help="hub address: host, host:port, ws://host:port or wss://host:port (TLS)")
-    @argument("--token", default=None, help="access token (default: $HWF_TOKEN or HWFMagics.token)")
+    @argument("--token-file", default=None, metavar="PATH",
+              help="read the access token from this file (keeps it out of the notebook)")
+    @argument("--token", default=None,
+              help="access token, saved in the notebook with the cell: prefer --token-file or $HWF_TOKEN")
     @argument("--ca-file", default=None,
               help="CA certificate that signs the hub's wss:// certificate (default: the system's CAs)")
     @line_magic
     @_one_line_errors
     def hwf_connect(self, line: str) -> Hub:
-        """Connect this notebook to a hub."""
+        """Connect this notebook to a hub.
+
+        The token comes from ``--token-file PATH`` (its first line), else
+        ``%config HWFMagics.token``, else ``$HWF_TOKEN``; ``--token T`` works
+        but T is then saved in the notebook, so it prints a warning."""
         args = parse_argstring(self.hwf_connect, line)
-        token = args.token or self.token or os.environ.get("HWF_TOKEN")
-        return self._connect(args.url, token, args.ca_file or self.ca_file or None)
+        if args.token and args.token_file:
+            raise UsageError("hwf: give --token or --token-file, not both")
+        if args.token_file:
+            token: Optional[str] = _read_token_file(args.token_file)
+        elif args.token:
+            token = args.token
+        else:
+            token = self.token or os.environ.get("HWF_TOKEN") or None
+        hub = self._connect(args.url, token, args.ca_file or self.ca_file or None)
+        if args.token:  # after connecting, so a failure stays one line
+            print("hwf: warning: --token is saved in this notebook with the cell; "
+                  "use --token-file PATH or $HWF_TOKEN to keep it out", file=sys.stderr)
+        return hub
 
     @magic_arguments()
-    @argument("--daemons", type=int, default=2, help="daemon processes to start")
-    @argument("--slots", type=int, default=2, help="tasks each daemon runs at once")
+    @argument("--daemons", type=int, default=None,
+              help="daemon processes (default: what the running farm has; 2 for a new one)")
+    @argument("--slots", type=int, default=None,
+              help="tasks each daemon runs at once (default: what the running farm has; 2 for a new one)")
+    @argument("--stop", action="store_true", help="stop your local farm (its running tasks end)")
     @line_magic
     @_one_line_errors
-    def hwf_local(self, line: str) -> LocalCluster:
-        """Start (or reuse) an embedded hub + daemons owned by this kernel."""
+    def hwf_local(self, line: str) -> Optional[LocalCluster]:
+        """Start your local farm (a hub + daemons on this machine), or attach to
+        the one already running.  It outlives kernel restarts: after one, run
+        %hwf_local again and %hwf_results --session S.  Its state, logs and
+        record live in $HWF_LOCAL_DIR (default ~/.hwf/local)."""
         args = parse_argstring(self.hwf_local, line)
-        if self.cluster is None:
-            if args.daemons < 1:
-                raise UsageError("hwf: --daemons must be >= 1")
-            self.cluster = LocalCluster(daemons=args.daemons, slots=args.slots)
-        if self.hub is None or self.hub.url != self.cluster.address:
-            self.hub = self.cluster.hub(artifacts_dir=self.artifacts_dir)
-        return self.cluster
+        if args.stop:
+            if args.daemons is not None or args.slots is not None:
+                raise UsageError("hwf: %hwf_local --stop takes no --daemons/--slots")
+            self._stop_local()
+            return None
+        for name in ("daemons", "slots"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"hwf: --{name} must be >= 1, got {value}")
+        cluster = self.cluster
+        if cluster is not None and (cluster.hub_process is None or cluster.hub_process.poll() is not None):
+            cluster = None  # stopped (here or by another kernel) or died: find or start it again
+        if cluster is None:
+            self.cluster = cluster = LocalCluster(daemons=args.daemons, slots=args.slots, persistent=True)
+            how = "attached to your running local farm" if cluster.attached else "started your local farm"
+            print(f"hwf: {how} in {cluster.root}; it outlives kernel restarts (%hwf_local --stop ends it)")
+        else:
+            conflict = localfarm.shape_conflict(_record_of(cluster), args.daemons, args.slots)
+            if conflict:
+                raise UsageError(f"hwf: {conflict}")
+        if self.hub is None or self.hub.url != cluster.address:
+            if self.hub is not None:
+                self.hub.close_sync()
+            self.hub = cluster.hub(artifacts_dir=self.artifacts_dir)
+        return cluster
+
+    def _stop_local(self) -> None:
+        root = self.cluster.root if self.cluster is not None else localfarm.default_root()
+        if self.cluster is not None and self.hub is not None and self.hub.url == self.cluster.address:
+            self.hub.close_sync()
+            self.hub = None
+        stopped = self.cluster.stop() if self.cluster is not None else localfarm.stop_farm(root)
+        self.cluster = None
+        if stopped:
+            print(f"hwf: stopped your local farm in {root} (pids {' '.join(map(str, stopped))})")
+        else:
+            print(f"hwf: no local farm was running in {root}")
 
     # -- the draft ----------------------------------------------------------
 
     @magic_arguments()
-    @argument("name", help="stage name")
+    @argument("name", help="stage name; a stage of this name already in the draft is replaced")
     @argument("--data", action="append", default=[], metavar="SRC[:NAME]",
               help="local file sent with the task, saved as NAME (repeatable)")
     @argument("--track", default="time", help="measures to track: time,ram,cpu,gpu")
     @argument("--comment", default="", help="a note kept with the stage's results")
+    @argument("--per-line", action="store_true",
+              help="run each non-empty, non-comment line as its own command (each timed; "
+                   "a failing line stops the stage)")
     @cell_magic
     @_one_line_errors
     def hwf_stage(self, line: str, cell: str) -> None:
-        """Add a stage to the draft task: each non-empty cell line is a command."""
+        """Add a stage to the draft task: the cell is one bash script.
+
+        As with ``%%bash``: loops, ``if``, heredocs, line continuations and
+        functions work.  No ``set -e`` is added: the stage fails only if the
+        script's exit status (its last command's, as bash has it) is not 0;
+        put ``set -e`` first to stop at the first failing command.
+        ``--per-line`` runs each non-empty, non-comment line as its own
+        command instead (timed separately; the first failure stops the stage;
+        failures count commands from 0, like the results' ``command_index``).
+
+        A stage named like one already in the draft replaces it (re-running a
+        cell does not add it twice); after ``%hwf_dispatch`` the next stage
+        starts a new draft.  ``%hwf_draft`` shows the draft,
+        ``%hwf_draft --clear`` empties it."""
         args = parse_argstring(self.hwf_stage, line)
         tracks = {t.strip() for t in args.track.split(",") if t.strip()}
         unknown = tracks - {"time", "ram", "cpu", "gpu"}
         if unknown:
             raise UsageError(f"hwf: unknown --track value(s) {', '.join(sorted(unknown))} (use time,ram,cpu,gpu)")
-        cmds = [c for c in cell.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+        if args.per_line:
+            cmds = [c for c in cell.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+        else:
+            cmds = [cell.strip("\n")] if cell.strip() else []
         stage = Stage(
             args.name, data=[_data_arg(d) for d in args.data], cmd=cmds,
             track_time="time" in tracks, track_ram="ram" in tracks,
@@ -169,7 +250,7 @@ class HWFMagics(Magics):
         )
         for d in stage.data:
             d.check()
-        self.draft.add_stage(stage)
+        print(f"hwf draft: {self.draft.add_stage(stage)}")
         display(self.draft)
 
     @line_magic
@@ -197,7 +278,10 @@ class HWFMagics(Magics):
     @line_magic
     @_one_line_errors
     def hwf_draft(self, line: str) -> Draft:
-        """Show (or clear) the draft task."""
+        """Show the draft task (stages, artifacts, hardware); ``--clear`` empties it.
+
+        ``%%hwf_stage`` cells add to it (same name: replaced), ``%hwf_dispatch``
+        sends it; after a dispatch the next edit starts a new draft."""
         args = parse_argstring(self.hwf_draft, line)
         if args.clear:
             self.draft.clear()
@@ -206,7 +290,13 @@ class HWFMagics(Magics):
     # -- dispatch -----------------------------------------------------------
 
     @magic_arguments()
-    @argument("--repeat", type=int, default=1, help="copies of the task")
+    @argument("--repeat", type=int, default=1,
+              help="copies of the task; each gets $HWF_INDEX (0, 1, ...) in its environment")
+    @argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
+              help="one task per value, with $HWF_PARAM_<NAME> set (repeatable: every combination)")
+    @argument("--stream-lines", type=int, default=DEFAULT_MAX_LINES, metavar="N",
+              help="with --stream: lines shown per task and stream, the rest summed up "
+                   "(0: all; %%hwf_results --level command keeps the daemon's capture)")
     @argument("--priority", type=int, default=0, help="higher runs first")
     @argument("--across", action="store_true", help="one copy on each machine matching the hardware")
     @argument("--wait", action="store_true", help="block this cell until every task has ended")
@@ -224,8 +314,19 @@ class HWFMagics(Magics):
     @line_magic
     @_one_line_errors
     def hwf_dispatch(self, line: str) -> Submission:
-        """Dispatch the draft task; shows live progress and returns a Submission."""
+        """Dispatch the draft task; shows live progress and returns a Submission.
+
+        The draft is then spent: the next ``%%hwf_stage`` starts a new one
+        (this one can still be dispatched again until then).  Every task gets
+        ``$HWF_INDEX`` (0..n-1); ``--param lr=0.1,0.2 --param seed=1,2`` makes
+        4 tasks with ``$HWF_PARAM_LR``/``$HWF_PARAM_SEED`` and the values in
+        their labels.  The dispatch becomes the last submission, which
+        ``%hwf_results`` and ``%hwf_cancel`` use by default.  Ctrl-C during
+        ``--wait`` stops waiting, not the tasks, and says how to cancel them."""
         args = parse_argstring(self.hwf_dispatch, line)
+        params = _params_arg(args.param)
+        if args.stream_lines < 0:
+            raise UsageError(f"hwf: --stream-lines must be >= 0, got {args.stream_lines}")
         frames = _frames_arg(args.frames)
         progress_fields(args.parser, frames)  # a bad name or range fails before anything is built
         task = self.draft.build(label=args.label)
@@ -238,15 +339,44 @@ class HWFMagics(Magics):
         sub = dispatch_sync(task, hub, repeat=args.repeat, priority=args.priority, across=across,
                             session=args.session, max_retries=args.max_retries, timeout=args.timeout,
                             stream=args.stream, credits=_credits_arg(args.credits),
-                            parser=args.parser, frames=frames)
+                            parser=args.parser, frames=frames, params=params)
         self.submissions.append(sub)
+        self.draft.mark_dispatched(sub.session_id)
+        print(f"hwf: dispatched {len(sub)} task(s) in session {sub.session_id}  "
+              f"(after a kernel restart: %hwf_results --session {sub.session_id})")
         view = self._show_progress(hub, list(sub), title=f"hwf session {sub.session_id}")
         if args.stream:
-            self.streams.append(CellStream.start(hub, list(sub), shell=self.shell))
+            self.streams.append(CellStream.start(hub, list(sub), shell=self.shell, max_lines=args.stream_lines))
         if args.wait:
-            hub.get_result_sync(list(sub), wait=True, download=False)
+            hint = "%hwf_cancel" if args.session else f"%hwf_cancel --session {sub.session_id}"
+            self._wait(hub, list(sub), sub.session_id, hint, download=False)
             self._settle(view)
         return sub
+
+    def _wait(self, hub: Hub, ids: list[str], session_id: Optional[str], cancel_hint: str,
+              download: bool = True) -> ResultList:
+        """Results once every task ended; Ctrl-C: one line on what still runs."""
+        try:
+            return hub.get_result_sync(ids, wait=True, download=download)
+        except KeyboardInterrupt:
+            try:
+                now = hub.get_result_sync(ids, wait=False, download=False)
+                line = interrupted_line([r.status for r in now], session_id=session_id, cancel_hint=cancel_hint)
+            except Exception:  # the hub is gone too: still say how to cancel
+                line = f"interrupted: the tasks may still run; {cancel_hint} cancels them"
+            raise Interrupted(line) from None
+
+    def _last(self) -> Optional[Submission]:
+        """The last dispatch in this kernel, by any path (magic, dispatch(), TaskBuilder)."""
+        sub = last_submission()
+        return sub if sub is not None else (self.submissions[-1] if self.submissions else None)
+
+    def _hub_of(self, sub: Submission) -> Hub:
+        """The hub a submission went to (if still open), else this notebook's."""
+        hub = getattr(sub, "hub", None)
+        if hub is not None and not getattr(hub, "closed", False):
+            return hub
+        return self._require_hub()
 
     def _show_progress(self, hub: Hub, ids: list[str] = (), *, session: Optional[str] = None,
                        title: str = "") -> Any:
@@ -273,25 +403,37 @@ class HWFMagics(Magics):
     @argument("--level", default="task", choices=LEVELS, help="one row per task, stage or command")
     @argument("--session", default=None, help="every task of a session (also after a kernel restart)")
     @argument("--last", action="store_true", help="the last dispatch (the default)")
-    @argument("--wait", action="store_true", help="wait until every task has ended")
+    @argument("--wait", action="store_true", help="wait until every task has ended (Ctrl-C stops waiting only)")
     @line_magic
     @_one_line_errors
     def hwf_results(self, line: str) -> Any:
-        """Results as a DataFrame: ``df = %hwf_results --level stage``."""
+        """Results as a DataFrame: ``df = %hwf_results --level stage``.
+
+        Default: the last dispatch of this kernel, whether made by
+        ``%hwf_dispatch``, ``dispatch()`` in Python or the TaskBuilder."""
         args = parse_argstring(self.hwf_results, line)
-        hub = self._require_hub()
+        session_id: Optional[str] = None
         if args.session:
+            hub = self._require_hub()
             session = hub.session_sync(args.session)
-            ids = session.task_ids
+            ids, session_id = session.task_ids, args.session
             if not session.done and not args.wait:
                 self._show_progress(hub, session=args.session, title=f"hwf session {args.session}")
+            hint = f"%hwf_cancel --session {args.session}"
         elif args.ids:
+            hub = self._require_hub()
             ids = args.ids
-        elif self.submissions:
-            ids = list(self.submissions[-1])
+            hint = "%hwf_cancel " + " ".join(ids) if len(ids) <= 3 else "%hwf_cancel ID ..."
+        elif (last := self._last()) is not None:
+            hub = self._hub_of(last)
+            ids, session_id, hint = list(last), last.session_id, "%hwf_cancel"
         else:
+            self._require_hub()
             raise UsageError("hwf: nothing to show: no dispatch yet in this kernel; pass task ids or --session S")
-        results: ResultList = hub.get_result_sync(ids, wait=args.wait)
+        if args.wait:
+            results: ResultList = self._wait(hub, ids, session_id, hint)
+        else:
+            results = hub.get_result_sync(ids, wait=False)
         if args.wait:
             for view in self.progress_views:
                 view.flush()
@@ -381,19 +523,61 @@ class HWFMagics(Magics):
         return hub.credit_tally_sync(by=args.by)
 
     @magic_arguments()
-    @argument("ids", nargs="*", help="task ids")
+    @argument("ids", nargs="*", help="task ids (default: the last dispatch's tasks)")
     @argument("--session", default=None, help="cancel every unfinished task of a session")
     @line_magic
     @_one_line_errors
-    def hwf_cancel(self, line: str) -> Any:
-        """Cancel tasks (running ones are killed on their daemon)."""
+    def hwf_cancel(self, line: str) -> CancelReport:
+        """Cancel tasks (running ones are killed on their daemon); says how many, by state.
+
+        Default: the last dispatch of this kernel (``%hwf_dispatch``,
+        ``dispatch()`` or the TaskBuilder).  Returns a dict (``cancelled``:
+        ids, ``by_state``: counts) shown as "cancelled 3 tasks (2 queued, 1 running)"."""
         args = parse_argstring(self.hwf_cancel, line)
-        hub = self._require_hub()
+        if args.ids and args.session:
+            raise UsageError("hwf: give task ids or --session S, not both")
         if not args.ids and not args.session:
-            if not self.submissions:
-                raise UsageError("hwf: name task ids or --session S to cancel")
-            args.session = self.submissions[-1].session_id
-        return hub.cancel_sync(args.ids or None, session=args.session)
+            last = self._last()
+            if last is None:
+                self._require_hub()
+                raise UsageError("hwf: nothing to cancel: no dispatch yet in this kernel; name task ids or --session S")
+            return CancelReport(self._hub_of(last).cancel_sync(list(last)))
+        hub = self._require_hub()
+        return CancelReport(hub.cancel_sync(args.ids or None, session=args.session))
+
+
+def _read_token_file(path: str) -> str:
+    """The token in ``path`` (first line, stripped); a one-line error naming the file otherwise."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as exc:
+        raise UsageError(f"hwf: --token-file {path!r}: {exc.strerror or exc}") from None
+    if not token:
+        raise UsageError(f"hwf: --token-file {path!r} is empty")
+    return token
+
+
+def _params_arg(specs: list[str]) -> dict[str, list[str]]:
+    """``--param name=v1,v2`` (repeatable) -> dispatch's params= (checked there)."""
+    params: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"hwf: --param takes NAME=V1,V2,..., got {spec!r}")
+        if name in params:
+            raise UsageError(f"hwf: --param {name} is given twice")
+        params[name] = [v.strip() for v in values.split(",") if v.strip()]
+        if not params[name]:
+            raise UsageError(f"hwf: --param {name} has no values (NAME=V1,V2,...)")
+    return params
+
+
+def _record_of(cluster: LocalCluster) -> localfarm.FarmRecord:
+    """The shape of the farm this kernel uses, as shape_conflict wants it."""
+    return localfarm.FarmRecord(root=str(cluster.root), address=cluster.address, hub_pid=0, port=cluster.port,
+                                slots=cluster.slots, daemons={n: 0 for n in cluster.daemon_processes})
 
 
 def _credits_arg(text: Optional[str]) -> Any:
@@ -447,10 +631,14 @@ def _px_output(fut: Any, target: str) -> TargetOutput:
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics once: loading again (a profile that preloads HWF, then
+    ``%load_ext hwf_jupyter`` in the notebook) is a silent no-op."""
+    if "HWFMagics" in ipython.magics_manager.registry:
+        return
     ipython.register_magics(HWFMagics(shell=ipython))
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("HWFMagics")
     if magics is not None and magics.cluster is not None:
-        magics.cluster.close()
+        magics.cluster.close()  # the local farm keeps running: %hwf_local --stop ends it

@@ -7,11 +7,17 @@ module turns the first into the second and does no I/O.
 Conventions shared by every DataFrame here, so that plots and aggregates do
 not lie:
 
-* a measure that was not tracked is missing (NaN / ``<NA>`` / NaT), never 0;
-* byte counts are nullable integers (``Int64``), seconds are floats;
-* times are epoch-second floats on the objects and UTC Timestamps in frames;
+* a measure that was not tracked is missing, never 0, and missing is one
+  marker: pandas' ``<NA>`` (nullable dtypes; ``NaT`` for times);
+* units are in the column names: ``_s`` seconds, ``_mb`` MiB, ``_percent``;
+* times are epoch-second floats on the objects and UTC Timestamps in frames
+  (``started``/``ended`` per task and per stage);
+* ``stage`` is an ordered Categorical in the tasks' stage order, so
+  ``groupby``/``pivot_table`` list stages as the task runs them;
 * an empty result still has every column, so code that selects columns
-  works before the first task finishes.
+  works before the first task finishes;
+* frames are ``ResultFrame``s: ids display short (``t-1a2b3c4d…``), the
+  column keeps the full id (see ``frames.py``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ import pandas as pd
 from hub_server import protocol
 from hub_server.protocol import TERMINAL_STATES
 
+from .frames import ResultFrame, build_frame, stage_order
 from .pycall import NO_SCALAR, load_scalar, load_value, remote_exception
 
 _MIB = 2**20
-_GIB = 2**30
 
 # Statuses in lifecycle order, so summaries read from "waiting" to "done".
 _STATUS_ORDER = ("queued", "assigned", "running", "retrying", "finished", "failed", "cancelled")
@@ -108,6 +114,11 @@ class StageResult:
     comment: str = ""
     note: str = ""
     commands: list[CommandResult] = field(default_factory=list)
+
+    @property
+    def ended(self) -> Optional[float]:
+        """When the stage ended (epoch seconds): start plus duration."""
+        return None if self.started is None or self.duration is None else self.started + self.duration
 
     @classmethod
     def from_outcome(cls, out: protocol.StageOutcome) -> StageResult:
@@ -334,107 +345,112 @@ class TaskResult:
 
 # --------------------------------------------------------------- DataFrames
 
-# Column name -> dtype.  "time" columns hold epoch floats until _frame
-# turns them into UTC Timestamps.
+# Column name -> dtype (see README "DataFrame columns").  Units are in the
+# names: seconds ``_s``, RAM and GPU memory ``_mb`` (MiB, 2**20 bytes),
+# percentages ``_percent``.  "time" columns hold epoch floats until
+# build_frame turns them into UTC Timestamps.  STAGE marks the stage column:
+# an ordered Categorical in the tasks' stage order.
+STAGE = "stage-category"
+
 _TASK_COLUMNS: dict[str, str] = {
-    "task_id": "str",
-    "session_id": "str",
-    "status": "str",
+    "task_id": "string",
+    "session_id": "string",
+    "label": "string",
+    "status": "string",
     "exit_code": "Int64",
-    "machine": "str",
-    "os": "str",
-    "cpu": "str",
+    "machine": "string",
+    "os": "string",
+    "cpu": "string",
     "cores": "Int64",
-    "ram": "Int64",
+    "ram_mb": "Float64",  # the machine's RAM
     "submitted": "time",
     "queued": "time",
     "started": "time",
-    "finished": "time",
-    "queue_time": "float64",
-    "duration": "float64",
+    "ended": "time",
+    "queue_time_s": "Float64",
+    "duration_s": "Float64",
     "attempts": "int64",
-    "error": "str",
-    "wait_reason": "str",
-    "label": "str",
+    "error": "string",
+    "wait_reason": "string",
     "priority": "int64",
     "n_stages": "int64",
     "artifacts": "int64",
     "credits": "Int64",  # what the task's credit slot paid; <NA> until claimed
-    "progress": "float64",  # percent from the task's progress parser; NaN without one
+    "progress_percent": "Float64",  # from the task's progress parser; <NA> without one
     "frame_current": "Int64",
 }
 
 _STAGE_COLUMNS: dict[str, str] = {
-    "task_id": "str",
-    "machine": "str",
-    "stage": "str",
+    "task_id": "string",
+    "machine": "string",
+    "stage": STAGE,
     "stage_index": "int64",
-    "status": "str",
-    "duration": "float64",
-    "peak_ram": "Int64",
-    "peak_ram_mb": "float64",
-    "cpu_percent": "float64",
-    "cpu_time": "float64",
-    "gpu_util": "float64",
-    "gpu_mem": "Int64",
-    "comment": "str",
-    "note": "str",
+    "status": "string",
     "started": "time",
+    "ended": "time",
+    "duration_s": "Float64",
+    "peak_ram_mb": "Float64",
+    "cpu_percent": "Float64",
+    "cpu_time_s": "Float64",
+    "gpu_util_percent": "Float64",
+    "gpu_mem_mb": "Float64",
+    "comment": "string",
+    "note": "string",
 }
 
 _COMMAND_COLUMNS: dict[str, str] = {
-    "task_id": "str",
-    "machine": "str",
-    "stage": "str",
+    "task_id": "string",
+    "machine": "string",
+    "stage": STAGE,
     "stage_index": "int64",
     "command_index": "int64",
-    "cmd": "str",
+    "cmd": "string",
     "exit_code": "Int64",
-    "duration": "float64",
-    "cpu_time": "float64",
-    "peak_ram": "Int64",
-    "stdout": "str",
-    "stderr": "str",
-    "truncated": "bool",
+    "duration_s": "Float64",
+    "cpu_time_s": "Float64",
+    "peak_ram_mb": "Float64",
+    "stdout": "string",
+    "stderr": "string",
+    "truncated": "boolean",
 }
 
 _MACHINE_COLUMNS: dict[str, str] = {
-    "machine_id": "str",
-    "name": "str",
-    "state": "str",
-    "os": "str",
-    "distro": "str",
-    "arch": "str",
-    "cpu": "str",
+    "machine_id": "string",
+    "name": "string",
+    "state": "string",
+    "os": "string",
+    "distro": "string",
+    "arch": "string",
+    "cpu": "string",
     "cores": "Int64",
-    "ram_gb": "float64",
-    "gpus": "str",
+    "ram_mb": "Float64",
+    "gpus": "string",
     "slots": "int64",
     "running": "int64",
-    "tags": "str",
-    "owner": "str",
+    "tags": "string",
+    "owner": "string",
     "credits": "int64",  # what its claimed slots paid (to its owner, or pending)
-    "runtimes": "str",
-    "load_1m": "float64",
-    "cpu_percent": "float64",
-    "mem_percent": "float64",
-    "disk_percent": "float64",
+    "runtimes": "string",
+    "load_1m": "Float64",
+    "cpu_percent": "Float64",
+    "mem_percent": "Float64",
+    "disk_percent": "Float64",
     "last_seen": "time",
 }
 
 
-def _frame(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
-    """Rows -> DataFrame with fixed columns and dtypes, even when there are no rows."""
-    data = {}
+def _mb(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / _MIB
+
+
+def _frame(rows: list[dict[str, Any]], columns: dict[str, str],
+           stages: Optional[list[str]] = None) -> pd.DataFrame:
+    """build_frame, with the stage column as an ordered Categorical of ``stages``."""
+    dtypes: dict[str, Any] = dict(columns)
     for name, dtype in columns.items():
-        values = [row[name] for row in rows]
-        if dtype == "time":
-            seconds = pd.Series(values, dtype="float64")
-            # Fixed unit: pandas would otherwise pick one per column from the values.
-            data[name] = pd.to_datetime(seconds, unit="s", utc=True).dt.as_unit("us")
-        else:
-            data[name] = pd.Series(values, dtype=dtype)
-    return pd.DataFrame(data, columns=list(columns))
+        if dtype == STAGE:
+            dtypes[name] = pd.CategoricalDtype(stages or [], ordered=True)
+    return build_frame(rows, dtypes)
 
 
 def _task_row(t: TaskResult) -> dict[str, Any]:
@@ -442,28 +458,28 @@ def _task_row(t: TaskResult) -> dict[str, Any]:
     return {
         "task_id": t.task_id,
         "session_id": t.session_id,
+        "label": t.label,
         "status": t.status,
         "exit_code": t.exit_code,
         "machine": t.machine,
         "os": hw.get("os"),
         "cpu": hw.get("cpu"),
         "cores": hw.get("cores"),
-        "ram": hw.get("ram"),
+        "ram_mb": _mb(hw.get("ram")),
         "submitted": t.submitted,
         "queued": t.queued,
         "started": t.started,
-        "finished": t.finished,
-        "queue_time": t.queue_time,
-        "duration": t.duration,
+        "ended": t.finished,
+        "queue_time_s": t.queue_time,
+        "duration_s": t.duration,
         "attempts": len(t.attempts),
         "error": t.error,
         "wait_reason": t.wait_reason,
-        "label": t.label,
         "priority": t.priority,
         "n_stages": len(t.stages),
         "artifacts": sum(a.ok for a in t.artifacts),
         "credits": t.credits,
-        "progress": t.progress,
+        "progress_percent": t.progress,
         "frame_current": t.frame_current,
     }
 
@@ -475,16 +491,16 @@ def _stage_row(t: TaskResult, index: int, s: StageResult) -> dict[str, Any]:
         "stage": s.name,
         "stage_index": index,
         "status": s.status,
-        "duration": s.duration,
-        "peak_ram": s.peak_ram,
-        "peak_ram_mb": None if s.peak_ram is None else s.peak_ram / _MIB,
+        "started": s.started,
+        "ended": s.ended,
+        "duration_s": s.duration,
+        "peak_ram_mb": _mb(s.peak_ram),
         "cpu_percent": s.cpu_percent,
-        "cpu_time": s.cpu_time,
-        "gpu_util": s.gpu_util,
-        "gpu_mem": s.gpu_mem,
+        "cpu_time_s": s.cpu_time,
+        "gpu_util_percent": s.gpu_util,
+        "gpu_mem_mb": _mb(s.gpu_mem),
         "comment": s.comment,
         "note": s.note,
-        "started": s.started,
     }
 
 
@@ -499,9 +515,9 @@ def _command_row(
         "command_index": index,
         "cmd": c.cmd,
         "exit_code": c.exit_code,
-        "duration": c.duration,
-        "cpu_time": c.cpu_time,
-        "peak_ram": c.peak_ram,
+        "duration_s": c.duration,
+        "cpu_time_s": c.cpu_time,
+        "peak_ram_mb": _mb(c.peak_ram),
         "stdout": c.stdout,
         "stderr": c.stderr,
         "truncated": c.truncated,
@@ -536,9 +552,11 @@ def _scalar_values(tasks: Sequence[TaskResult]) -> Optional[pd.Series]:
             all(-(2**63) <= x < 2**63 for x in present):
         dtype = "Int64"
     elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in present):
-        dtype = "float64"
-    else:
-        dtype = "object"
+        dtype = "Float64"
+    elif all(isinstance(x, str) for x in present):
+        dtype = "string"
+    else:  # mixed kinds: keep the objects, missing as <NA> like every other column
+        return pd.Series([pd.NA if x is None else x for x in values], dtype="object")
     return pd.Series(values, dtype=dtype)
 
 
@@ -572,7 +590,7 @@ class ResultList(list[TaskResult]):
             return frame
         if level == "stage":
             rows = [_stage_row(t, i, s) for t in self for i, s in enumerate(t.stages)]
-            return _frame(rows, _STAGE_COLUMNS)
+            return _frame(rows, _STAGE_COLUMNS, self.stage_names())
         if level == "command":
             rows = [
                 _command_row(t, i, s, j, c)
@@ -580,8 +598,26 @@ class ResultList(list[TaskResult]):
                 for i, s in enumerate(t.stages)
                 for j, c in enumerate(s.commands)
             ]
-            return _frame(rows, _COMMAND_COLUMNS)
+            return _frame(rows, _COMMAND_COLUMNS, self.stage_names())
         raise ValueError(f"unknown level {level!r}; use one of: {', '.join(map(repr, _LEVELS))}")
+
+    def plot_timeline(self, ax: Any = None, *, title: Optional[str] = "stages per machine slot") -> Any:
+        """A Gantt chart (matplotlib) of every stage on the machine slot it ran in;
+        returns the Axes.  x: seconds since the first start, colour: stage,
+        hatched red edge: failed.  See ``timeline.py``."""
+        from .timeline import plot_timeline
+
+        return plot_timeline(self, ax, title=title)
+
+    def _repr_html_(self) -> str:
+        """A summary card (counts, machines, wall time, first error) above the first tasks."""
+        from .cards import results_card
+
+        return results_card(self)
+
+    def stage_names(self) -> list[str]:
+        """Every stage name, in the order the tasks run them (the ``stage`` categories)."""
+        return stage_order([s.name for s in t.stages] for t in self)
 
     def by_status(self) -> dict[str, int]:
         """How many tasks are in each status, in lifecycle order."""
@@ -674,7 +710,7 @@ def _machine_row(m: Machine) -> dict[str, Any]:
         "arch": hw.get("arch"),
         "cpu": hw.get("cpu"),
         "cores": m.cores,
-        "ram_gb": None if m.ram is None else m.ram / _GIB,
+        "ram_mb": _mb(m.ram),
         "gpus": ", ".join(str(g.get("name", "?")) for g in m.gpus),
         "slots": m.slots,
         "running": m.running,
@@ -722,6 +758,13 @@ class HardwarePool(Sequence[Machine]):
     def to_dataframe(self) -> pd.DataFrame:
         """One row per machine: hardware, capacity and current load."""
         return _frame([_machine_row(m) for m in self._machines], _MACHINE_COLUMNS)
+
+    def _repr_html_(self) -> str:
+        """A card: workers, slots, cores, memory, then one row per machine."""
+        from .cards import card, machines_table, pool_rows
+
+        sections = [(f"Machines ({len(self)})", machines_table(self))] if len(self) else []
+        return card("HWF hardware pool", pool_rows(self), sections=sections, open_sections=True)
 
     def __repr__(self) -> str:
         n = len(self._machines)

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from hub_server import hardware as hw
 from hub_server import protocol as p
 from hub_server.paths import unsafe_relative_path
+from hub_server.taskenv import env_problem
 
 TRACK_FLAGS = ("time", "ram", "cpu", "gpu")
 MAX_FRAME = 10**9  # the protocol's FrameNumber bound
@@ -123,6 +124,15 @@ def check_parser(parser: Optional[str]) -> Optional[str]:
     return parser
 
 
+def check_env(env: Optional[Mapping[str, str]]) -> dict[str, str]:
+    """``env`` as a dict if every name and value is allowed; else a TaskError naming the variable."""
+    out = dict(env or {})
+    problem = env_problem(out)
+    if problem:
+        raise TaskError(problem)
+    return out
+
+
 def check_frames(frame_start: Optional[int], frame_end: Optional[int]) -> tuple[Optional[int], Optional[int]]:
     """A render's frame range: both whole numbers with start <= end, or neither."""
     if (frame_start is None) != (frame_end is None):
@@ -145,6 +155,8 @@ class Task:
     ``parser`` ("frames", "percent" or "hwf-progress") makes the daemon read
     progress from the commands' output; ``frame_start``/``frame_end`` (a
     render's frames) turn the frame being rendered into a percent.
+    ``env`` adds environment variables to the task's commands (names of
+    letters, digits and ``_``; string values).
     """
 
     def __init__(
@@ -155,6 +167,7 @@ class Task:
         parser: Optional[str] = None,
         frame_start: Optional[int] = None,
         frame_end: Optional[int] = None,
+        env: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.stages: list[Stage] = []
         self.artifacts: list[str] = []
@@ -179,6 +192,7 @@ class Task:
         self.label = label
         self.parser = check_parser(parser)
         self.frame_start, self.frame_end = check_frames(frame_start, frame_end)
+        self.env = check_env(env)
         for d in self.data_files():
             d.check()
 
@@ -189,6 +203,14 @@ class Task:
         """A copy that must run on one named daemon (used by ``across=``)."""
         other = copy.copy(self)
         other.hardware = dict(self.hardware, daemon=machine)
+        return other
+
+    def with_env(self, env: Mapping[str, str], label: Optional[str] = None) -> "Task":
+        """A copy with more environment variables (and another label): one copy of a sweep."""
+        other = copy.copy(self)
+        other.env = check_env({**self.env, **env})
+        if label is not None:
+            other.label = label
         return other
 
     def spec(
@@ -212,6 +234,7 @@ class Task:
             parser=self.parser,  # type: ignore[arg-type]  # checked in __init__
             frame_start=self.frame_start,
             frame_end=self.frame_end,
+            env=dict(self.env),
         )
 
     def __repr__(self) -> str:
@@ -222,6 +245,8 @@ class Task:
             parts.append(f"hardware={self.hardware!r}")
         if self.parser:
             parts.append(f"parser={self.parser!r}")
+        if self.env:
+            parts.append(f"env={self.env!r}")
         if self.frame_start is not None:
             parts.append(f"frame_start={self.frame_start}, frame_end={self.frame_end}")
         return f"Task({', '.join(parts)})"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,20 @@ def in_tmp(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("HWF_NONINTERACTIVE", "1")
+    # %hwf_local's farm outlives kernels: kernels the tests start (nbclient,
+    # JupyterLab) keep theirs in a temporary dir, stopped when the run ends.
+    if "HWF_LOCAL_DIR" not in os.environ:
+        config._hwf_local_dir = tempfile.mkdtemp(prefix="hwf-test-local-")
+        os.environ["HWF_LOCAL_DIR"] = config._hwf_local_dir
+
+
+def pytest_unconfigure(config):
+    local_dir = getattr(config, "_hwf_local_dir", None)
+    if local_dir:
+        from hwf_jupyter import localfarm
+
+        localfarm.stop_farm(Path(local_dir))
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
 # Modules whose every test starts processes (hubs, daemons, kernels, shells).

@@ -7,6 +7,7 @@ import os
 import queue
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from jupyter_client.manager import KernelManager
@@ -40,15 +41,26 @@ class CellRun:
 
 
 class Kernel:
-    def __init__(self, cwd: str, env: Optional[dict] = None) -> None:
+    """``local_dir``: its ``%hwf_local`` farm's dir ($HWF_LOCAL_DIR; default
+    CWD/hwf-local, one per kernel); ``close()`` stops that farm, since it
+    outlives the kernel by design."""
+
+    def __init__(self, cwd: str, env: Optional[dict] = None, local_dir: Optional[str] = None) -> None:
+        self.local_dir = local_dir or f"{cwd}/hwf-local"
+        env = dict(env if env is not None else os.environ, HWF_LOCAL_DIR=self.local_dir)
         self.km = KernelManager(kernel_name="python3", transport="ipc")
         self.km.connection_file = f"{cwd}/kernel-{id(self)}.json"
         self.km.ip = f"{cwd}/kernel-ipc"
-        self.km.start_kernel(cwd=cwd, env=env if env is not None else dict(os.environ))
+        self.km.start_kernel(cwd=cwd, env=env)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
         self.stray: list[dict] = []  # iopub messages of cells already finished
+
+    def restart(self, now: bool = False) -> None:
+        """Restart the kernel as a front-end's "Restart kernel" does (``now``: kill it)."""
+        self.km.restart_kernel(now=now)
+        self.kc.wait_for_ready(timeout=60)
 
     def run(self, code: str, timeout: float = 120.0, allow_error: bool = False) -> CellRun:
         run = CellRun(self.kc.execute(code, allow_stdin=False), started=time.monotonic())
@@ -93,5 +105,8 @@ class Kernel:
         return self.stray
 
     def close(self) -> None:
+        from hwf_jupyter import localfarm
+
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=False)
+        localfarm.stop_farm(Path(self.local_dir))

@@ -54,7 +54,7 @@ def test_seed_example_measures_and_returns_artifacts(hub, in_tmp):
     assert missing and "missing-*.bin" in missing[0].error
     stage_df = results.to_dataframe(level="stage")
     assert list(stage_df["stage"]) == ["build", "run"]
-    assert stage_df.loc[1, "peak_ram"] >= 200 * 2**20
+    assert stage_df.loc[1, "peak_ram_mb"] >= 200
     cmd_df = results.to_dataframe(level="command")
     assert len(cmd_df) == 4
 

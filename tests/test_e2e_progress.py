@@ -55,7 +55,7 @@ def test_frames_parser_progress_reaches_watchers_while_the_task_runs(hub):
         assert 0 < mid.progress < 100
         assert mid.progress == pytest.approx((mid.frame_current - 1) / 8 * 100)
         df = hub.get_result_sync(list(sub), wait=False, download=False).to_dataframe()
-        assert df["frame_current"][0] >= 2 and df["progress"][0] > 0
+        assert df["frame_current"][0] >= 2 and df["progress_percent"][0] > 0
 
         assert events.ended.wait(30), "the task did not end"
         final = hub.get_result_sync(list(sub), wait=True, download=False)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,22 +55,22 @@ def test_the_seed_example_through_magics(kernel):
     last = shown[-1]["data"]  # what the saved notebook keeps: the true end, no widget model needed
     assert "application/vnd.jupyter.widget-view+json" not in last and "2/2 done" in last["text/plain"]
     found = kernel.run(
-        "import json\n"
+        "import json\nimport pandas as pd\n"
         "df = %hwf_results --level stage\n"
         "tasks = %hwf_results\n"
         "cmds = %hwf_results --level command\n"
         "print(json.dumps({'shape': df.shape, 'cols': list(df.columns), 'stages': list(df['stage']),"
-        " 'ram': [None if v != v else float(v) for v in df['peak_ram_mb']],"
+        " 'ram': [None if v is pd.NA else float(v) for v in df['peak_ram_mb']],"
         " 'status': list(tasks['status']), 'ncmd': len(cmds), 'n': len(sub), 'session': sub.session_id,"
         " 'art': [open(a.path).read() for r in cluster.hub().get_result_sync(list(sub)) for a in r.artifacts]}))"
     ).json()
     assert found["shape"][0] == 4 and found["n"] == 2
-    for col in ("duration", "peak_ram", "cpu_percent", "cpu_time", "machine", "stage"):
+    for col in ("duration_s", "peak_ram_mb", "cpu_percent", "cpu_time_s", "machine", "stage", "started", "ended"):
         assert col in found["cols"]
     assert found["stages"] == ["build", "run", "build", "run"]
     assert found["ram"][0] is None and found["ram"][1] >= 50
     assert found["status"] == ["finished", "finished"]
-    assert found["ncmd"] == 6
+    assert found["ncmd"] == 4  # each stage cell is one script: 2 tasks x 2 stages
     assert found["art"] == ["HELLO FROM THE NOTEBOOK\n"] * 2
 
 
@@ -128,9 +129,9 @@ def test_dispatch_with_a_progress_parser(kernel):
     out = kernel.run(
         "sub = %hwf_dispatch --parser frames --frames 1:4 --wait\n"
         "df = %hwf_results\n"
-        "print(df['status'][0], df['progress'][0], df['frame_current'][0])"
+        "print(df['status'][0], df['progress_percent'][0], df['frame_current'][0])"
     ).stdout
-    assert out.split() == ["finished", "100.0", "4"]
+    assert out.strip().splitlines()[-1].split() == ["finished", "100.0", "4"]  # after dispatch's session line
 
 
 def test_kernel_stays_responsive_with_200_tasks_and_a_live_widget(kernel):
@@ -209,7 +210,9 @@ def test_config_traitlets_and_reattach_after_kernel_restart(cluster, tmp_path):
         k.run("%load_ext hwf_jupyter")
         k.run(f"%config HWFMagics.hub_url = {cluster.address!r}\n%config HWFMagics.token = {cluster.token!r}")
         k.run("%%hwf_stage s\nsleep 8\necho late\n")  # still running after the restart
-        session = k.run("sub = %hwf_dispatch --repeat 2\nprint(sub.session_id)").stdout.strip()
+        shown = k.run("sub = %hwf_dispatch --repeat 2\nprint(sub.session_id)").stdout.strip().splitlines()
+        session = shown[-1]
+        assert shown[0].startswith("hwf: dispatched 2 task(s) in session " + session)  # printed, to copy
         k.km.restart_kernel(now=True)
         k.kc.wait_for_ready(timeout=60)
         k.run("%load_ext hwf_jupyter")
@@ -230,21 +233,28 @@ def test_config_traitlets_and_reattach_after_kernel_restart(cluster, tmp_path):
         k.close()
 
 
-def test_kernel_shutdown_stops_its_local_cluster(tmp_path):
+def test_kernel_shutdown_leaves_the_local_farm_until_stopped(tmp_path):
     import psutil
+
+    from hwf_jupyter import localfarm
+
+    def alive(p):
+        return psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
 
     k = Kernel(str(tmp_path))
     k.run("%load_ext hwf_jupyter")
-    pids = k.run("c = %hwf_local --daemons 2\nprint(' '.join(map(str, c.pids)))").stdout.split()
+    pids = k.run("c = %hwf_local --daemons 2\nprint(' '.join(map(str, c.pids)))").stdout.split()[-3:]
     pids = [int(p) for p in pids]
-    assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)
-    k.close()
+    assert len(pids) == 3 and all(alive(p) for p in pids)
+    k.kc.stop_channels()
+    k.km.shutdown_kernel(now=False)
+    time.sleep(1)
+    assert all(alive(p) for p in pids), "the local farm outlives its kernel (see test_kernel_restart)"
+    assert sorted(localfarm.stop_farm(Path(k.local_dir))) == sorted(pids)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(
-        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
-    ):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_connect_over_tls_from_a_notebook(fresh_kernel, tmp_path):

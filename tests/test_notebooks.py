@@ -36,7 +36,8 @@ def _check_line(nb):
     return ast.literal_eval(shape_text + ")"), ast.literal_eval(cols_text)
 
 
-STAGE_COLUMNS = {"task_id", "machine", "stage", "duration", "peak_ram", "cpu_percent", "cpu_time"}
+STAGE_COLUMNS = {"task_id", "machine", "stage", "started", "ended", "duration_s", "peak_ram_mb", "cpu_percent",
+                 "cpu_time_s"}
 
 
 def test_quickstart_notebook(tmp_path):
@@ -47,6 +48,8 @@ def test_quickstart_notebook(tmp_path):
     assert shape[0] == 4 and STAGE_COLUMNS <= set(cols)
     html = "".join(o.get("data", {}).get("text/html", "") for o in _tagged(nb, "stages").outputs)
     assert "build" in html and "run" in html
+    timeline = _tagged(nb, "timeline").outputs
+    assert [o for o in timeline if "image/png" in o.get("data", {})], "the timeline is drawn"
     assert (tmp_path / "hwf_artifacts").is_dir()
 
 

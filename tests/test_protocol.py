@@ -40,7 +40,7 @@ def test_fields_from_a_newer_peer_are_ignored_everywhere():
         p.Register: p.Register(id=1, name="d", hardware=p.MachineHardware(), slots=1),
     }
 
-    free_form = {"hardware", "machine_hardware"}  # dicts of any keys: an extra key is data there
+    free_form = {"hardware", "machine_hardware", "env"}  # dicts of any keys: an extra key is data there
 
     def add_field(obj):
         if isinstance(obj, dict):

@@ -221,106 +221,172 @@ def test_result_list_summaries(results: ResultList) -> None:
 # ------------------------------------------------------------ DataFrames
 
 
+TASK_COLUMNS = [
+    "task_id", "session_id", "label", "status", "exit_code", "machine", "os", "cpu", "cores",
+    "ram_mb", "submitted", "queued", "started", "ended", "queue_time_s", "duration_s", "attempts",
+    "error", "wait_reason", "priority", "n_stages", "artifacts", "credits",
+    "progress_percent", "frame_current",
+]
+STAGE_COLUMNS = [
+    "task_id", "machine", "stage", "stage_index", "status", "started", "ended", "duration_s",
+    "peak_ram_mb", "cpu_percent", "cpu_time_s", "gpu_util_percent", "gpu_mem_mb", "comment", "note",
+]
+COMMAND_COLUMNS = [
+    "task_id", "machine", "stage", "stage_index", "command_index", "cmd", "exit_code",
+    "duration_s", "cpu_time_s", "peak_ram_mb", "stdout", "stderr", "truncated",
+]
+MACHINE_COLUMNS = [
+    "machine_id", "name", "state", "os", "distro", "arch", "cpu", "cores", "ram_mb",
+    "gpus", "slots", "running", "tags", "owner", "credits", "runtimes", "load_1m", "cpu_percent",
+    "mem_percent", "disk_percent", "last_seen",
+]
+
+
+def assert_one_missing_marker(df: pd.DataFrame) -> None:
+    """Every column that can be missing says so with <NA> (or NaT for times): no NaN, no None."""
+    for name in df.columns:
+        col = df[name]
+        dtype = str(col.dtype)
+        if dtype.startswith("datetime64"):
+            assert dtype == "datetime64[us, UTC]", name
+        elif dtype in ("int64", "category"):
+            assert not col.isna().any(), name  # these never miss
+        else:
+            assert dtype in ("Int64", "Float64", "string", "boolean"), (name, dtype)
+            assert all(v is pd.NA for v in col[col.isna()]), name
+    text = df.to_string()
+    assert "NaN" not in text and "None" not in text
+
+
 def test_task_dataframe(results: ResultList) -> None:
     df = results.to_dataframe()
     assert df.shape == (2, 25)
-    assert list(df.columns) == [
-        "task_id", "session_id", "status", "exit_code", "machine", "os", "cpu", "cores",
-        "ram", "submitted", "queued", "started", "finished", "queue_time", "duration", "attempts",
-        "error", "wait_reason", "label", "priority", "n_stages", "artifacts", "credits",
-        "progress", "frame_current",
-    ]
+    assert list(df.columns) == TASK_COLUMNS
     assert list(df["machine"]) == ["daemon-1", "daemon-2"]
     assert list(df["os"]) == ["linux", "darwin"]
     assert list(df["cores"]) == [64, 8]
-    assert df["ram"].tolist() == [256 * GIB, 16 * GIB]
-    assert df["duration"].tolist() == pytest.approx([7.5, 0.75])
-    assert df["queue_time"].tolist() == pytest.approx([2.5, 2.0])
+    assert df["ram_mb"].tolist() == [256 * 1024, 16 * 1024]
+    assert df["duration_s"].tolist() == pytest.approx([7.5, 0.75])
+    assert df["queue_time_s"].tolist() == pytest.approx([2.5, 2.0])
     assert df["attempts"].tolist() == [2, 1]
     assert df["n_stages"].tolist() == [2, 2]
     assert df["artifacts"].tolist() == [1, 0]  # the failed '*.log' artifact is not counted
     assert df["exit_code"].tolist() == [0, 2]
     assert str(df["exit_code"].dtype) == "Int64"
     # Every time column has the same UTC dtype, whole or fractional seconds.
-    assert {str(df[c].dtype) for c in ("submitted", "started", "finished")} == {
+    assert {str(df[c].dtype) for c in ("submitted", "queued", "started", "ended")} == {
         "datetime64[us, UTC]"
     }
     assert df["started"][0] == pd.Timestamp(T0 + 2.5, unit="s", tz="UTC")
-    assert pd.isna(df["error"][0]) and df["error"][1].startswith("stage 'build' failed")
+    assert df["ended"][1] == pd.Timestamp(T0 + 3.75, unit="s", tz="UTC")
+    assert df["error"][0] is pd.NA and df["error"][1].startswith("stage 'build' failed")
     # Progress: the parser's last word; missing (not 0) for a task without a parser.
-    assert df["progress"][0] == 100.0 and math.isnan(df["progress"][1])
+    assert df["progress_percent"][0] == 100.0 and df["progress_percent"][1] is pd.NA
     assert str(df["frame_current"].dtype) == "Int64"
     assert df["frame_current"][0] == 8 and pd.isna(df["frame_current"][1])
+    assert_one_missing_marker(df)
 
 
 def test_task_dataframe_missing_values_are_na_not_zero() -> None:
     df = ResultList.from_records([queued_record()]).to_dataframe("task")
     row = df.iloc[0]
-    assert pd.isna(row["exit_code"]) and pd.isna(row["cores"]) and pd.isna(row["ram"])
-    assert pd.isna(row["started"]) and pd.isna(row["finished"])
-    assert math.isnan(row["duration"]) and math.isnan(row["queue_time"])
+    assert row["exit_code"] is pd.NA and row["cores"] is pd.NA and row["ram_mb"] is pd.NA
+    assert row["started"] is pd.NaT and row["ended"] is pd.NaT
+    assert row["duration_s"] is pd.NA and row["queue_time_s"] is pd.NA
     assert row["wait_reason"] == "no machine has gpu=h100"
     assert row["attempts"] == 0
+    assert_one_missing_marker(df)
 
 
 def test_stage_dataframe(results: ResultList) -> None:
     df = results.to_dataframe(level="stage")
     assert df.shape == (4, 15)
-    assert set(df.columns) == {
-        "task_id", "machine", "stage", "stage_index", "status", "duration", "peak_ram",
-        "peak_ram_mb", "cpu_percent", "cpu_time", "gpu_util", "gpu_mem", "comment", "note",
-        "started",
-    }
+    assert list(df.columns) == STAGE_COLUMNS
     assert df["stage"].tolist() == ["prepare", "train", "build", "test"]
     assert df["stage_index"].tolist() == [0, 1, 0, 1]
     assert df["status"].tolist() == ["finished", "finished", "failed", "skipped"]
     assert df["machine"].tolist() == ["daemon-1", "daemon-1", "daemon-2", "daemon-2"]
-    assert str(df["peak_ram"].dtype) == "Int64"
-    assert df["peak_ram"][1] == 2 * GIB
     assert df["peak_ram_mb"][0] == pytest.approx(512.0)
+    assert df["peak_ram_mb"][1] == pytest.approx(2048.0)
+    assert df["gpu_mem_mb"][1] == pytest.approx(40 * 1024)
     # Failed task tracked no RAM/CPU/GPU: missing, never 0.
-    assert df["peak_ram"][2:].isna().all()
     assert df["peak_ram_mb"][2:].isna().all()
     assert df["cpu_percent"][2:].isna().all()
-    assert df["gpu_util"].isna().tolist() == [True, False, True, True]
-    assert df["duration"].tolist()[:3] == pytest.approx([1.5, 6.0, 0.75])
-    assert math.isnan(df["duration"][3])  # the skipped stage has no duration
-    assert pd.isna(df["started"][3])
+    assert df["gpu_util_percent"].isna().tolist() == [True, False, True, True]
+    assert df["duration_s"].tolist()[:3] == pytest.approx([1.5, 6.0, 0.75])
+    assert df["duration_s"][3] is pd.NA  # the skipped stage has no duration
+    assert df["started"][3] is pd.NaT and df["ended"][3] is pd.NaT
+    # ended = started + duration, per stage
+    assert df["ended"][1] == pd.Timestamp(T0 + 10.0, unit="s", tz="UTC")
+    assert (df["ended"][:3] - df["started"][:3]).dt.total_seconds().tolist() == pytest.approx([1.5, 6.0, 0.75])
     assert df["comment"][0] == "unpack" and df["note"][1] == "loss 0.12"
     # Aggregates skip untracked stages instead of averaging in zeros.
     assert df["peak_ram_mb"].mean() == pytest.approx((512 + 2048) / 2)
+    assert_one_missing_marker(df)
+
+
+def test_stage_column_keeps_the_tasks_order_not_the_alphabet(results: ResultList) -> None:
+    df = results.to_dataframe(level="stage")
+    assert isinstance(df["stage"].dtype, pd.CategoricalDtype) and df["stage"].cat.ordered
+    # "prepare" before "train" and "build" before "test", although b < p < te < tr.
+    assert list(df["stage"].cat.categories) == ["prepare", "train", "build", "test"]
+    table = df.pivot_table(index="machine", columns="stage", values="duration_s", observed=True)
+    assert list(table.columns) == ["prepare", "train", "build"]  # "test" never ran: no column
+    assert list(df.groupby("stage", observed=True)["duration_s"].sum().index) == ["prepare", "train", "build", "test"]
+
+
+def test_stage_order_merges_tasks_with_different_stages() -> None:
+    from hwf_jupyter.frames import stage_order
+
+    assert stage_order([["fetch", "zip"], ["fetch", "build", "zip"]]) == ["fetch", "build", "zip"]
+    assert stage_order([["b", "a"], ["c"]]) == ["b", "a", "c"]
+    assert stage_order([["x", "y"], ["y", "x"]]) == ["x", "y"]  # disagreement: first seen wins
+    assert stage_order([]) == []
 
 
 def test_command_dataframe(results: ResultList) -> None:
     df = results.to_dataframe("command")
     assert df.shape == (5, 13)
-    assert list(df.columns) == [
-        "task_id", "machine", "stage", "stage_index", "command_index", "cmd", "exit_code",
-        "duration", "cpu_time", "peak_ram", "stdout", "stderr", "truncated",
-    ]
+    assert list(df.columns) == COMMAND_COLUMNS
     assert df["cmd"].tolist() == ["tar xf data.tar", "ls", "python train.py", "echo start", "make"]
     assert df["stage_index"].tolist() == [0, 0, 1, 0, 0]
+    assert list(df["stage"].cat.categories) == ["prepare", "train", "build", "test"]
     assert df["command_index"].tolist() == [0, 1, 0, 0, 1]
     assert df["exit_code"].tolist() == [0, 0, 0, 0, 2]
     assert df["truncated"].tolist() == [False, False, True, False, False]
-    assert df["truncated"].dtype == bool
-    assert str(df["peak_ram"].dtype) == "Int64"
-    assert df["peak_ram"].isna().tolist() == [False, False, False, True, True]
-    assert df["cpu_time"].isna().tolist() == [False, False, False, True, True]
+    assert str(df["truncated"].dtype) == "boolean"
+    assert df["peak_ram_mb"].tolist()[:3] == pytest.approx([256.0, 512.0, 2048.0])
+    assert df["peak_ram_mb"].isna().tolist() == [False, False, False, True, True]
+    assert df["cpu_time_s"].isna().tolist() == [False, False, False, True, True]
     assert df["stderr"][4] == "error: boom\n"
+    assert_one_missing_marker(df)
 
 
 @pytest.mark.parametrize(
-    ("level", "n_columns"), [("task", 25), ("stage", 15), ("command", 13)]
+    ("level", "columns"), [("task", TASK_COLUMNS), ("stage", STAGE_COLUMNS), ("command", COMMAND_COLUMNS)]
 )
-def test_empty_result_list_has_columns(level: str, n_columns: int) -> None:
+def test_empty_result_list_has_columns(level: str, columns: list[str]) -> None:
     full = ResultList.from_records([finished_record()]).to_dataframe(level)
     empty = ResultList().to_dataframe(level)
-    assert empty.shape == (0, n_columns)
-    assert list(empty.columns) == list(full.columns)
-    for col in ("peak_ram", "exit_code"):
-        if col in empty:
-            assert str(empty[col].dtype) == "Int64"
+    assert list(empty.columns) == columns == list(full.columns)
+    assert empty.shape == (0, len(columns))
+    assert list(empty.dtypes.astype(str)) == [
+        "category" if str(d) == "category" else str(d) for d in full.dtypes
+    ]
+
+
+def test_no_bytes_twins_and_units_in_names(results: ResultList) -> None:
+    """One unit per kind: RAM/GPU memory in MiB (_mb), spans in seconds (_s), everywhere."""
+    frames = [results.to_dataframe(lv) for lv in ("task", "stage", "command")]
+    frames.append(HardwarePool.from_machines(machines()).to_dataframe())
+    cols = [c for f in frames for c in f.columns]
+    memory = [c for c in cols if c.startswith(("ram", "peak_ram", "gpu_mem"))]
+    assert memory and all(c.endswith("_mb") for c in memory)
+    spans = [c for c in cols if c.startswith(("duration", "queue_time", "cpu_time"))]
+    assert spans and all(c.endswith("_s") for c in spans)
+    # Numbers that are not counts/ids carry a unit suffix.
+    floats = [c for f in frames for c in f.columns if str(f[c].dtype) == "Float64"]
+    assert all(c.endswith(("_s", "_mb", "_percent")) or c == "load_1m" for c in floats), floats
 
 
 def test_unknown_level_raises(results: ResultList) -> None:
@@ -362,21 +428,18 @@ def test_hardware_pool_objects() -> None:
 def test_hardware_pool_dataframe() -> None:
     df = HardwarePool.from_machines(machines()).to_dataframe()
     assert df.shape == (2, 21)
-    assert list(df.columns) == [
-        "machine_id", "name", "state", "os", "distro", "arch", "cpu", "cores", "ram_gb",
-        "gpus", "slots", "running", "tags", "owner", "credits", "runtimes", "load_1m", "cpu_percent", "mem_percent",
-        "disk_percent", "last_seen",
-    ]
+    assert list(df.columns) == MACHINE_COLUMNS
     assert df["name"].tolist() == ["gpu-box", "laptop"]
-    assert df["ram_gb"].tolist() == pytest.approx([256.0, 16.0])
+    assert df["ram_mb"].tolist() == pytest.approx([256.0 * 1024, 16.0 * 1024])
     assert df["gpus"].tolist() == ["A100, A100", ""]
     assert df["tags"].tolist() == ["gpu, fast", ""]
     assert df["slots"].tolist() == [4, 1]
     assert df["running"].tolist() == [3, 0]
-    assert df["load_1m"][0] == 2.5 and math.isnan(df["load_1m"][1])
-    assert df["mem_percent"][0] == 55.5 and math.isnan(df["mem_percent"][1])
+    assert df["load_1m"][0] == 2.5 and df["load_1m"][1] is pd.NA
+    assert df["mem_percent"][0] == 55.5 and df["mem_percent"][1] is pd.NA
     assert df["last_seen"][0] == pd.Timestamp(T0 + 60, unit="s", tz="UTC")
     assert pd.isna(df["last_seen"][1])
+    assert_one_missing_marker(df)
 
 
 def test_empty_hardware_pool() -> None:
@@ -384,3 +447,39 @@ def test_empty_hardware_pool() -> None:
     assert len(pool) == 0 and pool.names == []
     assert repr(pool) == "<HardwarePool 0 machines>"
     assert pool.to_dataframe().shape == (0, 21)
+
+
+# ------------------------------------------------------------ display
+
+
+def test_frames_display_short_ids_but_keep_the_full_id() -> None:
+    from hwf_jupyter.frames import ResultFrame, short_id
+
+    rec = finished_record()
+    rec = p.TaskRecord(**{**{f: getattr(rec, f) for f in rec.__struct_fields__},
+                          "task_id": "t-0123456789abcdef", "session_id": "s-fedcba9876543210",
+                          "machine": "gpu-node-01"})
+    df = ResultList.from_records([rec]).to_dataframe()
+    assert isinstance(df, ResultFrame)
+    assert df["task_id"][0] == "t-0123456789abcdef"  # the data keeps the full id
+    assert short_id("t-0123456789abcdef") == "t-01234567…"
+    assert short_id("77aa") == "77aa" and short_id(None) is None
+    html = df._repr_html_()
+    assert "t-01234567…" in html and "t-0123456789abcdef" not in html
+    assert "s-fedcba98…" in html
+    assert 'class="hwf-frame"' in html and "white-space: nowrap" in html
+    text = repr(df)
+    assert "t-01234567…" in text and "t-0123456789abcdef" not in text
+    # Operations keep the display; the full ids are still there to use.
+    sub = df[["task_id", "machine"]]
+    assert isinstance(sub, ResultFrame) and "t-01234567…" in sub._repr_html_()
+    assert df.set_index("task_id").index[0] == "t-0123456789abcdef"
+
+
+def test_frame_html_escapes_names_from_daemons() -> None:
+    rec = finished_record()
+    rec = p.TaskRecord(**{**{f: getattr(rec, f) for f in rec.__struct_fields__},
+                          "machine": "<img src=x onerror=alert(1)>", "label": "<b>x</b>"})
+    html = ResultList.from_records([rec]).to_dataframe()._repr_html_()
+    assert "<img" not in html and "<b>x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html

@@ -147,7 +147,7 @@ def test_failing_command_skips_the_rest(workdir: Path) -> None:
 
     assert out.status == "failed"
     assert out.exit_code == 3
-    assert out.error == "stage 'build' command[1] ('echo oops >&2; exit 3') exited with code 3"
+    assert out.error == "stage 'build' command 1 ('echo oops >&2; exit 3') exited with code 3"
     build, test = out.stages
     assert build.status == "failed" and test.status == "skipped"
     assert [c.exit_code for c in build.commands] == [0, 3]

@@ -255,7 +255,7 @@ def test_task_builder(hub, tmp_path):
     b.hw_ram.value = "1MB"
     task = b.task()
     assert [s.name for s in task.stages] == ["prep", "stage2"]
-    assert task.stages[0].cmd == ["cat data.txt", "echo prepared"]
+    assert task.stages[0].cmd == ["cat data.txt\n\necho prepared"]  # one script, as %%hwf_stage runs it
     assert task.stages[0].track_ram and task.stages[0].track_time and not task.stages[0].track_gpu
     assert [d.filename for d in task.stages[0].data] == ["data.txt"]
     assert task.hardware == {"os": "linux", "ram": "1MB"}
@@ -264,7 +264,7 @@ def test_task_builder(hub, tmp_path):
     sub = b.click_dispatch()
     assert b.error is None and sub is b.submission and len(sub) == 1
     results = sub.results_sync()
-    assert results.ok and results[0].stages[0].commands[0].stdout == "hello\n"
+    assert results.ok and results[0].stages[0].commands[0].stdout == "hello\nprepared\n"
     assert results[0].output == "second\n"
     wait_for(lambda: b.progress.done)
     assert b.output.outputs and "application/vnd.jupyter.widget-view+json" in b.output.outputs[0]["data"]

@@ -19,6 +19,22 @@ def in_kernel() -> bool:
     return ip is not None and hasattr(ip, "kernel")
 
 
+def as_hub(obj: Any, widget: str) -> Any:
+    """The ``Hub`` a widget talks to: a Hub, or a LocalCluster's (its ``hub()``).
+
+    Anything else is a TypeError naming what the widget takes, at once,
+    rather than an AttributeError from the first background refresh."""
+    from ..cluster import LocalCluster
+    from ..hub import Hub
+
+    if isinstance(obj, LocalCluster):
+        return obj.hub()
+    if isinstance(obj, Hub) or (hasattr(obj, "get_hardware_pool") and hasattr(obj, "get_result")):
+        return obj  # a Hub, or a stand-in with its methods
+    raise TypeError(f"{widget} takes a Hub (hwf_jupyter.Hub or %hwf_connect's) or a LocalCluster, "
+                    f"got {type(obj).__name__}")
+
+
 def resolve_interactive(interactive: Optional[bool]) -> bool:
     return in_kernel() if interactive is None else bool(interactive)
 
@@ -58,11 +74,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def link_card(title: str, rows: list[tuple[str, str]], status_url: Optional[str]) -> str:
-    """A small HTML card (like Dask's client card): facts, and the status page link."""
-    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                    f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
-    if status_url:
-        url = html.escape(status_url, quote=True)
-        cells += (f"<tr><th style='text-align:left;padding-right:1em'>status page</th>"
-                  f"<td style='text-align:left'><a href='{url}' target='_blank' rel='noopener'>{url}</a></td></tr>")
-    return f"<div><strong>{html.escape(title)}</strong><table>{cells}</table></div>"
+    """A small HTML card of plain-text facts and the status page link (``cards.card``'s look)."""
+    from ..cards import card
+
+    return card(title, [(k, esc(v)) for k, v in rows], status_url=status_url)

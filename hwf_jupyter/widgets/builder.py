@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..dispatch import Submission, dispatch_sync
 from ..task import TRACK_FLAGS, Data, Stage, Task, TaskError
-from ._common import describe_error, error_html, esc
+from ._common import as_hub, describe_error, error_html, esc
 from .progress import Progress, watch_progress
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class TaskBuilder:
     def __init__(self, hub: "Hub", *, title: str = "") -> None:
         import ipywidgets as w
 
-        self.hub = hub
+        self.hub = as_hub(hub, 'TaskBuilder')
         self.stages: list[Stage] = []
         self.submission: Optional[Submission] = None
         self.progress: Optional[Progress] = None
@@ -72,7 +72,8 @@ class TaskBuilder:
 
         wide = w.Layout(width="95%")
         self.stage_name = w.Text(value="stage1", description="Stage", layout=wide)
-        self.commands = w.Textarea(placeholder="one shell command per line", description="Commands",
+        self.commands = w.Textarea(placeholder="a bash script, as in %%bash (loops, if, heredocs work)",
+                                   description="Commands",
                                    layout=w.Layout(width="95%", height="90px"))
         self.track = {f: w.Checkbox(value=f == "time", description=f, indent=False,
                                     layout=w.Layout(width="70px")) for f in TRACK_FLAGS}
@@ -139,10 +140,11 @@ class TaskBuilder:
         return hw
 
     def current_stage(self) -> Optional[Stage]:
-        """The stage being typed, or None while its commands are empty."""
-        cmds = [c for c in self.commands.value.splitlines() if c.strip()]
-        if not cmds:
+        """The stage being typed (its commands one bash script, like %%hwf_stage's), or None while empty."""
+        script = self.commands.value.strip("\n")
+        if not script.strip():
             return None
+        cmds = [script]
         return Stage(
             self.stage_name.value.strip(),
             data=parse_data(self.data.value) + self._uploaded_data(),

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
-from ._common import describe_error, error_html, esc, resolve_interactive
+from ._common import as_hub, describe_error, error_html, esc, resolve_interactive
 from ._refresh import BackgroundRefresh, check_interval
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class CreditBoard(BackgroundRefresh):
         if by not in BY:
             raise ValueError(f"by must be one of {', '.join(BY)}, not {by!r}")
         check_interval(refresh)
-        self.hub, self.by, self.top = hub, by, top
+        self.hub, self.by, self.top = as_hub(hub, 'CreditBoard'), by, top
         self.interactive = resolve_interactive(interactive)
         self.error: Optional[str] = None
         self.updated: Optional[float] = None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 import pandas as pd
 
 from ..results import HardwarePool
-from ._common import describe_error, error_html, esc, resolve_interactive
+from ._common import as_hub, describe_error, error_html, esc, resolve_interactive
 from ._refresh import BackgroundRefresh, check_interval
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ _COLUMNS: dict[str, Any] = {
     "arch": lambda r: r["arch"],
     "cpu": lambda r: r["cpu"],
     "cores": lambda r: r["cores"],
-    "RAM GB": lambda r: r["ram_gb"],
+    "RAM GB": lambda r: r["ram_mb"] / 1024,  # the frame has MiB; people read machines in GB
     "GPUs": lambda r: r["gpus"],
     "slots": lambda r: r["slots"],
     "running": lambda r: r["running"],
@@ -67,7 +67,7 @@ class PoolView(BackgroundRefresh):
         include_offline: bool = False,
     ) -> None:
         check_interval(refresh)
-        self.hub = hub
+        self.hub = as_hub(hub, 'PoolView')
         self.hardware = hardware
         self.refresh_interval = refresh
         self.include_offline = include_offline
