@@ -10,6 +10,7 @@ import re
 import nbformat
 import pytest
 
+from hwf_jupyter import localfarm
 from hwf_jupyter.notebook_runner import execute_notebook
 from kernel_driver import Kernel
 
@@ -99,11 +100,15 @@ NOTEBOOK = [
 ]
 
 
-def test_saved_notebook_keeps_the_true_final_state(tmp_path):
+def test_saved_notebook_keeps_the_true_final_state(tmp_path, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in NOTEBOOK])
     path = tmp_path / "cancel.ipynb"
     nbformat.write(nb, path)
-    dest, ran = execute_notebook(path, timeout=120)  # widgets on, as in a browser
+    monkeypatch.setenv("HWF_LOCAL_DIR", str(tmp_path / "farm"))  # its own farm (it outlives the kernel)
+    try:
+        dest, ran = execute_notebook(path, timeout=120)  # widgets on, as in a browser
+    finally:
+        localfarm.stop_farm(tmp_path / "farm")
     saved = nbformat.read(dest, as_version=4)
     outs = [o for o in saved.cells[2].outputs if o.output_type == "display_data"]
     assert outs, "the dispatch cell keeps its progress output"

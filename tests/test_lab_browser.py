@@ -64,7 +64,8 @@ def lab(tmp_path_factory):
     (notif / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, IPYTHONDIR=str(ipydir), HWF_NONINTERACTIVE="0",
+    farm = base / "farm"  # %hwf_local's farm outlives the kernels: this module's own, stopped below
+    env = dict(os.environ, IPYTHONDIR=str(ipydir), HWF_NONINTERACTIVE="0", HWF_LOCAL_DIR=str(farm),
                JUPYTER_CONFIG_DIR=str(base / "jcfg"), JUPYTER_RUNTIME_DIR=str(base / "runtime"))
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}",
            f"--IdentityProvider.token={token}", f"--notebook-dir={nbdir}",
@@ -87,8 +88,12 @@ def lab(tmp_path_factory):
                 time.sleep(0.2)
         yield {"url": url, "token": token, "dir": nbdir, "log": base / "lab.log"}
     finally:
-        for k in _kernels(url, token):  # the kernels' %hwf_local farms go with them
+        for k in _kernels(url, token):
             _delete(f"{url}/api/kernels/{k['id']}?token={token}")
+        if farm.exists():
+            from hwf_jupyter import localfarm
+
+            localfarm.stop_farm(farm)
         proc.terminate()
         try:
             proc.wait(10)
@@ -200,7 +205,7 @@ def _run_all_save_reopen(lab, page, request) -> None:
 
 
 LIVE_CELLS = [
-    "cluster = %hwf_local --daemons 1",
+    "cluster = %hwf_local --daemons 2",  # the quickstart's farm, when that test ran first
     "%%hwf_stage nap\nsleep 4\n",
     "nap = %hwf_dispatch --repeat 2",
     "%hwf_draft --clear",
