@@ -300,7 +300,7 @@ def describe(req: Mapping[str, Any]) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:.1f} GB"
+    return f"{n / 2**30:.1f}GiB"  # as describe() writes the requirement
 
 
 def _seen(values: list[str], limit: int = 6) -> str:

@@ -73,12 +73,12 @@ def test_failed_task_shows_its_stderr_tail_in_widget_text_and_snapshot():
 def test_wait_reasons_are_shown_for_queued_tasks_only():
     prog = Progress(["q1", "q2", "r"], interactive=True)
     prog.apply_event(ev("r", "running"))
-    reason = "waiting for matching hardware: no connected daemon has ram>=64.0GiB (largest ram: 23.5 GB)"
+    reason = "waiting for matching hardware: no connected daemon has ram>=64.0GiB (largest ram: 23.5GiB)"
     prog.apply_wait_reasons({"q1": reason, "q2": reason, "r": "stale: r runs"})
     assert prog.wait_reasons == {"q1": reason, "q2": reason}
     prog.flush()
     summary = prog.widget.children[1].value
-    assert "queued 2: " in summary and "largest ram: 23.5 GB" in summary and "stale" not in summary
+    assert "queued 2: " in summary and "largest ram: 23.5GiB" in summary and "stale" not in summary
     assert "  queued 2: waiting for matching hardware" in prog.text()
     prog.apply_event(ev("q1", "running"))  # no longer waits: its reason goes
     assert list(prog.wait_reasons) == ["q2"]

@@ -173,7 +173,7 @@ def test_wait_reason_says_how_far_off_the_pool_is():
     s.add_machine("tiny", dict(LINUX, ram=4 * 2**30), slots=2)
     assert s.schedule() == []
     reason = s.wait_reason("big")
-    assert "no connected daemon has ram>=64.0GiB" in reason and "largest ram: 23.5 GB" in reason
+    assert "no connected daemon has ram>=64.0GiB" in reason and "largest ram: 23.5GiB" in reason
     s.enqueue("gpu", hw.normalize({"gpu": "a100", "cores": 64}))
     reason = s.wait_reason("gpu")
     assert "GPUs seen: none" in reason and "most cores: 4" in reason

@@ -35,13 +35,13 @@ def segments_html(counts: Mapping[str, int], colors: Mapping[str, str], *, parti
         if not c:
             continue
         width = 100.0 * c / n
-        background = colors[state]
+        background = "#cfd8dc" if state == "queued" else colors[state]  # pending: a pale track
         if state == "running" and partial > 0:  # the running tasks' own progress, solid; the rest pale
             inside = min(100.0, 100.0 * partial / c)
             background = (f"linear-gradient(to right, {colors[state]} {inside:.1f}%, "
                           f"{colors[state]}55 {inside:.1f}%)")
         parts.append(f'<div title="{state} {c}" style="width:{width:.3f}%;background:{background};'
-                     f'opacity:{0.55 if state in ("queued", "retrying") else 1}"></div>')
+                     f'opacity:{0.55 if state == "retrying" else 1}"></div>')
     return ('<div class="hwf-progress-bar" style="display:flex;height:10px;border-radius:3px;'
             'overflow:hidden;background:#e0e0e0">' + "".join(parts) + "</div>")
 

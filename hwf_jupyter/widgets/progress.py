@@ -315,7 +315,8 @@ class Progress:
 
     def _done_units(self) -> float:
         ended = sum(self._counts[s] for s in TERMINAL_STATES)
-        return ended + sum(self._running_fraction(t) for t, s in self._status.items() if s == "running")
+        live = self._progress.keys() | self._stages_done.keys()  # only running tasks have either
+        return ended + sum(self._running_fraction(t) for t in live if self._status.get(t) == "running")
 
     def _running_fraction(self, task_id: str) -> float:
         """A running task's share done: its parser's progress or its stages done, whichever is more."""
