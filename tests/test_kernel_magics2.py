@@ -81,7 +81,7 @@ def test_rerunning_a_stage_cell_replaces_it_and_a_dispatch_starts_a_new_draft(ke
     assert "replaced stage 'a' (stage 1 of 2)" in again.stdout
     draft = kernel.run("%hwf_draft").data()[0]
     assert "2 stage(s)" in draft and "a2" in draft and "a1" not in draft
-    session = kernel.run("sub = %hwf_dispatch --wait\nprint(sub.session_id)").stdout.strip()
+    session = kernel.run("sub = %hwf_dispatch --wait\nprint(sub.session_id)").stdout.strip().splitlines()[-1]
     assert stdouts(kernel) == ["a2\n", "b\n"]
     assert f"dispatched as session {session}" in kernel.run("%hwf_draft").data()[0]
     fresh = kernel.run("%%hwf_stage c\necho c\n")
@@ -141,7 +141,7 @@ def _interrupt_after(k: Kernel, seconds: float) -> threading.Timer:
 def test_ctrl_c_on_wait_prints_one_line_saying_what_runs_and_how_to_cancel(kernel):
     kernel.run("%hwf_draft --clear")
     kernel.run("%%hwf_stage slow\nsleep 30\n")
-    session = kernel.run("sub = %hwf_dispatch --repeat 2\nprint(sub.session_id)").stdout.strip()
+    session = kernel.run("sub = %hwf_dispatch --repeat 2\nprint(sub.session_id)").stdout.strip().splitlines()[-1]
     _interrupt_after(kernel, 1.5)
     r = kernel.run("%hwf_results --wait", allow_error=True, timeout=20)
     assert r.status == "error" and r.error["ename"] == "Interrupted"
@@ -191,7 +191,7 @@ def test_streamed_output_is_capped_per_task_and_the_results_keep_it_all(kernel):
     kernel.drain(1.5)
     shown = r.stdout + "".join(m["text"] for m in kernel.stray
                                if m["msg_type"] == "stream" and m.get("parent") == r.msg_id and m["name"] == "stdout")
-    got = shown.splitlines()
+    got = [line for line in shown.splitlines() if not line.startswith("hwf: dispatched")]
     assert got[:15] == [f"chat-{i}" for i in range(1, 16)]
     assert got[15] == "… 980 lines omitted (full output: %hwf_results --level command)"
     assert got[16:] == [f"chat-{i}" for i in range(996, 1001)]
