@@ -221,7 +221,7 @@ def test_a_daemon_running_tasks_as_itself_says_what_that_exposes(farm, client, t
     assert r.ok, r.error
     uid, *hwf_vars = r.output.split("\n")[:-1]
     assert int(uid) == os.geteuid()
-    assert [v.split("=")[0] for v in hwf_vars] == ["HWF_ATTEMPT", "HWF_TASK_ID"]
+    assert [v.split("=")[0] for v in hwf_vars] == ["HWF_ATTEMPT", "HWF_INDEX", "HWF_TASK_ID"], "no HWF_TOKEN"
 
 
 @pytest.mark.e2e
