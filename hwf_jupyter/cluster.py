@@ -44,17 +44,7 @@ class ClusterError(RuntimeError):
 
 
 def _stop_processes(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
-    # SIGINT: daemons stop at once (SIGTERM would drain their running tasks).
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    localfarm.stop_processes(procs, grace)
 
 
 def _cleanup(procs: list[subprocess.Popen], tmpdir: Optional[str]) -> None:

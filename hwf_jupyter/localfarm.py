@@ -225,6 +225,22 @@ def shape_conflict(record: FarmRecord, daemons: Optional[int], slots: Optional[i
             f"%hwf_local --daemons {want_d} --slots {want_s}; or run %hwf_local without options to use it as it is")
 
 
+def stop_processes(procs: list[Any], grace: float = 5.0) -> None:
+    """SIGINT (daemons stop at once; SIGTERM would drain their running tasks),
+    then SIGKILL after ``grace``: Popen objects or ``AdoptedProcess``es."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
 def stop_farm(root: Path, grace: float = 5.0) -> list[int]:
     """Stop the farm recorded in ``root``: SIGINT to its recorded pids that are
     still its processes, SIGKILL after ``grace``; returns the pids stopped."""
@@ -237,16 +253,7 @@ def stop_farm(root: Path, grace: float = 5.0) -> list[int]:
             return []
         procs = [AdoptedProcess(pid, record.root) for pid in record.pids]
         live = [p for p in procs if p.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + grace
-        for proc in live:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+        stop_processes(live, grace)
         remove_record(root)
         return [p.pid for p in live]
 
