@@ -408,7 +408,7 @@ class HubCore:
             t = ActiveTask(tid, session_id, first + i, spec, req, "queued", user=user)
             self.active[tid] = t
             self._enqueue(t)
-            self._emit(t, "queued")
+            self._emit(t, "queued", n_stages=len(spec.stages))
         self.active_by_user[user] += len(ids)
         self._dirty = True
         return p.Submitted(id=msg.id, session_id=session_id, task_ids=ids)

@@ -530,6 +530,7 @@ class TaskEvent(_Msg, tag="task_event"):
     stage: Optional[StageOutcome] = None
     progress: Optional[float] = None  # a progress event: status stays "running"
     frame_current: Optional[int] = None
+    n_stages: Optional[int] = None  # on a task's first event (a session watch learns it here)
 
 
 class Output(_Msg, tag="output"):

@@ -158,3 +158,13 @@ def test_sessions_are_listed_per_user_with_counts(tmp_path):
     assert [s.session_id for s in mine] == [a.session_id] and mine[0].counts == {"queued": 2}
     every = reply(f.handle(Received(ADMIN_PEER, p.ListSessions(id=2))), peer=ADMIN_PEER).sessions
     assert {s.session_id for s in every} == {a.session_id, b.session_id}
+
+
+def test_a_session_watcher_gets_each_new_tasks_stage_count(tmp_path):
+    f = farm(tmp_path)
+    first = f.submit(spec())
+    f.handle(Received(CLIENT, p.Watch(id=3, session_id=first.session_id)))
+    two = p.TaskSpec(stages=[p.StageSpec(name="a", cmds=["true"]), p.StageSpec(name="b", cmds=["true"])])
+    f.submit(two, session_id=first.session_id)
+    events = [i.msg for i in f.last if isinstance(i.msg, p.TaskEvent)]
+    assert [(e.status, e.n_stages) for e in events] == [("queued", 2)]

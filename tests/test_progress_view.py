@@ -196,3 +196,10 @@ def test_a_closed_session_view_ends_as_a_snapshot_too():
     assert handle.updates == [] and WIDGET in prog._repr_mimebundle_()
     prog.close()
     assert len(handle.updates) == 1 and WIDGET not in handle.updates[0]
+
+
+def test_a_session_watch_learns_stage_counts_from_the_queued_event():
+    prog = Progress([], interactive=True)  # a session watch: its tasks arrive as events
+    prog.apply_event(p.TaskEvent(watch=1, task_id="n", status="queued", time=0, n_stages=4))
+    prog.apply_event(ev("n", "running", index=0, stage=p.StageOutcome(name="s0", status="finished")))
+    assert prog.fraction == pytest.approx(1 / 4), "one of four stages done moves the bar"

@@ -182,6 +182,8 @@ class Progress:
                     stats.drop(ev.task_id)
                 self._stages_done.pop(ev.task_id, None)
                 self._fail_info.pop(ev.task_id, None)
+            if ev.n_stages:
+                self._n_stages[ev.task_id] = ev.n_stages
             self._set_status(ev.task_id, ev.status, ev.error)
             self._set_progress(ev.task_id, ev.progress, ev.frame_current)
             if ev.stage is not None and ev.stage_index is not None:
