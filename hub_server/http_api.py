@@ -191,10 +191,14 @@ class HttpApi:
         msg = make(rid)
         if type(msg) not in p.ALLOWED[who.role]:
             raise HttpError(403, "forbidden", f"a {who.role} token may not {msg.__struct_config__.tag}")
+        return await self._round_trip(who, rid, lambda pid: self.hub.submit(pid, msg))
+
+    async def _round_trip(self, who: Principal, rid: int, deliver: Callable[[int], None]) -> Any:
+        """``deliver(pid)`` an event from a pseudo-peer of ``who``; the core's reply to ``rid``."""
         peer = _OneReply(rid)
         pid = self.hub.attach(peer, who)
         try:
-            self.hub.submit(pid, msg)
+            deliver(pid)
             reply = await asyncio.wait_for(peer.future, REPLY_TIMEOUT)
         except asyncio.TimeoutError:
             raise HttpError(504, "timeout", f"the hub did not answer within {REPLY_TIMEOUT:.0f} s") from None
@@ -281,13 +285,7 @@ class HttpApi:
     async def _stored(self, who: Principal, sha: str) -> None:
         """Tell the core ``who`` uploaded ``sha`` (it grants access), as a websocket upload does."""
         rid = next(self._rids)
-        peer = _OneReply(rid)
-        pid = self.hub.attach(peer, who)
-        try:
-            self.hub.blob_stored(pid, rid, sha)
-            await asyncio.wait_for(peer.future, REPLY_TIMEOUT)
-        finally:
-            self.hub.detach(pid)
+        await self._round_trip(who, rid, lambda pid: self.hub.blob_stored(pid, rid, sha))
 
     async def _list_tasks(self, request: web.Request) -> web.Response:
         who = self._who(request)
