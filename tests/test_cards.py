@@ -104,11 +104,11 @@ def test_empty_result_list_card() -> None:
     assert "HWF results" in html and "Tasks (" not in html
 
 
-def test_hardware_pool_card_and_the_old_link_card_escape() -> None:
-    from hwf_jupyter.widgets._common import link_card
+def test_hardware_pool_card_and_a_card_title_and_link_escape() -> None:
+    from hwf_jupyter.cards import card, esc
 
     html = pool("a-node", EVIL)._repr_html_()
     assert "HWF hardware pool" in html and "2 online" in html and "<details open>" in html
     assert "a-node" in html and EVIL not in html
-    html = link_card(EVIL, [("address", EVIL)], "http://127.0.0.1:1/?a='b'")
+    html = card(EVIL, [("address", esc(EVIL))], status_url="http://127.0.0.1:1/?a='b'")
     assert EVIL not in html and "href='http://127.0.0.1:1/?a=&#x27;b&#x27;'" in html

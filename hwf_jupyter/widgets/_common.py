@@ -71,10 +71,3 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, TaskError):
         return msg.splitlines()[0]
     return f"{type(exc).__name__}: {msg}".splitlines()[0]
-
-
-def link_card(title: str, rows: list[tuple[str, str]], status_url: Optional[str]) -> str:
-    """A small HTML card of plain-text facts and the status page link (``cards.card``'s look)."""
-    from ..cards import card
-
-    return card(title, [(k, esc(v)) for k, v in rows], status_url=status_url)
