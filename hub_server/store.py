@@ -387,15 +387,19 @@ class Store:
         return rows, total
 
     def sessions_of(self, user: Optional[str], limit: int = 50) -> list[dict[str, Any]]:
-        """The newest sessions (of ``user``, or anyone's) with task counts by status."""
+        """The newest sessions (of ``user``, or anyone's) with task counts by status, in one query
+        (the status page asks every half second)."""
         cond, args = ("WHERE user=?", [user]) if user is not None else ("", [])
-        rows = self.db.execute(f"SELECT session_id, created, user FROM sessions {cond} "
-                               "ORDER BY created DESC LIMIT ?", (*args, limit)).fetchall()
-        out = []
-        for r in rows:
-            counts = self.session_counts(r["session_id"])
-            out.append({"session_id": r["session_id"], "created": r["created"], "user": r["user"], "counts": counts})
-        return out
+        q = (f"SELECT s.session_id, s.created, s.user, t.status, count(t.task_id) FROM "
+             f"(SELECT session_id, created, user FROM sessions {cond} ORDER BY created DESC LIMIT ?) s "
+             "LEFT JOIN tasks t ON t.session_id = s.session_id "
+             "GROUP BY s.session_id, t.status ORDER BY s.created DESC, s.session_id")
+        out: dict[str, dict[str, Any]] = {}
+        for sid, created, owner, status, n in self.db.execute(q, (*args, limit)):
+            row = out.setdefault(sid, {"session_id": sid, "created": created, "user": owner, "counts": {}})
+            if status is not None:
+                row["counts"][status] = n
+        return list(out.values())
 
     def set_job_file(self, user: str, job_id: str, sha256: str, at: float) -> None:
         self.db.execute("INSERT INTO job_files(user, job_id, sha256, created) VALUES (?, ?, ?, ?) "
