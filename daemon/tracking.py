@@ -181,8 +181,18 @@ def _own_peak(pid: int) -> int:
     return 0
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    """The tree's RSS now, or its largest single process's peak if larger."""
+def _tree_rss(proc: psutil.Process, parent_cmdline: Optional[list[str]] = None) -> int:
+    """The tree's RSS now, or its largest single process's peak if larger.
+
+    0 while the command's process has not exec'd yet (it still runs its
+    parent's image, ``parent_cmdline``): its RSS and VmHWM are then the
+    daemon's (or the spawner's), not the command's."""
+    if parent_cmdline:
+        try:
+            if proc.cmdline() == parent_cmdline:
+                return 0
+        except psutil.Error:
+            return 0
     total = peak = 0
     for p in _tree(proc):
         try:
@@ -478,9 +488,13 @@ class TrackedProcess:
         if self._proc is None:
             return
         start = time.monotonic()
+        try:
+            parent_cmdline: Optional[list[str]] = psutil.Process(self._parent).cmdline()
+        except psutil.Error:
+            parent_cmdline = None
         while not self._reaped.done():
             # /proc scanning is blocking work: keep it off the event loop.
-            rss = await asyncio.to_thread(_tree_rss, self._proc)
+            rss = await asyncio.to_thread(_tree_rss, self._proc, parent_cmdline)
             self._peak_tree = max(self._peak_tree, rss)
             # Short commands are where a peak hides between samples (and
             # ru_maxrss cannot help below the daemon's own RSS): sample

@@ -75,9 +75,9 @@ def test_rss_is_sampled_only_when_ram_is_tracked(tmp_path: Path, monkeypatch, tr
     samples = []
     real = tracking._tree_rss
 
-    def counting(proc):
+    def counting(proc, *args):
         samples.append(proc.pid)
-        return real(proc)
+        return real(proc, *args)
 
     monkeypatch.setattr(tracking, "_tree_rss", counting)
     _, usage, _ = asyncio.run(_run("sleep 0.2", tmp_path, track_ram=track_ram))
@@ -176,3 +176,29 @@ def test_a_spawner_that_dies_takes_its_commands_and_is_replaced(tmp_path: Path) 
         assert spawner.current() is first and first.pid is not None
 
     asyncio.run(main())
+
+
+def test_a_sample_before_exec_is_not_the_parents_ram():
+    """A child that has not exec'd yet shows its parent's RSS: the sampler must not take it as the command's."""
+    import os
+    import time
+
+    import psutil
+
+    from hwf_daemon.tracking import _tree_rss
+
+    ballast = bytearray(200 * 2**20)  # the parent is big
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    pid = os.fork()
+    if pid == 0:  # the child: a copy of the parent, never exec'd
+        time.sleep(2)
+        os._exit(0)
+    try:
+        child = psutil.Process(pid)
+        me = psutil.Process().cmdline()
+        assert _tree_rss(child) > 150 * 2**20, "without the parent's cmdline the copy looks big"
+        assert _tree_rss(child, me) == 0
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        del ballast
