@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+import msgspec
+
 from . import gridcall
 from . import hardware as hw
 from . import protocol as p
@@ -195,6 +197,17 @@ class _Replay:
             self.dropped += len(old)
 
 
+def _stored_load(raw: Optional[str]) -> Optional[p.Load]:
+    """A machine's last load as stored; one an older hub accepted out of bounds
+    (1e308 % CPU) is dropped, not allowed to stop the hub from starting."""
+    if not raw:
+        return None
+    try:
+        return p.convert(loads(raw), p.Load)
+    except msgspec.ValidationError:
+        return None
+
+
 class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
@@ -318,7 +331,7 @@ class HubCore:
                 tags=loads(row["tags"]),
                 last_seen=row["last_seen"],
                 first_seen=row["first_seen"],
-                load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
+                load=_stored_load(row["load"]),
                 instance=row["instance"] or "",
                 owner=row["owner"] or "",
                 admin_status=row["admin_status"] or "enabled",

@@ -364,11 +364,18 @@ class TaskBrief(msgspec.Struct):
     frame_current: Optional[int] = None
 
 
+# A load average above this is a broken or lying daemon (the busiest real
+# machines report a few thousand); bounded so the pool and page show sane numbers.
+LoadAverage = Annotated[float, Meta(ge=0.0, le=1_000_000.0)]
+
+
 class Load(msgspec.Struct):
-    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    cpu_percent: float = 0.0
-    mem_percent: float = 0.0
-    disk_percent: float = 0.0
+    """A daemon's live load (heartbeats): typed and bounded like any daemon input."""
+
+    load_avg: tuple[LoadAverage, LoadAverage, LoadAverage] = (0.0, 0.0, 0.0)
+    cpu_percent: Percent = 0.0
+    mem_percent: Percent = 0.0
+    disk_percent: Percent = 0.0
 
 
 class MachineInfo(msgspec.Struct):
