@@ -52,11 +52,17 @@ class Limits(msgspec.Struct, frozen=True):
     max_tasks_per_submit: int = 20_000
     max_output_bytes: int = 64 * 2**10
     max_results_per_request: int = 5_000
-    # Blob uploads open at once on one connection, and on the whole hub.
+    # Blob uploads open at once on one connection, per user (a daemon token's
+    # owner counts as one), of all clients, and of all daemons (their own pool:
+    # a client flood never refuses a finished task's artifact).
     max_uploads_per_connection: int = 4
     max_uploads: int = 256
-    # Every blob stored on the hub together (Data files and artifacts).
+    max_uploads_per_user: int = 16
+    max_daemon_uploads: int = 64
+    # Every blob stored on the hub together (Data files and artifacts), and
+    # the bytes of blobs one user uploaded or whose tasks produced.
     max_blob_store_bytes: int = 100 * 2**30
+    max_blob_bytes_per_user: int = 10 * 2**30
     # Bytes queued for one slow reader: above the first, live output to it is
     # dropped (with a marker); above the second it is disconnected.
     send_queue_bytes: int = 8 * 2**20

@@ -41,6 +41,7 @@ from .events import (
     TokensRevoked,
 )
 from .peer import Peer
+from .uploads import UploadGate
 from .unixsock import UnixSocketFile, bind_unix
 
 log = logging.getLogger("hwf.hub")
@@ -88,6 +89,8 @@ class HubConfig:
     creditpiggy_mode: int = 0o600
     creditpiggy_idle_timeout: float = 10.0
     creditpiggy_max_connections: int = 256
+    # An announced upload that receives no bytes this long is dropped (uploads.py).
+    upload_idle_timeout: float = 10.0
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -114,7 +117,7 @@ class HubServer:
                             prefetch=config.prefetch, trusted_owners=config.python_trusted_owners)
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
-        self._open_uploads = 0
+        self.uploads = UploadGate(config.limits, config.upload_idle_timeout)
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._server: Any = None
@@ -152,6 +155,7 @@ class HubServer:
             await self.http.start()
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
+        self._spawn(self._expire_uploads())
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
         scheme = "wss" if tls else "ws"
         log.info("hub %s listening on %s://%s:%s", self.core.hub_id, scheme, c.host, self.port)
@@ -329,7 +333,7 @@ class HubServer:
             pass
         finally:
             del self.peers[pid]
-            self._open_uploads -= len(peer.uploads)
+            self.uploads.release_peer(pid)
             await peer.stop()
             if connected:
                 self._feed(Disconnected(pid))
@@ -352,29 +356,41 @@ class HubServer:
 
     def _start_upload(self, pid: int, peer: Peer, msg: p.BlobPut) -> None:
         limits = self.config.limits
+        owner = peer.principal.blob_scope
         problem = None
         if msg.size > limits.max_file_bytes:
             problem = ("too_large", f"file of {msg.size} bytes exceeds max_file_bytes={limits.max_file_bytes}")
         elif msg.id in peer.uploads:
             problem = ("bad_request", f"transfer id {msg.id} is already in use")
-        elif len(peer.uploads) >= limits.max_uploads_per_connection:
-            problem = ("limit", f"{len(peer.uploads)} uploads already open on this connection "
-                                f"(max_uploads_per_connection={limits.max_uploads_per_connection})")
-        elif self._open_uploads >= limits.max_uploads:
-            problem = ("busy", f"the hub has {self._open_uploads} uploads open "
-                               f"(max_uploads={limits.max_uploads}); try again shortly")
+        else:
+            over = self.core.blob_quota_refusal(peer.principal, msg.sha256, msg.size,
+                                                pending=self.uploads.open_bytes(owner))
+            problem = (("quota", over) if over else
+                       self.uploads.admit(pid, msg.id, owner, peer.role == "daemon", msg.size, time.monotonic()))
         if problem is None:
             try:
                 writer = self.blobs.writer(msg.sha256, msg.size)
             except BlobError as exc:
+                self.uploads.release(pid, msg.id)
                 problem = ("store_full" if "full" in str(exc) else "bad_request", str(exc))
         if problem is not None:
             peer.post(p.Error(id=msg.id, code=problem[0], message=problem[1]))
         elif msg.size == 0:
+            self.uploads.release(pid, msg.id)
             self._finish_upload(pid, peer, msg.id, writer)
         else:
             peer.uploads[msg.id] = writer
-            self._open_uploads += 1
+
+    async def _expire_uploads(self) -> None:
+        """Drop announced uploads that receive no bytes (``--upload-idle-timeout``)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.upload_idle_timeout / 4))
+            for pid, tid in self.uploads.expired(time.monotonic()):
+                peer = self.peers.get(pid)
+                writer = peer.uploads.pop(tid, None) if peer is not None else None
+                if writer is not None:
+                    writer.abort()
+                    peer.post(p.Error(id=tid, code="timeout", message=self.uploads.expiry_message()))
 
     def _on_chunk(self, pid: int, peer: Peer, frame: bytes) -> None:
         try:
@@ -390,12 +406,13 @@ class HubServer:
             writer.write(payload)
         except BlobError as exc:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             peer.post(p.Error(id=tid, code="bad_blob", message=str(exc)))
             return
+        self.uploads.received(pid, tid, time.monotonic())
         if writer.complete:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             self._finish_upload(pid, peer, tid, writer)
 
     def _finish_upload(self, pid: int, peer: Peer, tid: int, writer: BlobWriter) -> None:

@@ -9,7 +9,6 @@ Each test ends with a normal user dispatching and earlier data intact.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,9 @@ def flood(cluster: LocalCluster, token: str, connections: int = 64, per_connecti
     return peers
 
 
-def replies(peer: RawPeer, timeout: float) -> list[dict]:
-    """Every error reply the peer got within ``timeout`` seconds (until quiet)."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got.append(peer.recv(timeout=max(0.05, deadline - time.monotonic())))
-        except TimeoutError:
-            break
-    return got
+def answers(peers: list[RawPeer], per_peer: int = 4, timeout: float = 60) -> list[dict]:
+    """The one answer each announcement gets: a refusal at once, or an error when it expires."""
+    return [peer.recv(timeout=timeout) for peer in peers for _ in range(per_peer)]
 
 
 def healthy(cluster: LocalCluster, tmp_path: Path, before: list[str] = ()) -> None:
@@ -82,14 +74,66 @@ def test_announcement_flood_neither_blocks_uploads_nor_loses_artifacts(tmp_path)
             digest = hashlib.sha256(src.read_bytes()).hexdigest()
             got = {a.name: a.path.read_text() for a in r.artifacts}
             assert got == {"digest.txt": f"{digest}  input.bin\n", "art.txt": "art\n"}
-            # user-b's silent announcements expire, each with an error naming the limit.
-            errors = [m for peer in peers for m in replies(peer, 0.2)]
-            waited = [m for m in replies(peers[0], 30)]
-            expired = [m for m in errors + waited if "--upload-idle-timeout" in m.get("message", "")]
-            assert expired, errors[:3] + waited[:3]
-            assert all(m["type"] == "error" and m["code"] == "timeout" for m in expired)
+            # user-b held at most its own share of slots, and its silent announcements
+            # expired, each with an error naming the limit.
+            got = answers(peers)
+            codes = [(m["type"], m["code"]) for m in got]
+            assert codes.count(("error", "timeout")) == 16 and codes.count(("error", "limit")) == 64 * 4 - 16
+            assert all("--upload-idle-timeout" in m["message"] for m in got if m["code"] == "timeout")
+            assert all("max_uploads_per_user=16" in m["message"] and "--max-uploads-per-user" in m["message"]
+                       for m in got if m["code"] == "limit")
         finally:
             for peer in peers:
+                peer.close()
+        healthy(c, tmp_path, list(ids))
+        alice.close_sync()
+
+
+def test_a_full_client_pool_never_refuses_a_finished_tasks_artifact(tmp_path):
+    """Many users together fill every client upload slot: clients are refused
+    (naming the flag), but daemons upload artifacts from their own pool."""
+    with LocalCluster(daemons=1, slots=2, state_dir=tmp_path / "c",
+                      hub_args=["--max-uploads", "32", "--upload-idle-timeout", "600"]) as c:
+        alice = c.hub(artifacts_dir=tmp_path / "a")
+        peers = [p for u in range(3) for p in flood(c, c.create_token("client", f"sybil-{u}"), 4, 4)]
+        try:
+            refused = [m for m in answers(peers[8:], timeout=10)]  # the first 32 hold every client slot
+            assert {m["code"] for m in refused} == {"busy"}
+            assert "max_uploads=32" in refused[0]["message"] and "--max-uploads" in refused[0]["message"]
+            src = tmp_path / "in.txt"
+            src.write_text("x\n")
+            with pytest.raises(Exception, match="--max-uploads"):
+                dispatch_sync(Task(Stage("s", data=Data(str(src), "in.txt"), cmd="true")), alice)
+            ids = dispatch_sync(Task(Stage("s", cmd="echo made-during-flood > out.txt"), Artifacts("out.txt")),
+                                alice)
+            r = alice.get_result_sync(ids, wait=True, timeout=120)[0]
+            assert r.status == "finished", r.error
+            assert [a.path.read_text() for a in r.artifacts if a.ok] == ["made-during-flood\n"]
+        finally:
+            for peer in peers:
+                peer.close()
+        healthy(c, tmp_path, list(ids))
+        alice.close_sync()
+
+
+def test_a_rogue_daemon_owner_filling_the_daemon_pool_only_delays_artifacts(tmp_path):
+    """owner-m's daemon token announces uploads and sends nothing: the real
+    daemon's artifact upload is refused as busy, retried with backoff, and
+    succeeds once owner-m's announcements expire."""
+    with LocalCluster(daemons=1, slots=2, state_dir=tmp_path / "c",
+                      hub_args=["--max-daemon-uploads", "4", "--upload-idle-timeout", "6"]) as c:
+        alice = c.hub(artifacts_dir=tmp_path / "a")
+        rogue = flood(c, c.create_token("daemon", "owner-m"), 1, 4)
+        try:
+            ids = dispatch_sync(Task(Stage("s", cmd="echo kept > out.txt"), Artifacts("out.txt")), alice)
+            r = alice.get_result_sync(ids, wait=True, timeout=120)[0]
+            assert r.status == "finished", r.error
+            assert [a.path.read_text() for a in r.artifacts if a.ok] == ["kept\n"]
+            assert {m["code"] for m in answers(rogue, timeout=30)} == {"timeout"}
+            log = (c.log_dir / "daemon-1.log").read_text()
+            assert "max_daemon_uploads=4" in log, "the daemon's upload was refused at first, then retried"
+        finally:
+            for peer in rogue:
                 peer.close()
         healthy(c, tmp_path, list(ids))
         alice.close_sync()
