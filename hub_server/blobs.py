@@ -116,8 +116,11 @@ class BlobStore:
         for shard in os.scandir(self.root):
             if shard.is_dir() and len(shard.name) == 2:
                 for e in os.scandir(shard.path):
-                    if e.is_file() and SHA256_RE.match(e.name):
-                        st = e.stat()
+                    if SHA256_RE.match(e.name):
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:  # deleted meanwhile
+                            continue
                         out[e.name] = (st.st_size, st.st_mtime)
         return out
 

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from . import blobgc
 from . import gridcall
 from . import hardware as hw
 from . import protocol as p
@@ -36,8 +37,8 @@ from . import task_state
 from .auth import Principal
 from .blobs import BlobStore
 from .events import (
-    BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send,
-    StreamBlob, Tick, TokensRevoked,
+    BlobsScanned, BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later,
+    Received, ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
@@ -1084,6 +1085,25 @@ class HubCore:
         self._grant_blob(ps.who, ev.sha256, size)
         self._send(ev.peer, p.Ok(id=ev.rid))
 
+    def _on_blobs_scanned(self, ev: BlobsScanned) -> None:
+        """The last step of a garbage collection, here where nothing runs beside
+        it: spare what unfinished tasks hold and what was used since the scan."""
+        cutoff = self._now - ev.grace
+        held = {d.sha256 for t in self.active.values() for st in t.spec.stages for d in st.data}
+        gone = [s for s in ev.candidates
+                if s not in held and (mtime := self.blobs.mtime(s)) is not None and mtime < cutoff]
+        if not ev.dry_run:
+            for sha in gone:
+                self.blobs.delete(sha)
+            self.store.drop_blob_refs(gone)
+        deleted, freed, kept, kept_bytes = blobgc.totals(ev.listing, gone)
+        if deleted or ev.peer is not None:
+            log.info("blob gc%s: %d blob(s) of %d bytes %s; %d of %d bytes kept", " (dry run)" if ev.dry_run else "",
+                     deleted, freed, "to delete" if ev.dry_run else "deleted", kept, kept_bytes)
+        if ev.peer is not None:
+            self._send(ev.peer, p.BlobGcReport(id=ev.rid, dry_run=ev.dry_run, deleted=deleted, deleted_bytes=freed,
+                                               kept=kept, kept_bytes=kept_bytes))
+
     def _on_tick(self, ev: Tick) -> None:
         now = self._now
         stale = now - self.heartbeat_timeout
@@ -1127,6 +1147,7 @@ class HubCore:
         Disconnected: _on_disconnected,
         Received: _on_received,
         BlobStored: _on_blob_stored,
+        BlobsScanned: _on_blobs_scanned,
         Tick: _on_tick,
         TokensRevoked: _on_tokens_revoked,
         CancelContinued: _on_cancel_continued,
@@ -1358,6 +1379,11 @@ class HubCore:
             raise RequestError("forbidden", "only admin and daemon tokens may claim credit slots")
         self._send(peer, self.ledger.claim(msg, self._now))
 
+    def _m_blob_gc(self, peer: int, ps: _PeerState, msg: p.BlobGc) -> None:
+        if not ps.who.is_admin:
+            raise RequestError("forbidden", "only an admin token may collect blobs")
+        self._out.append(ScanBlobs(peer, msg.id, msg.dry_run))
+
     def _m_credit_link(self, peer: int, ps: _PeerState, msg: p.CreditLink) -> None:
         if not ps.who.is_admin:
             raise RequestError("forbidden", "only an admin token may link machines to users")
@@ -1393,6 +1419,7 @@ class HubCore:
         p.CreditMeta: _m_credit_meta,
         p.CreditClaim: _m_credit_claim,
         p.CreditLink: _m_credit_link,
+        p.BlobGc: _m_blob_gc,
         p.GetCreditTally: _m_get_credit_tally,
         p.GetCreditSlots: _m_get_credit_slots,
         p.ListTasks: _m_list_tasks,

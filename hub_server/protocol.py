@@ -491,6 +491,24 @@ class BlobPut(_Msg, tag="blob_put"):
     size: Bytes
 
 
+class BlobGc(_Msg, tag="blob_gc"):
+    """Admin: delete the blobs nothing refers to any more (blobgc.py says what refers)."""
+
+    id: RequestId
+    dry_run: bool = False
+
+
+class BlobGcReport(_Msg, tag="blob_gc_report"):
+    """What a garbage collection deleted (or, on a dry run, would delete), and what stays."""
+
+    id: int
+    dry_run: bool
+    deleted: int
+    deleted_bytes: int
+    kept: int
+    kept_bytes: int
+
+
 class BlobGet(_Msg, tag="blob_get"):
     id: RequestId
     sha256: Sha256
@@ -890,6 +908,8 @@ Message = Union[
     BlobPut,
     BlobGet,
     BlobData,
+    BlobGc,
+    BlobGcReport,
     Register,
     Registered,
     Heartbeat,
@@ -959,7 +979,7 @@ DAEMON_REQUESTS = (
 ALLOWED = {
     "client": CLIENT_REQUESTS,
     "daemon": DAEMON_REQUESTS,
-    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine))),
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine, BlobGc))),
 }
 
 _encoder = msgspec.json.Encoder()

@@ -31,16 +31,18 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve, unix_serve
 
 from . import auth
+from . import blobgc
 from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError, BlobStore, BlobWriter
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
-    BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send, StreamBlob, Tick,
-    TokensRevoked,
+    BlobsScanned, BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ScanBlobs, Send,
+    StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
+from .statelock import StateLock
 from .uploads import UploadGate
 from .unixsock import UnixSocketFile, bind_unix
 
@@ -91,6 +93,10 @@ class HubConfig:
     creditpiggy_max_connections: int = 256
     # An announced upload that receives no bytes this long is dropped (uploads.py).
     upload_idle_timeout: float = 10.0
+    # Blob garbage collection (blobgc.py): how often the hub runs it (0: never;
+    # ``hwf blobs gc`` still works), and how long a stored or used blob is spared.
+    blob_gc_interval: float = 3600.0
+    blob_gc_grace: float = 3600.0
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -108,6 +114,8 @@ class HubServer:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.store = auth.open_state_dir(config.state_dir)
+        self.state_lock = StateLock(config.state_dir)
+        self.state_lock.hold_shared()
         self.store.checkpoint_in_background()
         self.blobs = BlobStore(Path(config.state_dir) / "blobs", config.limits.max_blob_store_bytes)
         self.core = HubCore(self.store, self.blobs, config.limits, now=time.time(),
@@ -118,6 +126,7 @@ class HubServer:
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
         self.uploads = UploadGate(config.limits, config.upload_idle_timeout)
+        self._gc_lock = asyncio.Lock()
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._server: Any = None
@@ -156,8 +165,13 @@ class HubServer:
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
         self._spawn(self._expire_uploads())
+        if c.blob_gc_interval > 0:
+            self._spawn(self._collect_blobs_every(c.blob_gc_interval))
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
         scheme = "wss" if tls else "ws"
+        here = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+        here = f"[{here}]" if ":" in here else here
+        self.state_lock.write_address(f"{scheme}://{here}:{self.port}")  # for 'hwf blobs gc'
         log.info("hub %s listening on %s://%s:%s", self.core.hub_id, scheme, c.host, self.port)
         if tls is None and c.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("serving plain ws:// on %s: tokens, code and data cross the network in clear; "
@@ -180,6 +194,7 @@ class HubServer:
         if self._unix_file is not None:
             self._unix_file.remove()
         self.store.close()
+        self.state_lock.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -247,7 +262,11 @@ class HubServer:
         # call_soon from a callback runs after the next poll for I/O.
         asyncio.get_running_loop().call_soon(self._feed, ins.event)
 
-    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later}
+    def _do_scan_blobs(self, ins: ScanBlobs) -> None:
+        self._spawn(self._collect_blobs(ins.peer, ins.rid, ins.dry_run))
+
+    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later,
+                                 ScanBlobs: _do_scan_blobs}
 
     async def _tick(self) -> None:
         while True:
@@ -380,6 +399,25 @@ class HubServer:
             self._finish_upload(pid, peer, msg.id, writer)
         else:
             peer.uploads[msg.id] = writer
+
+    async def _collect_blobs(self, peer: Optional[int], rid: int, dry_run: bool) -> None:
+        """Scan for unreferenced blobs in a thread; the core makes the final cut."""
+        grace = self.config.blob_gc_grace
+        async with self._gc_lock:  # one scan at a time
+            try:
+                found, listing = await asyncio.to_thread(blobgc.candidates, self.store.path, self.blobs,
+                                                         time.time(), grace)
+            except Exception as exc:
+                log.exception("blob gc scan failed")
+                if peer is not None and peer in self.peers:
+                    self.peers[peer].post(p.Error(id=rid, code="internal", message=f"blob gc scan failed: {exc}"))
+                return
+            self._feed(BlobsScanned(peer, rid, dry_run, grace, tuple(found), listing))
+
+    async def _collect_blobs_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._collect_blobs(None, 0, False)
 
     async def _expire_uploads(self) -> None:
         """Drop announced uploads that receive no bytes (``--upload-idle-timeout``)."""
