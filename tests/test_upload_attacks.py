@@ -9,6 +9,10 @@ Each test ends with a normal user dispatching and earlier data intact.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,74 @@ def test_a_rogue_daemon_owner_filling_the_daemon_pool_only_delays_artifacts(tmp_
                 peer.close()
         healthy(c, tmp_path, list(ids))
         alice.close_sync()
+
+
+# ------------------------------------------------------------ quotas and garbage collection
+
+
+def hwf(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("HWF_TOKEN", "HWF_HUB_URL")}
+    run = subprocess.run([sys.executable, "-m", "hwf_jupyter.cli", *args], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def age_every_blob(state_dir: Path, seconds: float = 7200) -> None:
+    """Pretend every stored blob was last used ``seconds`` ago (past the GC grace)."""
+    old = time.time() - seconds
+    for f in (state_dir / "blobs").glob("??/*"):
+        os.utime(f, (old, old))
+
+
+def test_quota_refuses_a_users_blobs_and_hwf_blobs_gc_frees_only_unreferenced_ones(tmp_path):
+    with LocalCluster(daemons=1, slots=1, state_dir=tmp_path / "c",
+                      hub_args=["--max-blob-bytes-per-user", "300000", "--blob-gc-interval", "0"]) as c:
+        alice = c.hub(artifacts_dir=tmp_path / "a")
+        src, waiting_src = tmp_path / "in.txt", tmp_path / "waiting.txt"
+        src.write_text("input\n")
+        waiting_src.write_text("for a task that has not run\n")
+        ran = dispatch_sync(Task(Stage("s", data=Data(str(src), "in.txt"), cmd="tr a-z A-Z < in.txt > out.txt"),
+                                 Artifacts("out.txt")), alice)
+        assert alice.get_result_sync(ran, wait=True, timeout=60)[0].status == "finished"
+        waiting = dispatch_sync(Task(Stage("s", data=Data(str(waiting_src), "w.txt"), cmd="cat w.txt"),
+                                     hardware={"tags": ["no-such-machine"]}), alice)
+        with RawPeer(c.address, c.token) as raw:
+            orphan = raw.upload(b"o" * 200_000)  # uploaded, never used by a task
+            # The user's quota: 200 kB more would pass 300,000 bytes.
+            sha = hashlib.sha256(b"p" * 200_000).hexdigest()
+            err = raw.request({"type": "blob_put", "sha256": sha, "size": 200_000})
+            assert err["code"] == "quota", err
+            assert "max_blob_bytes_per_user=300000" in err["message"] and "--max-blob-bytes-per-user" in err["message"]
+        # Another user's room is their own.
+        with RawPeer(c.address, c.create_token("client", "user-b")) as other:
+            other.upload(b"p" * 200_000)
+
+        age_every_blob(c.state_dir)
+        blob = lambda s: c.state_dir / "blobs" / s[:2] / s
+        digest = lambda f: hashlib.sha256(f.read_bytes()).hexdigest()
+        dry = hwf("blobs", "gc", "--state-dir", str(c.state_dir), "--dry-run")
+        # alice's orphan, user-b's upload and the Data of the task that ended.
+        assert dry.startswith("would delete 3 blob(s)") and "by the hub at ws://" in dry, dry
+        assert blob(orphan).exists()
+        real = hwf("blobs", "gc", "--state-dir", str(c.state_dir))
+        assert real.startswith("deleted 3 blob(s)"), real
+        assert not blob(orphan).exists() and not blob(digest(src)).exists()
+        assert blob(digest(waiting_src)).exists(), "the Data of a task that has not run stays"
+        # The stored result keeps its artifact: a fresh client still downloads it.
+        again = c.hub(artifacts_dir=tmp_path / "again")
+        r = again.get_result_sync(ran)[0]
+        assert [a.path.read_text() for a in r.artifacts if a.ok] == ["INPUT\n"]
+        again.close_sync()
+        # The collected orphan no longer counts against alice's quota.
+        with RawPeer(c.address, c.token) as raw:
+            raw.upload(b"p" * 200_000)
+        # The waiting task still runs once a machine it wants appears... here: cancelled, and nothing else lost.
+        alice.cancel_sync(list(waiting))
+        healthy(c, tmp_path, list(ran))
+        alice.close_sync()
+    # With no hub running, the command collects on its own under the state dir's lock.
+    age_every_blob(c.state_dir)
+    alone = hwf("blobs", "gc", "--state-dir", str(c.state_dir))
+    assert "(no hub running)" in alone, alone
+    assert "deleted 0 blob(s)" not in alone
