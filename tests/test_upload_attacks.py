@@ -212,3 +212,17 @@ def test_quota_refuses_a_users_blobs_and_hwf_blobs_gc_frees_only_unreferenced_on
     alone = hwf("blobs", "gc", "--state-dir", str(c.state_dir))
     assert "(no hub running)" in alone, alone
     assert "deleted 0 blob(s)" not in alone
+
+
+def test_the_hub_collects_on_its_schedule(tmp_path):
+    with LocalCluster(daemons=1, slots=1, state_dir=tmp_path / "c",
+                      hub_args=["--blob-gc-interval", "1", "--blob-gc-grace", "60"]) as c:
+        with RawPeer(c.address, c.token) as raw:
+            orphan = raw.upload(b"never used by a task\n")
+            fresh = raw.upload(b"uploaded just now\n")
+        path = c.state_dir / "blobs" / orphan[:2] / orphan
+        old = time.time() - 120
+        os.utime(path, (old, old))
+        wait_until(lambda: not path.exists(), timeout=30, what="the scheduled GC to delete the orphan")
+        assert (c.state_dir / "blobs" / fresh[:2] / fresh).exists(), "a blob inside its grace stays"
+        healthy(c, tmp_path)
