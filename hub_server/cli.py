@@ -29,8 +29,11 @@ LIMIT_FLAGS = {
     "max_queued_per_user": "unfinished tasks per user",
     "max_tasks_per_submit": "tasks in one submit message",
     "max_uploads_per_connection": "blob uploads open at once per connection",
-    "max_uploads": "blob uploads open at once on the hub",
+    "max_uploads": "blob uploads of clients open at once on the hub",
+    "max_uploads_per_user": "blob uploads open at once per user (or daemon owner)",
+    "max_daemon_uploads": "blob uploads of daemons (artifacts) open at once on the hub",
     "max_blob_store_bytes": "bytes of all stored blobs",
+    "max_blob_bytes_per_user": "bytes of stored blobs a user uploaded or whose tasks produced",
     "send_queue_bytes": "bytes queued to one slow reader before its live output is dropped",
     "send_queue_hard_bytes": "bytes queued to one slow reader before it is disconnected",
 }
@@ -73,6 +76,13 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
                      help="close a creditpiggy connection that sends no command this long (default 10)")
     hub.add_argument("--creditpiggy-max-connections", type=int, default=256, metavar="N",
                      help="creditpiggy connections open at once; more are answered ER (default 256)")
+    hub.add_argument("--blob-gc-interval", type=float, default=3600.0, metavar="SECONDS",
+                     help="collect unreferenced blobs this often (default 3600; 0: never, 'hwf blobs gc' still works)")
+    hub.add_argument("--blob-gc-grace", type=float, default=3600.0, metavar="SECONDS",
+                     help="garbage collection spares blobs stored or used this recently (default 3600)")
+    hub.add_argument("--upload-idle-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="drop an announced upload that receives no bytes this long, freeing its slot "
+                          "(default 10)")
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
@@ -135,6 +145,10 @@ def run_hub_cli(args: argparse.Namespace) -> int:
     try:
         credit_endpoints = [parse_endpoint(spec, args.creditpiggy_allow_remote) for spec in args.creditpiggy]
         check_user(args.creditpiggy_user)
+        if args.blob_gc_interval < 0 or args.blob_gc_grace < 60:
+            raise ValueError("--blob-gc-interval must be >= 0 and --blob-gc-grace at least 60 seconds")
+        if args.upload_idle_timeout <= 0:
+            raise ValueError("--upload-idle-timeout must be positive")
         if args.creditpiggy_idle_timeout <= 0 or args.creditpiggy_max_connections < 1:
             raise ValueError("--creditpiggy-idle-timeout and --creditpiggy-max-connections must be positive")
         if args.unix is not None and not os.path.isabs(args.unix):
@@ -163,6 +177,9 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         creditpiggy_mode=args.creditpiggy_mode,
         creditpiggy_idle_timeout=args.creditpiggy_idle_timeout,
         creditpiggy_max_connections=args.creditpiggy_max_connections,
+        upload_idle_timeout=args.upload_idle_timeout,
+        blob_gc_interval=args.blob_gc_interval,
+        blob_gc_grace=args.blob_gc_grace,
         grid_handler=args.grid_handler,
         prefetch=args.prefetch,
         python_trusted_owners=tuple(o.strip() for o in args.python_trusted_owners.split(",") if o.strip()),
@@ -276,6 +293,8 @@ def add_parsers(sub: Any) -> None:
     add_token_arguments(sub.add_parser("token", help="create, list or revoke access tokens (also while the hub runs)"))
     from .credits_cli import add_credits_arguments
     add_credits_arguments(sub.add_parser("credits", help="link machines to users, print credit tallies"))
+    from .blobs_cli import add_blobs_arguments
+    add_blobs_arguments(sub.add_parser("blobs", help="garbage-collect blobs nothing refers to (also while the hub runs)"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import msgspec
 
+from . import blobgc
 from . import gridcall
 from . import hardware as hw
 from . import protocol as p
@@ -38,8 +39,8 @@ from . import task_state
 from .auth import Principal
 from .blobs import BlobStore
 from .events import (
-    BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send,
-    StreamBlob, Tick, TokensRevoked,
+    BlobsScanned, BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later,
+    Received, ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
@@ -251,11 +252,19 @@ class HubCore:
         self._key_secret = (store.meta("user_key_secret") or self._init_key_secret()).encode()
         self._load_machines()
         self._load_active()
+        self._fill_blob_sizes()
         # After a restart, daemons get this long to come back for their attempts.
         self._grace_until: Optional[float] = (
             now + reconnect_grace
             if any(t.status in ("assigned", "running") for t in self.active.values()) else None
         )
+
+    def _fill_blob_sizes(self) -> None:
+        """Stores from before blob quotas: learn each listed blob's size once."""
+        missing = self.store.blobs_without_size()
+        if missing:
+            with self.store.transaction():
+                self.store.set_blob_sizes({s: self.blobs.size(s) if self.blobs.has(s) else 0 for s in missing})
 
     # -- the one way in -------------------------------------------------------
 
@@ -453,7 +462,7 @@ class HubCore:
                 problem = unsafe_relative_path(d.filename)
                 if problem:
                     raise RequestError("bad_path", f"{where}: data filename {d.filename!r} {problem}")
-                if not (self.blobs.has(d.sha256) and self.blob_readable(who, d.sha256)):
+                if not self._usable(who, d.sha256):
                     raise RequestError(
                         "missing_blob",
                         f"{where}: data {d.filename!r} (sha256 {d.sha256[:12]}…) was not uploaded",
@@ -913,9 +922,36 @@ class HubCore:
                     return True
         return False
 
-    def _grant_blob(self, who: Principal, sha256: str) -> None:
+    def _usable(self, who: Principal, sha256: str, machine_id: Optional[str] = None) -> bool:
+        """Is the blob stored and may ``who`` build on it?  A yes is a use:
+        the blob is touched, so garbage collection spares it for its grace
+        period while the caller submits what refers to it (blobgc.py)."""
+        if self.blobs.has(sha256) and self.blob_readable(who, sha256, machine_id):
+            self.blobs.touch(sha256)
+            return True
+        return False
+
+    def blob_quota_refusal(self, who: Principal, sha256: str, size: int, pending: int = 0) -> Optional[str]:
+        """Why storing ``size`` more bytes for ``who`` would exceed its blob
+        quota (``pending``: bytes of its uploads still open), or None.
+        Daemons are not charged: the artifacts they upload count against
+        the task's user when the result arrives (``_accept_artifacts``)."""
+        if who.role != "client" or self.store.blob_ref_exists(sha256, who.blob_scope):
+            return None
+        return self._over_quota(who.user, self.store.blob_bytes(who.blob_scope) + pending, size)
+
+    def _over_quota(self, user: str, used: int, size: int) -> Optional[str]:
+        cap = self.limits.max_blob_bytes_per_user
+        if used + size <= cap:
+            return None
+        return (f"user {user!r} stores {used} bytes of blobs; {size} more would exceed "
+                f"max_blob_bytes_per_user={cap} (flag --max-blob-bytes-per-user)")
+
+    def _grant_blob(self, who: Principal, sha256: str, size: Optional[int] = None) -> None:
         """``who`` uploaded this blob: it may use and read it from now on."""
-        self.store.add_blob_refs([(sha256, who.blob_scope)])
+        if size is None and self.blobs.has(sha256):
+            size = self.blobs.size(sha256)
+        self.store.add_blob_refs([(sha256, who.blob_scope, size)])
 
     def _accept_artifacts(self, machine_id: str, who: Principal, msg: p.TaskDone) -> None:
         """Check what a daemon says it collected before anyone downloads it:
@@ -923,6 +959,7 @@ class HubCore:
         task's user may then download it."""
         t = self.active.get(msg.task_id)
         grants = []
+        used = self.store.blob_bytes(f"u:{t.user}") if t is not None else 0
         for a in msg.outcome.artifacts:
             if a.name is not None:
                 problem = unsafe_relative_path(a.name)
@@ -934,12 +971,19 @@ class HubCore:
                 continue
             # The daemon must hold the blob: its owner uploaded it, or it is the
             # Data of a task it runs (a copy it already has the bytes of).
-            if not (self.blobs.has(a.sha256) and self.blob_readable(who, a.sha256, machine_id)):
+            if not self._usable(who, a.sha256, machine_id):
                 a.error = a.error or "artifact was not uploaded to the hub"
                 a.sha256 = None
                 continue
             if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
-                grants.append((a.sha256, f"u:{t.user}"))
+                size = self.blobs.size(a.sha256)
+                if not self.store.blob_ref_exists(a.sha256, f"u:{t.user}"):
+                    over = self._over_quota(t.user, used, size)
+                    if over:
+                        a.error, a.sha256 = f"artifact not kept: {over}", None
+                        continue
+                    used += size
+                grants.append((a.sha256, f"u:{t.user}", size))
         if grants:
             self.store.add_blob_refs(grants)
 
@@ -1044,9 +1088,34 @@ class HubCore:
 
     def _on_blob_stored(self, ev: BlobStored) -> None:
         ps = self.peers.get(ev.peer)
-        if ps is not None:
-            self._grant_blob(ps.who, ev.sha256)
-            self._send(ev.peer, p.Ok(id=ev.rid))
+        if ps is None:
+            return
+        size = self.blobs.size(ev.sha256)
+        over = self.blob_quota_refusal(ps.who, ev.sha256, size)
+        if over:  # checked at the announcement too; this also covers HTTP uploads and races
+            self._send(ev.peer, p.Error(id=ev.rid, code="quota", message=over))
+            return
+        self._grant_blob(ps.who, ev.sha256, size)
+        self._send(ev.peer, p.Ok(id=ev.rid))
+
+    def _on_blobs_scanned(self, ev: BlobsScanned) -> None:
+        """The last step of a garbage collection, here where nothing runs beside
+        it: spare what unfinished tasks hold and what was used since the scan."""
+        cutoff = self._now - ev.grace
+        held = {d.sha256 for t in self.active.values() for st in t.spec.stages for d in st.data}
+        gone = [s for s in ev.candidates
+                if s not in held and (mtime := self.blobs.mtime(s)) is not None and mtime < cutoff]
+        if not ev.dry_run:
+            for sha in gone:
+                self.blobs.delete(sha)
+            self.store.drop_blob_refs(gone)
+        deleted, freed, kept, kept_bytes = blobgc.totals(ev.listing, gone)
+        if deleted or ev.peer is not None:
+            log.info("blob gc%s: %d blob(s) of %d bytes %s; %d of %d bytes kept", " (dry run)" if ev.dry_run else "",
+                     deleted, freed, "to delete" if ev.dry_run else "deleted", kept, kept_bytes)
+        if ev.peer is not None:
+            self._send(ev.peer, p.BlobGcReport(id=ev.rid, dry_run=ev.dry_run, deleted=deleted, deleted_bytes=freed,
+                                               kept=kept, kept_bytes=kept_bytes))
 
     def _on_tick(self, ev: Tick) -> None:
         now = self._now
@@ -1091,6 +1160,7 @@ class HubCore:
         Disconnected: _on_disconnected,
         Received: _on_received,
         BlobStored: _on_blob_stored,
+        BlobsScanned: _on_blobs_scanned,
         Tick: _on_tick,
         TokensRevoked: _on_tokens_revoked,
         CancelContinued: _on_cancel_continued,
@@ -1124,8 +1194,7 @@ class HubCore:
     def _m_blobs_missing(self, peer: int, ps: _PeerState, msg: p.BlobsMissing) -> None:
         # "Present" only for blobs this caller may use: whether anyone else
         # stored a file is not revealed (a re-upload is cheap).
-        missing = [s for s in msg.sha256
-                   if not (self.blobs.has(s) and self.blob_readable(ps.who, s, ps.machine_id))]
+        missing = [s for s in msg.sha256 if not self._usable(ps.who, s, ps.machine_id)]
         self._send(peer, p.BlobsMissingReply(id=msg.id, missing=missing))
 
     def _m_blob_get(self, peer: int, ps: _PeerState, msg: p.BlobGet) -> None:
@@ -1267,7 +1336,7 @@ class HubCore:
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_put_job_file(self, peer: int, ps: _PeerState, msg: p.PutJobFile) -> None:
-        if not (self.blobs.has(msg.sha256) and self.blob_readable(ps.who, msg.sha256)):
+        if not self._usable(ps.who, msg.sha256):
             raise RequestError("missing_blob", f"job {msg.job_id!r}: its file (sha256 {msg.sha256[:12]}…) "
                                                "was not uploaded")
         self.store.set_job_file(ps.who.user, msg.job_id, msg.sha256, self._now)
@@ -1323,6 +1392,11 @@ class HubCore:
             raise RequestError("forbidden", "only admin and daemon tokens may claim credit slots")
         self._send(peer, self.ledger.claim(msg, self._now))
 
+    def _m_blob_gc(self, peer: int, ps: _PeerState, msg: p.BlobGc) -> None:
+        if not ps.who.is_admin:
+            raise RequestError("forbidden", "only an admin token may collect blobs")
+        self._out.append(ScanBlobs(peer, msg.id, msg.dry_run))
+
     def _m_credit_link(self, peer: int, ps: _PeerState, msg: p.CreditLink) -> None:
         if not ps.who.is_admin:
             raise RequestError("forbidden", "only an admin token may link machines to users")
@@ -1358,6 +1432,7 @@ class HubCore:
         p.CreditMeta: _m_credit_meta,
         p.CreditClaim: _m_credit_claim,
         p.CreditLink: _m_credit_link,
+        p.BlobGc: _m_blob_gc,
         p.GetCreditTally: _m_get_credit_tally,
         p.GetCreditSlots: _m_get_credit_slots,
         p.ListTasks: _m_list_tasks,

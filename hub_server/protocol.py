@@ -52,11 +52,17 @@ class Limits(msgspec.Struct, frozen=True):
     max_tasks_per_submit: int = 20_000
     max_output_bytes: int = 64 * 2**10
     max_results_per_request: int = 5_000
-    # Blob uploads open at once on one connection, and on the whole hub.
+    # Blob uploads open at once on one connection, per user (a daemon token's
+    # owner counts as one), of all clients, and of all daemons (their own pool:
+    # a client flood never refuses a finished task's artifact).
     max_uploads_per_connection: int = 4
     max_uploads: int = 256
-    # Every blob stored on the hub together (Data files and artifacts).
+    max_uploads_per_user: int = 16
+    max_daemon_uploads: int = 64
+    # Every blob stored on the hub together (Data files and artifacts), and
+    # the bytes of blobs one user uploaded or whose tasks produced.
     max_blob_store_bytes: int = 100 * 2**30
+    max_blob_bytes_per_user: int = 10 * 2**30
     # Bytes queued for one slow reader: above the first, live output to it is
     # dropped (with a marker); above the second it is disconnected.
     send_queue_bytes: int = 8 * 2**20
@@ -492,6 +498,24 @@ class BlobPut(_Msg, tag="blob_put"):
     size: Bytes
 
 
+class BlobGc(_Msg, tag="blob_gc"):
+    """Admin: delete the blobs nothing refers to any more (blobgc.py says what refers)."""
+
+    id: RequestId
+    dry_run: bool = False
+
+
+class BlobGcReport(_Msg, tag="blob_gc_report"):
+    """What a garbage collection deleted (or, on a dry run, would delete), and what stays."""
+
+    id: int
+    dry_run: bool
+    deleted: int
+    deleted_bytes: int
+    kept: int
+    kept_bytes: int
+
+
 class BlobGet(_Msg, tag="blob_get"):
     id: RequestId
     sha256: Sha256
@@ -891,6 +915,8 @@ Message = Union[
     BlobPut,
     BlobGet,
     BlobData,
+    BlobGc,
+    BlobGcReport,
     Register,
     Registered,
     Heartbeat,
@@ -960,7 +986,7 @@ DAEMON_REQUESTS = (
 ALLOWED = {
     "client": CLIENT_REQUESTS,
     "daemon": DAEMON_REQUESTS,
-    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine))),
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine, BlobGc))),
 }
 
 _encoder = msgspec.json.Encoder()

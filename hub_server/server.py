@@ -31,16 +31,19 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve, unix_serve
 
 from . import auth
+from . import blobgc
 from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError, BlobStore, BlobWriter
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
-    BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send, StreamBlob, Tick,
-    TokensRevoked,
+    BlobsScanned, BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ScanBlobs, Send,
+    StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
+from .statelock import StateLock
+from .uploads import UploadGate
 from .unixsock import UnixSocketFile, bind_unix
 
 log = logging.getLogger("hwf.hub")
@@ -88,6 +91,12 @@ class HubConfig:
     creditpiggy_mode: int = 0o600
     creditpiggy_idle_timeout: float = 10.0
     creditpiggy_max_connections: int = 256
+    # An announced upload that receives no bytes this long is dropped (uploads.py).
+    upload_idle_timeout: float = 10.0
+    # Blob garbage collection (blobgc.py): how often the hub runs it (0: never;
+    # ``hwf blobs gc`` still works), and how long a stored or used blob is spared.
+    blob_gc_interval: float = 3600.0
+    blob_gc_grace: float = 3600.0
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -105,6 +114,8 @@ class HubServer:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.store = auth.open_state_dir(config.state_dir)
+        self.state_lock = StateLock(config.state_dir)
+        self.state_lock.hold_shared()
         self.store.checkpoint_in_background()
         self.blobs = BlobStore(Path(config.state_dir) / "blobs", config.limits.max_blob_store_bytes)
         self.core = HubCore(self.store, self.blobs, config.limits, now=time.time(),
@@ -114,7 +125,8 @@ class HubServer:
                             prefetch=config.prefetch, trusted_owners=config.python_trusted_owners)
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
-        self._open_uploads = 0
+        self.uploads = UploadGate(config.limits, config.upload_idle_timeout)
+        self._gc_lock = asyncio.Lock()
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._server: Any = None
@@ -152,8 +164,14 @@ class HubServer:
             await self.http.start()
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
+        self._spawn(self._expire_uploads())
+        if c.blob_gc_interval > 0:
+            self._spawn(self._collect_blobs_every(c.blob_gc_interval))
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
         scheme = "wss" if tls else "ws"
+        here = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+        here = f"[{here}]" if ":" in here else here
+        self.state_lock.write_address(f"{scheme}://{here}:{self.port}")  # for 'hwf blobs gc'
         log.info("hub %s listening on %s://%s:%s", self.core.hub_id, scheme, c.host, self.port)
         if tls is None and c.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("serving plain ws:// on %s: tokens, code and data cross the network in clear; "
@@ -176,6 +194,7 @@ class HubServer:
         if self._unix_file is not None:
             self._unix_file.remove()
         self.store.close()
+        self.state_lock.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -243,7 +262,11 @@ class HubServer:
         # call_soon from a callback runs after the next poll for I/O.
         asyncio.get_running_loop().call_soon(self._feed, ins.event)
 
-    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later}
+    def _do_scan_blobs(self, ins: ScanBlobs) -> None:
+        self._spawn(self._collect_blobs(ins.peer, ins.rid, ins.dry_run))
+
+    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later,
+                                 ScanBlobs: _do_scan_blobs}
 
     async def _tick(self) -> None:
         while True:
@@ -329,7 +352,7 @@ class HubServer:
             pass
         finally:
             del self.peers[pid]
-            self._open_uploads -= len(peer.uploads)
+            self.uploads.release_peer(pid)
             await peer.stop()
             if connected:
                 self._feed(Disconnected(pid))
@@ -352,29 +375,60 @@ class HubServer:
 
     def _start_upload(self, pid: int, peer: Peer, msg: p.BlobPut) -> None:
         limits = self.config.limits
+        owner = peer.principal.blob_scope
         problem = None
         if msg.size > limits.max_file_bytes:
             problem = ("too_large", f"file of {msg.size} bytes exceeds max_file_bytes={limits.max_file_bytes}")
         elif msg.id in peer.uploads:
             problem = ("bad_request", f"transfer id {msg.id} is already in use")
-        elif len(peer.uploads) >= limits.max_uploads_per_connection:
-            problem = ("limit", f"{len(peer.uploads)} uploads already open on this connection "
-                                f"(max_uploads_per_connection={limits.max_uploads_per_connection})")
-        elif self._open_uploads >= limits.max_uploads:
-            problem = ("busy", f"the hub has {self._open_uploads} uploads open "
-                               f"(max_uploads={limits.max_uploads}); try again shortly")
+        else:
+            over = self.core.blob_quota_refusal(peer.principal, msg.sha256, msg.size,
+                                                pending=self.uploads.open_bytes(owner))
+            problem = (("quota", over) if over else
+                       self.uploads.admit(pid, msg.id, owner, peer.role == "daemon", msg.size, time.monotonic()))
         if problem is None:
             try:
                 writer = self.blobs.writer(msg.sha256, msg.size)
             except BlobError as exc:
+                self.uploads.release(pid, msg.id)
                 problem = ("store_full" if "full" in str(exc) else "bad_request", str(exc))
         if problem is not None:
             peer.post(p.Error(id=msg.id, code=problem[0], message=problem[1]))
         elif msg.size == 0:
+            self.uploads.release(pid, msg.id)
             self._finish_upload(pid, peer, msg.id, writer)
         else:
             peer.uploads[msg.id] = writer
-            self._open_uploads += 1
+
+    async def _collect_blobs(self, peer: Optional[int], rid: int, dry_run: bool) -> None:
+        """Scan for unreferenced blobs in a thread; the core makes the final cut."""
+        grace = self.config.blob_gc_grace
+        async with self._gc_lock:  # one scan at a time
+            try:
+                found, listing = await asyncio.to_thread(blobgc.candidates, self.store.path, self.blobs,
+                                                         time.time(), grace)
+            except Exception as exc:
+                log.exception("blob gc scan failed")
+                if peer is not None and peer in self.peers:
+                    self.peers[peer].post(p.Error(id=rid, code="internal", message=f"blob gc scan failed: {exc}"))
+                return
+            self._feed(BlobsScanned(peer, rid, dry_run, grace, tuple(found), listing))
+
+    async def _collect_blobs_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._collect_blobs(None, 0, False)
+
+    async def _expire_uploads(self) -> None:
+        """Drop announced uploads that receive no bytes (``--upload-idle-timeout``)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.upload_idle_timeout / 4))
+            for pid, tid in self.uploads.expired(time.monotonic()):
+                peer = self.peers.get(pid)
+                writer = peer.uploads.pop(tid, None) if peer is not None else None
+                if writer is not None:
+                    writer.abort()
+                    peer.post(p.Error(id=tid, code="timeout", message=self.uploads.expiry_message()))
 
     def _on_chunk(self, pid: int, peer: Peer, frame: bytes) -> None:
         try:
@@ -390,12 +444,13 @@ class HubServer:
             writer.write(payload)
         except BlobError as exc:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             peer.post(p.Error(id=tid, code="bad_blob", message=str(exc)))
             return
+        self.uploads.received(pid, tid, time.monotonic())
         if writer.complete:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             self._finish_upload(pid, peer, tid, writer)
 
     def _finish_upload(self, pid: int, peer: Peer, tid: int, writer: BlobWriter) -> None:

@@ -90,11 +90,12 @@ def test_every_message_type_round_trips():
 def test_roles_allowed():
     assert p.Submit in p.ALLOWED["client"] and p.Register not in p.ALLOWED["client"]
     assert p.Register in p.ALLOWED["daemon"] and p.Submit not in p.ALLOWED["daemon"]
-    assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"]) | {p.CreditLink, p.SetMachine}
+    assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"]) | {p.CreditLink, p.SetMachine, p.BlobGc}
     assert p.SetMachine not in p.ALLOWED["client"] and p.Progress in p.ALLOWED["daemon"]
     # Claims and links are not a client's to make.
     assert p.CreditClaim not in p.ALLOWED["client"] and p.CreditClaim in p.ALLOWED["daemon"]
     assert p.CreditLink not in p.ALLOWED["client"] and p.CreditLink not in p.ALLOWED["daemon"]
+    assert p.BlobGc not in p.ALLOWED["client"] and p.BlobGc not in p.ALLOWED["daemon"]
 
 
 def test_limits_are_sent_in_welcome():
