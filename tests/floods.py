@@ -71,7 +71,7 @@ class Watch:
     def p99(self) -> Optional[float]:
         if len(self.trips) < 2:
             return self.trips[0] if self.trips else None
-        return statistics.quantiles(self.trips, n=100)[98]
+        return statistics.quantiles(self.trips, n=100, method="inclusive")[98]
 
     def report(self, what: str) -> str:
         p99 = self.p99()
