@@ -36,6 +36,21 @@ LIMIT_FLAGS = {
     "max_blob_bytes_per_user": "bytes of stored blobs a user uploaded or whose tasks produced",
     "send_queue_bytes": "bytes queued to one slow reader before its live output is dropped",
     "send_queue_hard_bytes": "bytes queued to one slow reader before it is disconnected",
+    "max_waiters_per_user": "get_results(wait=True) requests one user may have waiting",
+    "max_watches_per_user": "watches one user may have open",
+    "max_waited_ids_per_user": "task ids one user's waiting requests and watches may cover together",
+}
+
+# Connection and stream caps (HubConfig field -> type, help); defaults are HubConfig's.
+CONNECTION_FLAGS = {
+    "max_connections": (int, "websocket connections open at once (counted before the handshake)"),
+    "max_connections_per_address": (int, "websocket connections open at once from one address"),
+    "http_header_timeout": (float, "seconds a new HTTP connection has to send its whole request head"),
+    "http_idle_timeout": (float, "seconds an idle keep-alive HTTP connection is kept"),
+    "http_max_connections": (int, "HTTP connections open at once"),
+    "http_max_connections_per_address": (int, "HTTP connections open at once from one address"),
+    "http_max_streams": (int, "/api/events streams open at once"),
+    "http_max_streams_per_user": (int, "/api/events streams open at once per user"),
 }
 
 
@@ -86,6 +101,12 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
+    from .server import HubConfig
+
+    for name, (kind, help_text) in CONNECTION_FLAGS.items():
+        hub.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(HubConfig, name),
+                         metavar="SECONDS" if kind is float else "N",
+                         help=f"{help_text} (default {getattr(HubConfig, name):g})")
     hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
                      help="HTC-Grid handler for tasks whose client config names none, on daemons without "
                           "their own --grid-handler: 'module:function' or a shell command")
@@ -151,6 +172,12 @@ def run_hub_cli(args: argparse.Namespace) -> int:
             raise ValueError("--upload-idle-timeout must be positive")
         if args.creditpiggy_idle_timeout <= 0 or args.creditpiggy_max_connections < 1:
             raise ValueError("--creditpiggy-idle-timeout and --creditpiggy-max-connections must be positive")
+        for name in CONNECTION_FLAGS:
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_waiters_per_user", "max_watches_per_user", "max_waited_ids_per_user"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.unix is not None and not os.path.isabs(args.unix):
             raise ValueError(f"--unix {args.unix!r}: the socket path must be absolute")
         from .http_api import parse_trust
@@ -185,6 +212,7 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         python_trusted_owners=tuple(o.strip() for o in args.python_trusted_owners.split(",") if o.strip()),
         http_port=args.http_port,
         http_trust=http_trust,
+        **{name: getattr(args, name) for name in CONNECTION_FLAGS},
     )
     if not 0 <= args.prefetch <= 64:
         print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)

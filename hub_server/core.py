@@ -57,6 +57,8 @@ log = logging.getLogger("hwf.hub")
 OUTPUT_REPLAY_BYTES = 64 * 2**10
 # Tasks cancelled per batch: a huge cancellation leaves room for other work.
 CANCEL_CHUNK = 100
+# A task record's fields beside its spec and result, for sizing a reply before it is built.
+RECORD_OVERHEAD = 1024
 
 
 _PYTHON_VERSION = re.compile(r"^[0-9]{1,2}\.[0-9]{1,3}$")
@@ -155,6 +157,7 @@ class _Waiter:
     remaining: int
     deadline: Optional[float] = None
     done: bool = False
+    held: int = 0  # task ids counted against its user (released when it ends)
 
 
 @dataclass(eq=False)
@@ -166,6 +169,8 @@ class _Sub:
     output: bool
     task_ids: set[str]
     session_id: Optional[str]
+    user: str = ""
+    held: int = 0  # task ids counted against its user (released when it is dropped)
 
 
 @dataclass
@@ -235,7 +240,10 @@ class HubCore:
         self.machines: dict[str, MachineState] = {}
         self.peers: dict[int, _PeerState] = {}
         self.daemon_peer: dict[str, int] = {}  # machine -> its connection
-        self._waiters: dict[str, list[_Waiter]] = {}
+        # task -> the waiters on it (a dict as an ordered set: a gone peer's are removed in O(1))
+        self._waiters: dict[str, dict[_Waiter, None]] = {}
+        # user -> [waiters, watches, task ids they hold]: bounded per user (Limits.max_*_per_user)
+        self._holds: dict[str, list[int]] = {}
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._tiebreak = itertools.count()
         self._subs_by_task: dict[str, set[_Sub]] = {}
@@ -733,7 +741,7 @@ class HubCore:
         if self.active_by_user[t.user] <= 0:
             del self.active_by_user[t.user]
         self._emit(t, status, machine=t.machine, error=fields.get("error"))
-        for w in self._waiters.pop(t.task_id, ()):
+        for w in self._waiters.pop(t.task_id, {}):
             w.remaining -= 1
             if w.remaining == 0:
                 self._answer(w, timed_out=False)
@@ -783,12 +791,66 @@ class HubCore:
     def _answer(self, w: _Waiter, timed_out: bool) -> None:
         if w.done:
             return
-        w.done = True
         if w.peer in self.peers:
             try:
                 self._send(w.peer, p.Results(id=w.rid, tasks=self._records(w.task_ids, w.who), timed_out=timed_out))
             except RequestError as exc:
                 self._send(w.peer, p.Error(id=w.rid, code=exc.code, message=str(exc)))
+        self._end_waiter(w)
+
+    # -- what one user may hold: waiters and watches ---------------------------
+
+    _HOLDS = {0: ("get_results(wait=True) requests waiting", "max_waiters_per_user"),
+              1: ("watches open", "max_watches_per_user")}
+
+    def _hold(self, user: str, kind: int, ids: int) -> None:
+        """Count a waiter (kind 0) or watch (1) over ``ids`` task ids against ``user``,
+        or refuse it naming the flag: one user's waits cannot fill the hub's memory."""
+        held = self._holds.setdefault(user, [0, 0, 0])
+        what, limit_name = self._HOLDS[kind]
+        limit = getattr(self.limits, limit_name)
+        if held[kind] >= limit:
+            raise RequestError("limit", f"user {user!r} has {held[kind]} {what} "
+                                        f"(--{limit_name.replace('_', '-')}={limit}); let some end first")
+        ids_limit = self.limits.max_waited_ids_per_user
+        if held[2] + ids > ids_limit:
+            raise RequestError("limit", f"user {user!r} has waits and watches over {held[2]} task ids; "
+                                        f"{ids} more would pass --max-waited-ids-per-user={ids_limit}")
+        held[kind] += 1
+        held[2] += ids
+
+    def _release(self, user: str, kind: int, ids: int) -> None:
+        held = self._holds.get(user)
+        if held is None:
+            return
+        held[kind] -= 1
+        held[2] -= ids
+        if held == [0, 0, 0]:
+            del self._holds[user]
+
+    def _end_waiter(self, w: _Waiter) -> None:
+        """A waiter answered or abandoned: off every task's list, its ids freed."""
+        if w.done:
+            return
+        w.done = True
+        for tid in w.task_ids:
+            waiting = self._waiters.get(tid)
+            if waiting is not None:
+                waiting.pop(w, None)
+                if not waiting:
+                    del self._waiters[tid]
+        w.task_ids = []
+        self._release(w.who.user, 0, w.held)
+
+    def _check_reply_size(self, task_ids: list[str]) -> None:
+        """Refuse, before building it, a reply that would pass --max-message-bytes."""
+        limit = self.limits.max_message_bytes
+        size = self.store.reply_bytes(task_ids) + RECORD_OVERHEAD * len(task_ids)
+        if size > limit:
+            fit = max(1, len(task_ids) * limit // size // 2)
+            raise RequestError("limit", f"the records of these {len(task_ids)} tasks take about {size} bytes, "
+                                        f"over --max-message-bytes={limit}: ask for fewer at a time "
+                                        f"(about {fit} fit)")
 
     def _check_known(self, task_ids: list[str], who: Principal) -> None:
         """Refuse oversized requests and unknown ids before any waiting.
@@ -808,9 +870,9 @@ class HubCore:
             elif not self._visible(tid, t.user, who):
                 missing.append(tid)
         if stored:
-            rows = self.store.tasks(stored)
+            users = self.store.task_users(stored)  # not whole rows: they hold every command's output
             missing += [tid for tid in stored
-                        if tid not in rows or not self._visible(tid, rows[tid]["user"], who)]
+                        if tid not in users or not self._visible(tid, users[tid], who)]
         if missing:
             missing.sort(key=task_ids.index)
             raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
@@ -823,12 +885,14 @@ class HubCore:
         return rows
 
     def _records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
+        self._check_reply_size(task_ids)
         rows = self._visible_rows(task_ids, who)
         attempts = self.store.attempts(task_ids)
         credits = self.store.claimed_credits(task_ids)
         return [self._record(rows[tid], attempts.get(tid, []), credits.get(tid)) for tid in task_ids]
 
-    def _record(self, row: Any, attempts: list[Any], credits: Optional[int] = None) -> p.TaskRecord:
+    def _record(self, row: Any, attempts: list[Any], credits: Optional[int] = None, *,
+                brief: bool = False) -> p.TaskRecord:
         tid = row["task_id"]
         t = self.active.get(tid)
         spec = loads(row["spec"])
@@ -837,7 +901,7 @@ class HubCore:
         m = self.machines.get(machine) if machine else None
         if outcome is not None:
             stages, artifacts = outcome.stages, outcome.artifacts
-        elif t is not None and t.stages:
+        elif t is not None and t.stages and not brief:
             stages, artifacts = [t.stages[i] for i in sorted(t.stages)], []
         else:
             stages, artifacts = [], []
@@ -1024,6 +1088,9 @@ class HubCore:
         return subs
 
     def _drop_sub(self, sub: _Sub) -> None:
+        if sub.user:
+            self._release(sub.user, 1, sub.held)
+            sub.user = ""
         ps = self.peers.get(sub.peer)
         if ps is not None and ps.subs.get(sub.wid) is sub:
             del ps.subs[sub.wid]
@@ -1076,7 +1143,11 @@ class HubCore:
         for sub in list(ps.subs.values()):
             self._drop_sub(sub)
         for w in ps.waiters:
-            w.done = True
+            self._end_waiter(w)
+        if len(self._deadlines) > 2 * sum(len(x) for x in self._waiters.values()) + 1024:
+            # Abandoned waiters' deadlines: drop them rather than keep them for their 30 days.
+            self._deadlines = [d for d in self._deadlines if not d[2].done]
+            heapq.heapify(self._deadlines)
         if ps.machine_id is not None and self.daemon_peer.get(ps.machine_id) == ev.peer:
             del self.daemon_peer[ps.machine_id]
             self._disconnect(ps.machine_id, self._now, "daemon connection lost")
@@ -1179,9 +1250,11 @@ class HubCore:
                                        timed_out=bool(pending)))
             return
         deadline = None if msg.timeout is None else self._now + msg.timeout
-        w = _Waiter(peer, msg.id, ps.who, list(msg.task_ids), len(pending), deadline)
+        self._check_reply_size(msg.task_ids)  # its answer must fit, whenever it comes
+        self._hold(ps.who.user, 0, len(msg.task_ids))
+        w = _Waiter(peer, msg.id, ps.who, list(msg.task_ids), len(pending), deadline, held=len(msg.task_ids))
         for tid in pending:
-            self._waiters.setdefault(tid, []).append(w)
+            self._waiters.setdefault(tid, {})[w] = None
         if len(ps.waiters) > 64:
             ps.waiters = [x for x in ps.waiters if not x.done]
         ps.waiters.append(w)
@@ -1215,6 +1288,8 @@ class HubCore:
         if msg.id in ps.subs:
             self._drop_sub(ps.subs[msg.id])
         sub = _Sub(peer, msg.id, msg.output, set(ids), msg.session_id)
+        self._hold(ps.who.user, 1, len(ids))
+        sub.user, sub.held = ps.who.user, len(ids)
         ps.subs[msg.id] = sub
         if msg.session_id is not None:
             self._subs_by_session.setdefault(msg.session_id, set()).add(sub)
@@ -1295,11 +1370,14 @@ class HubCore:
         rows, total = self.store.list_tasks(
             user=user, statuses=msg.status, session_id=msg.session_id, machine=msg.machine,
             job_id=msg.job_id, external_id=msg.external_id, include_hidden=msg.include_hidden,
-            offset=msg.offset, limit=msg.limit)
+            offset=msg.offset, limit=msg.limit, brief=msg.brief)
         ids = [r["task_id"] for r in rows]
-        attempts = self.store.attempts(ids)
+        if not msg.brief:
+            self._check_reply_size(ids)
+        attempts = {} if msg.brief else self.store.attempts(ids)
         credits = self.store.claimed_credits(ids)
-        records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"])) for r in rows]
+        records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"]), brief=msg.brief)
+                   for r in rows]
         self._send(peer, p.TaskList(id=msg.id, tasks=records, total=total))
 
     def _m_list_sessions(self, peer: int, ps: _PeerState, msg: p.ListSessions) -> None:

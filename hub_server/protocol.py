@@ -67,6 +67,11 @@ class Limits(msgspec.Struct, frozen=True):
     # dropped (with a marker); above the second it is disconnected.
     send_queue_bytes: int = 8 * 2**20
     send_queue_hard_bytes: int = 64 * 2**20
+    # get_results(wait=True) requests and watches one user may keep open at
+    # once (all its connections together), and the task ids they hold in all.
+    max_waiters_per_user: int = 1_000
+    max_watches_per_user: int = 1_000
+    max_waited_ids_per_user: int = 200_000
 
 
 # ------------------------------------------------------------ bounded values
@@ -618,6 +623,9 @@ class ListTasks(_Msg, tag="list_tasks"):
     offset: Annotated[int, Meta(ge=0, le=10**9)] = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     include_hidden: bool = False
+    # Small fields only: no stages, outputs, artifacts or values are loaded
+    # (the status page's snapshot, however big the tasks' results are).
+    brief: bool = False
 
 
 class TaskList(_Msg, tag="task_list"):

@@ -35,6 +35,7 @@ from . import blobgc
 from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError, BlobStore, BlobWriter
+from .conncaps import ConnectionCaps, counted_connection, fit_caps, raise_fd_limit
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
@@ -42,6 +43,7 @@ from .events import (
     StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
+from .ratelog import RateLimitedLog
 from .statelock import StateLock
 from .uploads import UploadGate
 from .unixsock import UnixSocketFile, bind_unix
@@ -97,6 +99,19 @@ class HubConfig:
     # ``hwf blobs gc`` still works), and how long a stored or used blob is spared.
     blob_gc_interval: float = 3600.0
     blob_gc_grace: float = 3600.0
+    # Connections open at once on the websocket port (counted before the
+    # handshake), in all and from one address.
+    max_connections: int = 4096
+    max_connections_per_address: int = 512
+    # The HTTP API: a new connection's first request head must arrive within
+    # header_timeout; an idle keep-alive connection is closed after idle_timeout.
+    http_header_timeout: float = 10.0
+    http_idle_timeout: float = 60.0
+    http_max_connections: int = 1024
+    http_max_connections_per_address: int = 64
+    # /api/events streams open at once, in all and per user.
+    http_max_streams: int = 64
+    http_max_streams_per_user: int = 4
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -137,14 +152,20 @@ class HubServer:
         self.port: Optional[int] = None
         self.http: Any = None  # http_api.HttpApi when --http-port is on
         self.started_at = time.time()
+        self.ratelog = RateLimitedLog(log)
+        self.ws_caps = ConnectionCaps(config.max_connections, config.max_connections_per_address,
+                                      "--max-connections", "--max-connections-per-address")
 
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config
+        self._fit_connection_caps()
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
         tls = tls_context(c.tls_cert, c.tls_key) if c.tls_cert and c.tls_key else None
         options = dict(process_request=self._authenticate, max_size=c.limits.max_message_bytes,
-                       compression=None, ping_interval=20, ping_timeout=60)
+                       compression=None, ping_interval=20, ping_timeout=60,
+                       create_connection=counted_connection(self.ws_caps, self.ratelog))
         self._server = await serve(self._handle, c.host, c.port, ssl=tls, **options)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -195,6 +216,40 @@ class HubServer:
             self._unix_file.remove()
         self.store.close()
         self.state_lock.close()
+
+    def _fit_connection_caps(self) -> None:
+        """Raise the fd limit to its hard limit and keep every connection cap
+        under it: the hub refuses connections with a reason, never with EMFILE."""
+        c = self.config
+        limit = raise_fd_limit()
+        wanted = {"--max-connections": c.max_connections}
+        if c.http_port is not None:
+            wanted["--http-max-connections"] = c.http_max_connections
+        if c.creditpiggy:
+            wanted["--creditpiggy-max-connections"] = c.creditpiggy_max_connections
+        fitted = fit_caps(limit, wanted)
+        if fitted != wanted:
+            log.warning("open-file limit is %d: connection caps lowered to %s (raise the hard limit, "
+                        "e.g. LimitNOFILE= in the service file, to keep them)", limit,
+                        ", ".join(f"{k} {v}" for k, v in fitted.items()))
+            c.max_connections = fitted["--max-connections"]
+            c.http_max_connections = fitted.get("--http-max-connections", c.http_max_connections)
+            c.creditpiggy_max_connections = fitted.get("--creditpiggy-max-connections",
+                                                       c.creditpiggy_max_connections)
+            self.ws_caps.total = c.max_connections
+        c.max_connections_per_address = min(c.max_connections_per_address, c.max_connections)
+        c.http_max_connections_per_address = min(c.http_max_connections_per_address, c.http_max_connections)
+        self.ws_caps.per_address = c.max_connections_per_address
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own reports: a failing accept() (EMFILE, ENFILE, ENOBUFS) would log a
+        traceback per retry; it is one line per cause per interval here."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and "accept" in context.get("message", ""):
+            self.ratelog(f"accept-{exc.errno}", f"accept failed: {exc.strerror or exc} (connections are refused "
+                                                f"until descriptors free up)")
+            return
+        loop.default_exception_handler(context)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -272,6 +327,9 @@ class HubServer:
         while True:
             await asyncio.sleep(self.config.tick_interval)
             self._feed(Tick())
+            self.ratelog.flush()
+            if self.http is not None:
+                self.http.log.flush()
 
     async def _watch_revocations(self) -> None:
         """Tokens revoked (here or by ``hwf token revoke`` in another process)."""

@@ -386,8 +386,9 @@ class Store:
     def list_tasks(self, *, user: Optional[str], statuses: Sequence[str] = (), session_id: Optional[str] = None,
                    machine: Optional[str] = None, job_id: Optional[str] = None,
                    external_id: Optional[str] = None, include_hidden: bool = False,
-                   offset: int = 0, limit: int = 100) -> tuple[list[sqlite3.Row], int]:
-        """A page of tasks (newest first) and how many match in all; ``user`` None: anyone's."""
+                   offset: int = 0, limit: int = 100, brief: bool = False) -> tuple[list[sqlite3.Row], int]:
+        """A page of tasks (newest first) and how many match in all; ``user`` None: anyone's.
+        ``brief``: the result column is not read (it holds every command's output)."""
         where, args = [], []
         for col, val in (("user", user), ("session_id", session_id), ("machine", machine),
                          ("job_id", job_id), ("external_id", external_id)):
@@ -401,7 +402,8 @@ class Store:
             where.append("hidden=0")
         cond = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT count(*) FROM tasks {cond}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {TASK_COLUMNS} FROM tasks {cond} ORDER BY seq DESC LIMIT ? OFFSET ?",
+        columns = TASK_COLUMNS.replace(" result,", " NULL AS result,") if brief else TASK_COLUMNS
+        rows = self.db.execute(f"SELECT {columns} FROM tasks {cond} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                (*args, limit, offset)).fetchall()
         return rows, total
 
@@ -495,6 +497,24 @@ class Store:
             for row in self.db.execute(q, chunk):
                 out[row["task_id"]] = row
         return out
+
+    def task_users(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Whose each task is (only that column: a tenancy check loads no outputs)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(task_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            out.update(self.db.execute(f"SELECT task_id, user FROM tasks WHERE task_id IN ({marks})", chunk).fetchall())
+        return out
+
+    def reply_bytes(self, task_ids: Sequence[str]) -> int:
+        """About how many bytes the records of these tasks take (their spec and
+        result), read without loading them: a reply is sized before it is built."""
+        sizes: dict[str, int] = {}
+        for chunk in _chunks(list(dict.fromkeys(task_ids)), 500):
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT task_id, length(spec) + coalesce(length(result), 0) FROM tasks WHERE task_id IN ({marks})"
+            sizes.update(self.db.execute(q, chunk).fetchall())
+        return sum(sizes.get(tid, 0) for tid in task_ids)
 
     def attempts(self, task_ids: Sequence[str]) -> dict[str, list[sqlite3.Row]]:
         out: dict[str, list[sqlite3.Row]] = {}
