@@ -275,7 +275,10 @@ def _rss_peak(pid: int, stop: threading.Event, out: list[int]) -> None:
         time.sleep(0.05)
 
 
-FLOOD = "sleep 1; head -c 200000000 /dev/zero | tr '\\0' x | fold -w 99"
+# Up to 200 MB of output, for at least 4 s whatever this machine's speed: the
+# slow-reader timeout (1 s) must pass while output still flows.
+FLOOD = ("sleep 1; for i in $(seq 100); do head -c 2000000 /dev/zero | tr '\\0' x | fold -w 99; "
+         "[ $SECONDS -ge 5 ] && break; done; while [ $SECONDS -lt 5 ]; do echo tick; sleep 0.1; done")
 
 
 @pytest.mark.parametrize("slow_timeout", [600, 1])
