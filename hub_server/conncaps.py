@@ -64,11 +64,41 @@ def _address(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
 
 
-def _refuse(transport: asyncio.BaseTransport, problem: tuple[int, str], log: RateLimitedLog, what: str) -> None:
-    status, why = problem
-    log(f"{what}-refused-{status}", f"{what} connection from {_address(transport)} refused: {why}")
-    transport.write(refusal(status, why))  # type: ignore[attr-defined]
-    transport.close()
+# A refused connection is answered when its request arrives: answered at
+# once, a client still sending its request may read the close first and see
+# "connection closed", not the reason naming the flag.  It waits at most
+# REFUSED_LINGER seconds, and never more than REFUSED_LINGER_MAX refused
+# connections wait at once (beyond that, a flood's refusals are answered and
+# closed at once).
+REFUSED_LINGER = 1.0
+REFUSED_LINGER_MAX = 256
+
+
+class Refused:
+    """A refused connection's answer, written on its first bytes (or timer)."""
+
+    waiting = 0  # refused connections waiting for their request, hub-wide
+
+    def __init__(self, transport: asyncio.BaseTransport, problem: tuple[int, str], log: RateLimitedLog,
+                 what: str) -> None:
+        status, why = problem
+        log(f"{what}-refused-{status}", f"{what} connection from {_address(transport)} refused: {why}")
+        self.transport, self.response = transport, refusal(status, why)
+        self._timer: Optional[asyncio.TimerHandle] = None
+        if Refused.waiting >= REFUSED_LINGER_MAX:
+            self.answer()
+            return
+        Refused.waiting += 1
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, self.answer)
+
+    def answer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            Refused.waiting -= 1
+        if not self.transport.is_closing():
+            self.transport.write(self.response)  # type: ignore[attr-defined]
+            self.transport.close()
 
 
 class GuardedHttp(asyncio.Protocol):
@@ -82,11 +112,12 @@ class GuardedHttp(asyncio.Protocol):
         self.transport: Optional[asyncio.BaseTransport] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._tail = b""
+        self._refused: Optional[Refused] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         problem = self.caps.admit(_address(transport))
         if problem is not None:
-            _refuse(transport, problem, self.log, "HTTP")
+            self._refused = Refused(transport, problem, self.log, "HTTP")
             return
         self.address, self.transport = _address(transport), transport
         self._timer = asyncio.get_running_loop().call_later(self.header_timeout, self._too_slow)
@@ -102,6 +133,8 @@ class GuardedHttp(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.address is None:
+            if self._refused is not None:
+                self._refused.answer()
             return
         if self._timer is not None:
             seen = self._tail + data
@@ -124,6 +157,8 @@ class GuardedHttp(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.address is None:
+            if self._refused is not None:
+                self._refused.answer()
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -140,16 +175,17 @@ def guarded_http(factory: Callable[[], asyncio.Protocol], caps: ConnectionCaps, 
 
 class CountedConnection(ServerConnection):
     """A websocket connection counted from the moment it is accepted (before its
-    handshake); over a cap it is answered 429/503 and closed at once."""
+    handshake); over a cap it is answered 429/503 (see ``Refused``) and closed."""
 
     hwf_caps: ConnectionCaps
     hwf_log: RateLimitedLog
     _hwf_address: Optional[str] = None
+    _hwf_refused: Optional[Refused] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         problem = self.hwf_caps.admit(_address(transport))
         if problem is not None:
-            _refuse(transport, problem, self.hwf_log, "websocket")
+            self._hwf_refused = Refused(transport, problem, self.hwf_log, "websocket")
             return
         self._hwf_address = _address(transport)
         super().connection_made(transport)
@@ -157,12 +193,16 @@ class CountedConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._hwf_address is not None:
             super().data_received(data)
+        elif self._hwf_refused is not None:
+            self._hwf_refused.answer()
 
     def eof_received(self) -> Optional[bool]:
         return super().eof_received() if self._hwf_address is not None else None
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self._hwf_address is None:
+            if self._hwf_refused is not None:
+                self._hwf_refused.answer()
             return
         self.hwf_caps.release(self._hwf_address)
         self._hwf_address = None
