@@ -73,7 +73,19 @@ class CancelContinued:
     done: tuple[str, ...] = ()
 
 
-Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued]
+@dataclass(frozen=True)
+class ResultsRefused:
+    """A daemon's ``task_done`` / ``tasks_done`` failed validation (``problem``
+    names the field); ``results``: the (task id, attempt) pairs it was about."""
+
+    peer: int
+    rid: Optional[int]
+    results: tuple[tuple[str, int], ...]
+    problem: str
+
+
+Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued,
+              ResultsRefused]
 
 
 # ------------------------------------------------------------ instructions

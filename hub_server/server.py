@@ -37,8 +37,8 @@ from .blobs import BlobError, BlobStore, BlobWriter
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
-    BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send, StreamBlob, Tick,
-    TokensRevoked,
+    BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ResultsRefused, Send,
+    StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
 from .unixsock import UnixSocketFile, bind_unix
@@ -338,10 +338,14 @@ class HubServer:
         try:
             msg = p.decode(frame)
         except p.ProtocolError as exc:
-            peer.post(p.Error(id=p.request_id(frame), code="bad_message", message=str(exc)))
+            refused = p.refused_results(frame) if p.TaskDone in peer.allowed else []
+            if refused:  # the core ends those attempts, and answers
+                self._feed(ResultsRefused(pid, p.request_id(frame), tuple(refused), str(exc)))
+            else:
+                peer.post(p.Error(id=p.request_id(frame), code="bad_message", message=str(exc)))
             return
         if not isinstance(msg, peer.allowed):
-            text = f"a {peer.role} may not send {type(msg).__struct_config__.tag!r}"
+            text = p.forbidden_text(peer.role, msg)
             peer.post(p.Error(id=getattr(msg, "id", None), code="forbidden", message=text))
         elif isinstance(msg, p.BlobPut):
             self._start_upload(pid, peer, msg)

@@ -109,11 +109,9 @@ CREDIT_WRITES = [
 def test_row2_a_daemon_cannot_touch_any_slot(farm, tmp_path):
     """owner-m's daemon: claim of user-a's running task's slot, alloc + claim
     to mint 1e12, discard/counters/meta: all forbidden, nothing changes."""
-    gate = tmp_path / "go"
     alice = farm.hub(token=farm.user_a, artifacts_dir=tmp_path / "a")
     try:
-        ids = dispatch_sync(Task(Stage("s", cmd=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo ran"),
-                                 hardware={"daemon": "lab-1"}), alice)
+        ids = dispatch_sync(Task(Stage("s", cmd="sleep 600"), hardware={"daemon": "lab-1"}), alice)
         wait_status(alice, ids[0], "running")
         before = admin_slots(farm)
         with RawPeer(farm.address, farm.owner_m) as rogue:
@@ -122,16 +120,16 @@ def test_row2_a_daemon_cannot_touch_any_slot(farm, tmp_path):
             for req in asks:
                 reply = rogue.request(req)
                 assert reply["type"] == "error" and reply["code"] == "forbidden", (req, reply)
-                assert "daemon" in reply["message"], reply
+                assert "daemon token cannot" in reply["message"], reply
         assert admin_slots(farm) == before
         assert "owner-m" not in admin_tally(farm, "owner")
-        gate.touch()
-        r = alice.get_result_sync(ids, wait=True, timeout=60)[0]
-        assert (r.status, r.output, r.machine) == ("finished", "ran\n", "lab-1")
+        assert task_slot(farm, ids[0])["state"] == "allocated"
+        alice.cancel_sync(list(ids))  # its slot ends once, discarded: nobody was paid for it
+        wait_status(alice, ids[0], "cancelled")
     finally:
         alice.close_sync()
     slot = task_slot(farm, ids[0])
-    assert (slot["state"], slot["machine"], slot["owner"]) == ("claimed", "lab-1", "lab")
+    assert (slot["state"], slot["reason"], slot["machine"], slot["owner"]) == ("discarded", "cancelled", None, None)
     still_sound(farm, farm.user_a, "lab-1", "lab", tmp_path)
 
 
@@ -187,7 +185,7 @@ def test_row2_a_bad_number_is_refused_naming_it_and_the_task_is_retried(farm, tm
                      '{"status": "finished", "exit_code": 0, %s}}' % (a["task_id"], a["attempt"], number))
             reply = rogue.request(frame)
             assert reply["type"] == "error" and reply["code"] == "bad_message", reply
-            assert field.split(".")[-1] in reply["message"] or value == "NaN", reply
+            assert field.split(".")[-1] in reply["message"], reply
             # not stuck: the attempt is over, the task waits for another machine
             wait_status(alice, ids[0], "queued")
         farm.add_daemon(f"honest-{tag}", tags=[tag], token=farm.create_token("daemon", "lab"))
