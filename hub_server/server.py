@@ -81,10 +81,12 @@ class HubConfig:
     # The websocket protocol also on a unix socket (same token auth), this mode.
     unix_path: Optional[Path] = None
     unix_mode: int = 0o660
-    # CreditPiggy's line protocol (creditserver.py): endpoints, and who its
-    # commands act as; trust comes from the socket (file mode, loopback).
+    # CreditPiggy's line protocol (creditserver.py): endpoints, the client
+    # user its commands act as; trust from the unix socket's file mode, and
+    # over tcp/udp from the shared secret each line carries.
     creditpiggy: list[Any] = field(default_factory=list)  # creditserver.Endpoint
     creditpiggy_user: str = "creditpiggy"
+    creditpiggy_secret: Optional[str] = field(default=None, repr=False)
     creditpiggy_mode: int = 0o600
     creditpiggy_idle_timeout: float = 10.0
     creditpiggy_max_connections: int = 256
@@ -143,7 +145,8 @@ class HubServer:
         if c.creditpiggy:
             self.credit_lines = CreditLineServer(
                 self, c.creditpiggy, user=c.creditpiggy_user, unix_mode=c.creditpiggy_mode,
-                idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections)
+                idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections,
+                secret=c.creditpiggy_secret)
             await self.credit_lines.start()
         if c.http_port is not None:
             from .http_api import HttpApi  # aiohttp is imported only when the API is on
