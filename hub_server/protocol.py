@@ -182,8 +182,10 @@ class StageSpec(msgspec.Struct, frozen=True):
 CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
 CounterName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
 # Counters are numbers summed on claim (CreditPiggy sends integers; the hub's
-# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).
-CounterValue = Union[Annotated[int, Meta(ge=-(10**15), le=10**15)], Annotated[float, Meta(ge=-1e15, le=1e15)]]
+# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).  Never
+# negative: a tally sums everyone's slots, and one user's negative count
+# would take from a machine's total.
+CounterValue = Union[Annotated[int, Meta(ge=0, le=10**15)], Annotated[float, Meta(ge=0.0, le=1e15)]]
 Counters = Annotated[dict[CounterName, CounterValue], Meta(max_length=64)]
 MetaValues = Annotated[dict[CounterName, Text], Meta(max_length=64)]
 SlotReason = Annotated[str, Meta(max_length=64)]

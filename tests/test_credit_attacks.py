@@ -384,3 +384,9 @@ def test_row3_tcp_or_udp_without_a_secret_the_hub_refuses_to_start(tmp_path):
     assert run.returncode == 2 and "empty" in run.stderr, run.stderr
     run = _start(tmp_path, "--creditpiggy", f"unix:{tmp_path / 'cp.sock'}", "--creditpiggy-user", "admin")
     assert run.returncode == 2 and "--creditpiggy-user" in run.stderr and "admin" in run.stderr, run.stderr
+    from hub_server import auth
+    store = auth.open_state_dir(tmp_path / "state")
+    auth.create_token(store, "admin", "boss", "an admin user")
+    store.close()
+    run = _start(tmp_path, "--creditpiggy", f"unix:{tmp_path / 'cp.sock'}", "--creditpiggy-user", "boss")
+    assert run.returncode == 2 and "--creditpiggy-user boss" in run.stderr and "admin token" in run.stderr

@@ -133,6 +133,8 @@ def test_claim_needs_a_machine():
     ("COUNTERS,slot=1,events=inf", "not a number"),
     ("COUNTERS,slot=1,events=1e400", "not a finite number"),
     ("COUNTERS,slot=1,events=1e300", "counter 'events'"),
+    ("COUNTERS,slot=1,cpu_seconds=-1e15", "counter 'cpu_seconds'"),  # issue 18 row 3
+    ("COUNTERS,slot=1,events=-1", "counter 'events'"),
 ])
 def test_bad_numbers_name_the_field(line, words):
     assert words in refused(line)
