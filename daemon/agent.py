@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Optional
 from hub_server import gridcall
 from hub_server import protocol as p
 from hub_server.blobs import fileobj_sha256
-from hub_server.link import ConnectError, HubError, Link, LinkClosed
+from hub_server.link import ConnectError, HubError, Link, LinkClosed, RemoteError
 
 from . import spawner as spawners
 from . import tracking
@@ -84,6 +84,13 @@ class DaemonConfig:
     # HTC-Grid tasks that leave the handler to the farm: "module:function" or a shell command.
     grid_handler: Optional[str] = None
     containers: bool = False  # offer docker/podman (MECA container tasks) where they answer
+    # An artifact upload the hub refuses as busy (or drops) is tried this many
+    # times, backing off 0.5 s doubling to 8 s, before its artifact is lost.
+    artifact_upload_tries: int = 8
+
+
+# Hub refusals that pass: its upload slots are taken, or the upload was dropped.
+TRANSIENT_REFUSALS = frozenset({"busy", "limit", "timeout"})
 
 
 @dataclass
@@ -577,16 +584,20 @@ class Daemon:
             self.cache.path(sha).unlink(missing_ok=True)
         raise HubError(f"blob {sha[:12]}… does not match its sha256 even after a fresh download")
 
-    async def _with_link(self, op: Any, tries: int = 5) -> Any:
-        """Run ``op(link)``, waiting out short hub outages (a reconnect)."""
+    async def _with_link(self, op: Any, tries: int = 5, refusals: frozenset[str] = frozenset()) -> Any:
+        """Run ``op(link)``, waiting out short hub outages (a reconnect) and
+        the hub refusals named in ``refusals``, with a doubling backoff."""
+        delay = 0.5
         for attempt in range(tries):
             link = await self._connected_link()
             try:
                 return await op(link)
-            except LinkClosed:
-                if attempt == tries - 1:
+            except (LinkClosed, RemoteError) as exc:
+                if attempt == tries - 1 or (isinstance(exc, RemoteError) and exc.code not in refusals):
                     raise
-                await asyncio.sleep(0.5)
+                log.warning("retrying in %.1fs after: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
     async def _download(self, sha256: str) -> None:
         await self._with_link(lambda link: link.download(sha256, self.cache.path(sha256)))
@@ -601,7 +612,8 @@ class Daemon:
                 return await link.upload(f, sha, name=name)
             return sha, os.fstat(f.fileno()).st_size
 
-        return await self._with_link(upload)
+        # A finished task's artifact is not given up because the hub is busy.
+        return await self._with_link(upload, self.config.artifact_upload_tries, TRANSIENT_REFUSALS)
 
 
 def batch_by_size(keys: list[tuple[str, int]], outbox: dict[tuple[str, int], p.TaskDone],

@@ -70,6 +70,9 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--grid-handler", default=None, metavar="HANDLER",
                    help="the HTC-Grid handler for tasks whose client config names none: 'module:function' "
                         "(called with each task dict) or a shell command (the task dict as JSON on stdin)")
+    d.add_argument("--artifact-upload-tries", type=int, default=8, metavar="N",
+                   help="times an artifact upload the hub refuses as busy is tried, backing off up to 8 s "
+                        "between tries, before the artifact is reported lost (default 8)")
     d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=run)
 
@@ -110,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         python_max_tasks=args.python_max_tasks,
         grid_handler=args.grid_handler,
         containers=args.containers,
+        artifact_upload_tries=args.artifact_upload_tries,
     )
+    if args.artifact_upload_tries < 1:
+        print("hwf daemon: error: --artifact-upload-tries must be at least 1", file=sys.stderr)
+        return 2
     if args.python_max_tasks < 1:
         print("hwf daemon: error: --python-max-tasks must be at least 1", file=sys.stderr)
         return 2

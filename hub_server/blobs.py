@@ -6,6 +6,9 @@ a lying peer never leaves a wrong blob under a real hash.  The temporary
 file is opened at the first byte, not at the announcement, so announcing
 uploads costs no file descriptors.  ``max_bytes`` bounds the whole store:
 announced sizes are reserved until the upload ends.
+
+A blob's file mtime is when it was last stored or used (``touch``): garbage
+collection (blobgc.py) spares blobs used within its grace period.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
 
@@ -61,6 +65,11 @@ class BlobStore:
         self.max_bytes = max_bytes
         self.reserved = 0
         self.stored_bytes = self._scan_size()
+        self._touched: dict[str, float] = {}  # sha -> monotonic time of its last touch
+
+    # touch() skips a blob touched less than this many seconds ago: a submit of
+    # 20,000 tasks on one Data file costs one utime, not 20,000.
+    TOUCH_EVERY = 10.0
 
     def _scan_size(self) -> int:
         total = 0
@@ -87,6 +96,51 @@ class BlobStore:
 
     def size(self, sha256: str) -> int:
         return self.path(sha256).stat().st_size
+
+    def touch(self, sha256: str) -> None:
+        """Mark the blob used now (its mtime), so GC keeps it for its grace period."""
+        now = time.monotonic()
+        if now - self._touched.get(sha256, -self.TOUCH_EVERY) < self.TOUCH_EVERY:
+            return
+        if len(self._touched) > 100_000:
+            self._touched.clear()
+        self._touched[sha256] = now
+        try:
+            os.utime(self.path(sha256))
+        except FileNotFoundError:
+            pass
+
+    def listing(self) -> dict[str, tuple[int, float]]:
+        """Every stored blob: sha256 -> (size, mtime)."""
+        out = {}
+        for shard in os.scandir(self.root):
+            if shard.is_dir() and len(shard.name) == 2:
+                for e in os.scandir(shard.path):
+                    if SHA256_RE.match(e.name):
+                        try:
+                            st = e.stat()
+                        except FileNotFoundError:  # deleted meanwhile
+                            continue
+                        out[e.name] = (st.st_size, st.st_mtime)
+        return out
+
+    def mtime(self, sha256: str) -> Optional[float]:
+        try:
+            return self.path(sha256).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def delete(self, sha256: str) -> int:
+        """Remove a blob (garbage collection); returns the bytes freed."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        self._touched.pop(sha256, None)
+        self.stored_bytes -= size
+        return size
 
     def writer(self, sha256: str, size: int) -> "BlobWriter":
         """A writer for one upload; reserves ``size`` bytes until it ends."""

@@ -30,10 +30,28 @@ LIMIT_FLAGS = {
     "max_queued_per_user": "unfinished tasks per user",
     "max_tasks_per_submit": "tasks in one submit message",
     "max_uploads_per_connection": "blob uploads open at once per connection",
-    "max_uploads": "blob uploads open at once on the hub",
+    "max_uploads": "blob uploads of clients open at once on the hub",
+    "max_uploads_per_user": "blob uploads open at once per user (or daemon owner)",
+    "max_daemon_uploads": "blob uploads of daemons (artifacts) open at once on the hub",
     "max_blob_store_bytes": "bytes of all stored blobs",
+    "max_blob_bytes_per_user": "bytes of stored blobs a user uploaded or whose tasks produced",
     "send_queue_bytes": "bytes queued to one slow reader before its live output is dropped",
     "send_queue_hard_bytes": "bytes queued to one slow reader before it is disconnected",
+    "max_waiters_per_user": "get_results(wait=True) requests one user may have waiting",
+    "max_watches_per_user": "watches one user may have open",
+    "max_waited_ids_per_user": "task ids one user's waiting requests and watches may cover together",
+}
+
+# Connection and stream caps (HubConfig field -> type, help); defaults are HubConfig's.
+CONNECTION_FLAGS = {
+    "max_connections": (int, "websocket connections open at once (counted before the handshake)"),
+    "max_connections_per_address": (int, "websocket connections open at once from one address"),
+    "http_header_timeout": (float, "seconds a new HTTP connection has to send its whole request head"),
+    "http_idle_timeout": (float, "seconds an idle keep-alive HTTP connection is kept"),
+    "http_max_connections": (int, "HTTP connections open at once"),
+    "http_max_connections_per_address": (int, "HTTP connections open at once from one address"),
+    "http_max_streams": (int, "/api/events streams open at once"),
+    "http_max_streams_per_user": (int, "/api/events streams open at once per user"),
 }
 
 
@@ -79,9 +97,22 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
                      help="close a creditpiggy connection that sends no command this long (default 10)")
     hub.add_argument("--creditpiggy-max-connections", type=int, default=256, metavar="N",
                      help="creditpiggy connections open at once; more are answered ER (default 256)")
+    hub.add_argument("--blob-gc-interval", type=float, default=3600.0, metavar="SECONDS",
+                     help="collect unreferenced blobs this often (default 3600; 0: never, 'hwf blobs gc' still works)")
+    hub.add_argument("--blob-gc-grace", type=float, default=3600.0, metavar="SECONDS",
+                     help="garbage collection spares blobs stored or used this recently (default 3600)")
+    hub.add_argument("--upload-idle-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="drop an announced upload that receives no bytes this long, freeing its slot "
+                          "(default 10)")
     for name, help_text in LIMIT_FLAGS.items():
         hub.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                          help=f"{help_text} (default {getattr(p.Limits(), name)})")
+    from .server import HubConfig
+
+    for name, (kind, help_text) in CONNECTION_FLAGS.items():
+        hub.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(HubConfig, name),
+                         metavar="SECONDS" if kind is float else "N",
+                         help=f"{help_text} (default {getattr(HubConfig, name):g})")
     hub.add_argument("--grid-handler", default=None, metavar="HANDLER",
                      help="HTC-Grid handler for tasks whose client config names none, on daemons without "
                           "their own --grid-handler: 'module:function' or a shell command")
@@ -144,8 +175,18 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         credit_secret = creditpiggy_secret(args.creditpiggy_secret_file, credit_endpoints)
         if credit_endpoints:
             refuse_admin_line_user(Path(args.state_dir), args.creditpiggy_user)
+        if args.blob_gc_interval < 0 or args.blob_gc_grace < 60:
+            raise ValueError("--blob-gc-interval must be >= 0 and --blob-gc-grace at least 60 seconds")
+        if args.upload_idle_timeout <= 0:
+            raise ValueError("--upload-idle-timeout must be positive")
         if args.creditpiggy_idle_timeout <= 0 or args.creditpiggy_max_connections < 1:
             raise ValueError("--creditpiggy-idle-timeout and --creditpiggy-max-connections must be positive")
+        for name in CONNECTION_FLAGS:
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_waiters_per_user", "max_watches_per_user", "max_waited_ids_per_user"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if args.unix is not None and not os.path.isabs(args.unix):
             raise ValueError(f"--unix {args.unix!r}: the socket path must be absolute")
         from .http_api import parse_trust
@@ -173,11 +214,15 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         creditpiggy_mode=args.creditpiggy_mode,
         creditpiggy_idle_timeout=args.creditpiggy_idle_timeout,
         creditpiggy_max_connections=args.creditpiggy_max_connections,
+        upload_idle_timeout=args.upload_idle_timeout,
+        blob_gc_interval=args.blob_gc_interval,
+        blob_gc_grace=args.blob_gc_grace,
         grid_handler=args.grid_handler,
         prefetch=args.prefetch,
         python_trusted_owners=tuple(o.strip() for o in args.python_trusted_owners.split(",") if o.strip()),
         http_port=args.http_port,
         http_trust=http_trust,
+        **{name: getattr(args, name) for name in CONNECTION_FLAGS},
     )
     if not 0 <= args.prefetch <= 64:
         print("hwf hub: error: --prefetch must be from 0 to 64", file=sys.stderr)
@@ -321,6 +366,8 @@ def add_parsers(sub: Any) -> None:
     add_token_arguments(sub.add_parser("token", help="create, list or revoke access tokens (also while the hub runs)"))
     from .credits_cli import add_credits_arguments
     add_credits_arguments(sub.add_parser("credits", help="link machines to users, print credit tallies"))
+    from .blobs_cli import add_blobs_arguments
+    add_blobs_arguments(sub.add_parser("blobs", help="garbage-collect blobs nothing refers to (also while the hub runs)"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,6 +29,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+import msgspec
+
+from . import blobgc
 from . import gridcall
 from . import hardware as hw
 from . import protocol as p
@@ -36,8 +39,8 @@ from . import task_state
 from .auth import Principal
 from .blobs import BlobStore
 from .events import (
-    BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later, Received, Send,
-    ResultsRefused, StreamBlob, Tick, TokensRevoked,
+    BlobsScanned, BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later,
+    Received, ResultsRefused, ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
@@ -54,6 +57,8 @@ log = logging.getLogger("hwf.hub")
 OUTPUT_REPLAY_BYTES = 64 * 2**10
 # Tasks cancelled per batch: a huge cancellation leaves room for other work.
 CANCEL_CHUNK = 100
+# A task record's fields beside its spec and result, for sizing a reply before it is built.
+RECORD_OVERHEAD = 1024
 
 
 _PYTHON_VERSION = re.compile(r"^[0-9]{1,2}\.[0-9]{1,3}$")
@@ -153,6 +158,7 @@ class _Waiter:
     remaining: int
     deadline: Optional[float] = None
     done: bool = False
+    held: int = 0  # task ids counted against its user (released when it ends)
 
 
 @dataclass(eq=False)
@@ -164,6 +170,8 @@ class _Sub:
     output: bool
     task_ids: set[str]
     session_id: Optional[str]
+    user: str = ""
+    held: int = 0  # task ids counted against its user (released when it is dropped)
 
 
 @dataclass
@@ -196,6 +204,17 @@ class _Replay:
             self.dropped += len(old)
 
 
+def _stored_load(raw: Optional[str]) -> Optional[p.Load]:
+    """A machine's last load as stored; one an older hub accepted out of bounds
+    (1e308 % CPU) is dropped, not allowed to stop the hub from starting."""
+    if not raw:
+        return None
+    try:
+        return p.convert(loads(raw), p.Load)
+    except msgspec.ValidationError:
+        return None
+
+
 class HubCore:
     def __init__(self, store: Store, blobs: BlobStore, limits: p.Limits, *, now: float,
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
@@ -222,7 +241,10 @@ class HubCore:
         self.machines: dict[str, MachineState] = {}
         self.peers: dict[int, _PeerState] = {}
         self.daemon_peer: dict[str, int] = {}  # machine -> its connection
-        self._waiters: dict[str, list[_Waiter]] = {}
+        # task -> the waiters on it (a dict as an ordered set: a gone peer's are removed in O(1))
+        self._waiters: dict[str, dict[_Waiter, None]] = {}
+        # user -> [waiters, watches, task ids they hold]: bounded per user (Limits.max_*_per_user)
+        self._holds: dict[str, list[int]] = {}
         self._deadlines: list[tuple[float, int, _Waiter]] = []
         self._tiebreak = itertools.count()
         self._subs_by_task: dict[str, set[_Sub]] = {}
@@ -239,11 +261,19 @@ class HubCore:
         self._key_secret = (store.meta("user_key_secret") or self._init_key_secret()).encode()
         self._load_machines()
         self._load_active()
+        self._fill_blob_sizes()
         # After a restart, daemons get this long to come back for their attempts.
         self._grace_until: Optional[float] = (
             now + reconnect_grace
             if any(t.status in ("assigned", "running") for t in self.active.values()) else None
         )
+
+    def _fill_blob_sizes(self) -> None:
+        """Stores from before blob quotas: learn each listed blob's size once."""
+        missing = self.store.blobs_without_size()
+        if missing:
+            with self.store.transaction():
+                self.store.set_blob_sizes({s: self.blobs.size(s) if self.blobs.has(s) else 0 for s in missing})
 
     # -- the one way in -------------------------------------------------------
 
@@ -319,7 +349,7 @@ class HubCore:
                 tags=loads(row["tags"]),
                 last_seen=row["last_seen"],
                 first_seen=row["first_seen"],
-                load=p.convert(loads(row["load"]), p.Load) if row["load"] else None,
+                load=_stored_load(row["load"]),
                 instance=row["instance"] or "",
                 owner=row["owner"] or "",
                 admin_status=row["admin_status"] or "enabled",
@@ -441,7 +471,7 @@ class HubCore:
                 problem = unsafe_relative_path(d.filename)
                 if problem:
                     raise RequestError("bad_path", f"{where}: data filename {d.filename!r} {problem}")
-                if not (self.blobs.has(d.sha256) and self.blob_readable(who, d.sha256)):
+                if not self._usable(who, d.sha256):
                     raise RequestError(
                         "missing_blob",
                         f"{where}: data {d.filename!r} (sha256 {d.sha256[:12]}…) was not uploaded",
@@ -715,7 +745,7 @@ class HubCore:
         if self.active_by_user[t.user] <= 0:
             del self.active_by_user[t.user]
         self._emit(t, status, machine=t.machine, error=fields.get("error"))
-        for w in self._waiters.pop(t.task_id, ()):
+        for w in self._waiters.pop(t.task_id, {}):
             w.remaining -= 1
             if w.remaining == 0:
                 self._answer(w, timed_out=False)
@@ -799,12 +829,66 @@ class HubCore:
     def _answer(self, w: _Waiter, timed_out: bool) -> None:
         if w.done:
             return
-        w.done = True
         if w.peer in self.peers:
             try:
                 self._send(w.peer, p.Results(id=w.rid, tasks=self._records(w.task_ids, w.who), timed_out=timed_out))
             except RequestError as exc:
                 self._send(w.peer, p.Error(id=w.rid, code=exc.code, message=str(exc)))
+        self._end_waiter(w)
+
+    # -- what one user may hold: waiters and watches ---------------------------
+
+    _HOLDS = {0: ("get_results(wait=True) requests waiting", "max_waiters_per_user"),
+              1: ("watches open", "max_watches_per_user")}
+
+    def _hold(self, user: str, kind: int, ids: int) -> None:
+        """Count a waiter (kind 0) or watch (1) over ``ids`` task ids against ``user``,
+        or refuse it naming the flag: one user's waits cannot fill the hub's memory."""
+        held = self._holds.setdefault(user, [0, 0, 0])
+        what, limit_name = self._HOLDS[kind]
+        limit = getattr(self.limits, limit_name)
+        if held[kind] >= limit:
+            raise RequestError("limit", f"user {user!r} has {held[kind]} {what} "
+                                        f"(--{limit_name.replace('_', '-')}={limit}); let some end first")
+        ids_limit = self.limits.max_waited_ids_per_user
+        if held[2] + ids > ids_limit:
+            raise RequestError("limit", f"user {user!r} has waits and watches over {held[2]} task ids; "
+                                        f"{ids} more would pass --max-waited-ids-per-user={ids_limit}")
+        held[kind] += 1
+        held[2] += ids
+
+    def _release(self, user: str, kind: int, ids: int) -> None:
+        held = self._holds.get(user)
+        if held is None:
+            return
+        held[kind] -= 1
+        held[2] -= ids
+        if held == [0, 0, 0]:
+            del self._holds[user]
+
+    def _end_waiter(self, w: _Waiter) -> None:
+        """A waiter answered or abandoned: off every task's list, its ids freed."""
+        if w.done:
+            return
+        w.done = True
+        for tid in w.task_ids:
+            waiting = self._waiters.get(tid)
+            if waiting is not None:
+                waiting.pop(w, None)
+                if not waiting:
+                    del self._waiters[tid]
+        w.task_ids = []
+        self._release(w.who.user, 0, w.held)
+
+    def _check_reply_size(self, task_ids: list[str]) -> None:
+        """Refuse, before building it, a reply that would pass --max-message-bytes."""
+        limit = self.limits.max_message_bytes
+        size = self.store.reply_bytes(task_ids) + RECORD_OVERHEAD * len(task_ids)
+        if size > limit:
+            fit = max(1, len(task_ids) * limit // size // 2)
+            raise RequestError("limit", f"the records of these {len(task_ids)} tasks take about {size} bytes, "
+                                        f"over --max-message-bytes={limit}: ask for fewer at a time "
+                                        f"(about {fit} fit)")
 
     def _check_known(self, task_ids: list[str], who: Principal) -> None:
         """Refuse oversized requests and unknown ids before any waiting.
@@ -824,9 +908,9 @@ class HubCore:
             elif not self._visible(tid, t.user, who):
                 missing.append(tid)
         if stored:
-            rows = self.store.tasks(stored)
+            users = self.store.task_users(stored)  # not whole rows: they hold every command's output
             missing += [tid for tid in stored
-                        if tid not in rows or not self._visible(tid, rows[tid]["user"], who)]
+                        if tid not in users or not self._visible(tid, users[tid], who)]
         if missing:
             missing.sort(key=task_ids.index)
             raise RequestError("not_found", f"unknown task id(s): {', '.join(missing[:5])}")
@@ -839,12 +923,14 @@ class HubCore:
         return rows
 
     def _records(self, task_ids: list[str], who: Principal) -> list[p.TaskRecord]:
+        self._check_reply_size(task_ids)
         rows = self._visible_rows(task_ids, who)
         attempts = self.store.attempts(task_ids)
         credits = self.store.claimed_credits(task_ids)
         return [self._record(rows[tid], attempts.get(tid, []), credits.get(tid)) for tid in task_ids]
 
-    def _record(self, row: Any, attempts: list[Any], credits: Optional[int] = None) -> p.TaskRecord:
+    def _record(self, row: Any, attempts: list[Any], credits: Optional[int] = None, *,
+                brief: bool = False) -> p.TaskRecord:
         tid = row["task_id"]
         t = self.active.get(tid)
         spec = loads(row["spec"])
@@ -853,7 +939,7 @@ class HubCore:
         m = self.machines.get(machine) if machine else None
         if outcome is not None:
             stages, artifacts = outcome.stages, outcome.artifacts
-        elif t is not None and t.stages:
+        elif t is not None and t.stages and not brief:
             stages, artifacts = [t.stages[i] for i in sorted(t.stages)], []
         else:
             stages, artifacts = [], []
@@ -938,9 +1024,36 @@ class HubCore:
                     return True
         return False
 
-    def _grant_blob(self, who: Principal, sha256: str) -> None:
+    def _usable(self, who: Principal, sha256: str, machine_id: Optional[str] = None) -> bool:
+        """Is the blob stored and may ``who`` build on it?  A yes is a use:
+        the blob is touched, so garbage collection spares it for its grace
+        period while the caller submits what refers to it (blobgc.py)."""
+        if self.blobs.has(sha256) and self.blob_readable(who, sha256, machine_id):
+            self.blobs.touch(sha256)
+            return True
+        return False
+
+    def blob_quota_refusal(self, who: Principal, sha256: str, size: int, pending: int = 0) -> Optional[str]:
+        """Why storing ``size`` more bytes for ``who`` would exceed its blob
+        quota (``pending``: bytes of its uploads still open), or None.
+        Daemons are not charged: the artifacts they upload count against
+        the task's user when the result arrives (``_accept_artifacts``)."""
+        if who.role != "client" or self.store.blob_ref_exists(sha256, who.blob_scope):
+            return None
+        return self._over_quota(who.user, self.store.blob_bytes(who.blob_scope) + pending, size)
+
+    def _over_quota(self, user: str, used: int, size: int) -> Optional[str]:
+        cap = self.limits.max_blob_bytes_per_user
+        if used + size <= cap:
+            return None
+        return (f"user {user!r} stores {used} bytes of blobs; {size} more would exceed "
+                f"max_blob_bytes_per_user={cap} (flag --max-blob-bytes-per-user)")
+
+    def _grant_blob(self, who: Principal, sha256: str, size: Optional[int] = None) -> None:
         """``who`` uploaded this blob: it may use and read it from now on."""
-        self.store.add_blob_refs([(sha256, who.blob_scope)])
+        if size is None and self.blobs.has(sha256):
+            size = self.blobs.size(sha256)
+        self.store.add_blob_refs([(sha256, who.blob_scope, size)])
 
     def _accept_artifacts(self, machine_id: str, who: Principal, msg: p.TaskDone) -> None:
         """Check what a daemon says it collected before anyone downloads it:
@@ -948,6 +1061,7 @@ class HubCore:
         task's user may then download it."""
         t = self.active.get(msg.task_id)
         grants = []
+        used = self.store.blob_bytes(f"u:{t.user}") if t is not None else 0
         for a in msg.outcome.artifacts:
             if a.name is not None:
                 problem = unsafe_relative_path(a.name)
@@ -959,12 +1073,19 @@ class HubCore:
                 continue
             # The daemon must hold the blob: its owner uploaded it, or it is the
             # Data of a task it runs (a copy it already has the bytes of).
-            if not (self.blobs.has(a.sha256) and self.blob_readable(who, a.sha256, machine_id)):
+            if not self._usable(who, a.sha256, machine_id):
                 a.error = a.error or "artifact was not uploaded to the hub"
                 a.sha256 = None
                 continue
             if t is not None and self._is_current(msg.task_id, msg.attempt, machine_id):
-                grants.append((a.sha256, f"u:{t.user}"))
+                size = self.blobs.size(a.sha256)
+                if not self.store.blob_ref_exists(a.sha256, f"u:{t.user}"):
+                    over = self._over_quota(t.user, used, size)
+                    if over:
+                        a.error, a.sha256 = f"artifact not kept: {over}", None
+                        continue
+                    used += size
+                grants.append((a.sha256, f"u:{t.user}", size))
         if grants:
             self.store.add_blob_refs(grants)
 
@@ -1005,6 +1126,9 @@ class HubCore:
         return subs
 
     def _drop_sub(self, sub: _Sub) -> None:
+        if sub.user:
+            self._release(sub.user, 1, sub.held)
+            sub.user = ""
         ps = self.peers.get(sub.peer)
         if ps is not None and ps.subs.get(sub.wid) is sub:
             del ps.subs[sub.wid]
@@ -1057,7 +1181,11 @@ class HubCore:
         for sub in list(ps.subs.values()):
             self._drop_sub(sub)
         for w in ps.waiters:
-            w.done = True
+            self._end_waiter(w)
+        if len(self._deadlines) > 2 * sum(len(x) for x in self._waiters.values()) + 1024:
+            # Abandoned waiters' deadlines: drop them rather than keep them for their 30 days.
+            self._deadlines = [d for d in self._deadlines if not d[2].done]
+            heapq.heapify(self._deadlines)
         if ps.machine_id is not None and self.daemon_peer.get(ps.machine_id) == ev.peer:
             del self.daemon_peer[ps.machine_id]
             self._disconnect(ps.machine_id, self._now, "daemon connection lost")
@@ -1069,9 +1197,34 @@ class HubCore:
 
     def _on_blob_stored(self, ev: BlobStored) -> None:
         ps = self.peers.get(ev.peer)
-        if ps is not None:
-            self._grant_blob(ps.who, ev.sha256)
-            self._send(ev.peer, p.Ok(id=ev.rid))
+        if ps is None:
+            return
+        size = self.blobs.size(ev.sha256)
+        over = self.blob_quota_refusal(ps.who, ev.sha256, size)
+        if over:  # checked at the announcement too; this also covers HTTP uploads and races
+            self._send(ev.peer, p.Error(id=ev.rid, code="quota", message=over))
+            return
+        self._grant_blob(ps.who, ev.sha256, size)
+        self._send(ev.peer, p.Ok(id=ev.rid))
+
+    def _on_blobs_scanned(self, ev: BlobsScanned) -> None:
+        """The last step of a garbage collection, here where nothing runs beside
+        it: spare what unfinished tasks hold and what was used since the scan."""
+        cutoff = self._now - ev.grace
+        held = {d.sha256 for t in self.active.values() for st in t.spec.stages for d in st.data}
+        gone = [s for s in ev.candidates
+                if s not in held and (mtime := self.blobs.mtime(s)) is not None and mtime < cutoff]
+        if not ev.dry_run:
+            for sha in gone:
+                self.blobs.delete(sha)
+            self.store.drop_blob_refs(gone)
+        deleted, freed, kept, kept_bytes = blobgc.totals(ev.listing, gone)
+        if deleted or ev.peer is not None:
+            log.info("blob gc%s: %d blob(s) of %d bytes %s; %d of %d bytes kept", " (dry run)" if ev.dry_run else "",
+                     deleted, freed, "to delete" if ev.dry_run else "deleted", kept, kept_bytes)
+        if ev.peer is not None:
+            self._send(ev.peer, p.BlobGcReport(id=ev.rid, dry_run=ev.dry_run, deleted=deleted, deleted_bytes=freed,
+                                               kept=kept, kept_bytes=kept_bytes))
 
     def _on_tick(self, ev: Tick) -> None:
         now = self._now
@@ -1116,6 +1269,7 @@ class HubCore:
         Disconnected: _on_disconnected,
         Received: _on_received,
         BlobStored: _on_blob_stored,
+        BlobsScanned: _on_blobs_scanned,
         Tick: _on_tick,
         TokensRevoked: _on_tokens_revoked,
         CancelContinued: _on_cancel_continued,
@@ -1135,9 +1289,11 @@ class HubCore:
                                        timed_out=bool(pending)))
             return
         deadline = None if msg.timeout is None else self._now + msg.timeout
-        w = _Waiter(peer, msg.id, ps.who, list(msg.task_ids), len(pending), deadline)
+        self._check_reply_size(msg.task_ids)  # its answer must fit, whenever it comes
+        self._hold(ps.who.user, 0, len(msg.task_ids))
+        w = _Waiter(peer, msg.id, ps.who, list(msg.task_ids), len(pending), deadline, held=len(msg.task_ids))
         for tid in pending:
-            self._waiters.setdefault(tid, []).append(w)
+            self._waiters.setdefault(tid, {})[w] = None
         if len(ps.waiters) > 64:
             ps.waiters = [x for x in ps.waiters if not x.done]
         ps.waiters.append(w)
@@ -1150,8 +1306,7 @@ class HubCore:
     def _m_blobs_missing(self, peer: int, ps: _PeerState, msg: p.BlobsMissing) -> None:
         # "Present" only for blobs this caller may use: whether anyone else
         # stored a file is not revealed (a re-upload is cheap).
-        missing = [s for s in msg.sha256
-                   if not (self.blobs.has(s) and self.blob_readable(ps.who, s, ps.machine_id))]
+        missing = [s for s in msg.sha256 if not self._usable(ps.who, s, ps.machine_id)]
         self._send(peer, p.BlobsMissingReply(id=msg.id, missing=missing))
 
     def _m_blob_get(self, peer: int, ps: _PeerState, msg: p.BlobGet) -> None:
@@ -1172,6 +1327,8 @@ class HubCore:
         if msg.id in ps.subs:
             self._drop_sub(ps.subs[msg.id])
         sub = _Sub(peer, msg.id, msg.output, set(ids), msg.session_id)
+        self._hold(ps.who.user, 1, len(ids))
+        sub.user, sub.held = ps.who.user, len(ids)
         ps.subs[msg.id] = sub
         if msg.session_id is not None:
             self._subs_by_session.setdefault(msg.session_id, set()).add(sub)
@@ -1252,11 +1409,14 @@ class HubCore:
         rows, total = self.store.list_tasks(
             user=user, statuses=msg.status, session_id=msg.session_id, machine=msg.machine,
             job_id=msg.job_id, external_id=msg.external_id, include_hidden=msg.include_hidden,
-            offset=msg.offset, limit=msg.limit)
+            offset=msg.offset, limit=msg.limit, brief=msg.brief)
         ids = [r["task_id"] for r in rows]
-        attempts = self.store.attempts(ids)
+        if not msg.brief:
+            self._check_reply_size(ids)
+        attempts = {} if msg.brief else self.store.attempts(ids)
         credits = self.store.claimed_credits(ids)
-        records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"])) for r in rows]
+        records = [self._record(r, attempts.get(r["task_id"], []), credits.get(r["task_id"]), brief=msg.brief)
+                   for r in rows]
         self._send(peer, p.TaskList(id=msg.id, tasks=records, total=total))
 
     def _m_list_sessions(self, peer: int, ps: _PeerState, msg: p.ListSessions) -> None:
@@ -1293,7 +1453,7 @@ class HubCore:
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_put_job_file(self, peer: int, ps: _PeerState, msg: p.PutJobFile) -> None:
-        if not (self.blobs.has(msg.sha256) and self.blob_readable(ps.who, msg.sha256)):
+        if not self._usable(ps.who, msg.sha256):
             raise RequestError("missing_blob", f"job {msg.job_id!r}: its file (sha256 {msg.sha256[:12]}…) "
                                                "was not uploaded")
         self.store.set_job_file(ps.who.user, msg.job_id, msg.sha256, self._now)
@@ -1354,6 +1514,11 @@ class HubCore:
             raise RequestError("forbidden", p.forbidden_text(ps.who.role, msg))
         return ps.who
 
+    def _m_blob_gc(self, peer: int, ps: _PeerState, msg: p.BlobGc) -> None:
+        if not ps.who.is_admin:
+            raise RequestError("forbidden", "only an admin token may collect blobs")
+        self._out.append(ScanBlobs(peer, msg.id, msg.dry_run))
+
     def _m_credit_link(self, peer: int, ps: _PeerState, msg: p.CreditLink) -> None:
         if not ps.who.is_admin:
             raise RequestError("forbidden", "only an admin token may link machines to users")
@@ -1389,6 +1554,7 @@ class HubCore:
         p.CreditMeta: _m_credit_meta,
         p.CreditClaim: _m_credit_claim,
         p.CreditLink: _m_credit_link,
+        p.BlobGc: _m_blob_gc,
         p.GetCreditTally: _m_get_credit_tally,
         p.GetCreditSlots: _m_get_credit_slots,
         p.ListTasks: _m_list_tasks,

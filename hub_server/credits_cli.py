@@ -37,7 +37,7 @@ def add_credits_arguments(cr: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=credits_cli)
 
 
-def _token(args: argparse.Namespace) -> str:
+def admin_token(args: argparse.Namespace) -> str:
     if args.token_file:
         return Path(args.token_file).read_text().strip()
     if os.environ.get("HWF_TOKEN"):
@@ -48,8 +48,9 @@ def _token(args: argparse.Namespace) -> str:
     raise HubError("give --token-file, HWF_TOKEN or --state-dir (for the hub's admin token)")
 
 
-async def _ask(args: argparse.Namespace, make: Any) -> Any:
-    link = Link(args.hub, _token(args), agent="hwf-credits", ssl=args.ca_file)
+async def ask_hub(args: argparse.Namespace, make: Any, agent: str = "hwf-credits") -> Any:
+    """One admin request to the hub at ``args.hub``; its reply."""
+    link = Link(args.hub, admin_token(args), agent=agent, ssl=args.ca_file)
     await link.connect()
     try:
         return await link.request(make(link.next_id()), timeout=30)
@@ -60,11 +61,11 @@ async def _ask(args: argparse.Namespace, make: Any) -> Any:
 def credits_cli(args: argparse.Namespace) -> int:
     try:
         if args.action == "link":
-            r = asyncio.run(_ask(args, lambda rid: p.CreditLink(id=rid, machine=args.machine, user=args.user)))
+            r = asyncio.run(ask_hub(args, lambda rid: p.CreditLink(id=rid, machine=args.machine, user=args.user)))
             print(f"linked {r.machine} to {r.user}: paid {r.paid_credits} pending credit(s) "
                   f"from {r.paid_slots} slot(s)")
         else:
-            r = asyncio.run(_ask(args, lambda rid: p.GetCreditTally(id=rid, by=args.by)))
+            r = asyncio.run(ask_hub(args, lambda rid: p.GetCreditTally(id=rid, by=args.by)))
             print(f"{'rank':>4}  {args.by:24} {'credits':>10} {'pending':>10} {'slots':>7}  counters")
             for rank, row in enumerate(r.rows, 1):
                 counters = ", ".join(f"{k}={v:g}" for k, v in sorted(row.counters.items()))

@@ -84,7 +84,21 @@ class ResultsRefused:
     problem: str
 
 
-Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued,
+@dataclass(frozen=True)
+class BlobsScanned:
+    """A garbage collection's snapshot scan ended: ``candidates`` looked
+    unreferenced (blobgc.py); the core re-checks and deletes them.
+    ``peer`` None: the hub's own scheduled run (no reply)."""
+
+    peer: Optional[int]
+    rid: int
+    dry_run: bool
+    grace: float
+    candidates: tuple[str, ...]
+    listing: Any  # blobgc.Listing of the scan
+
+
+Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued, BlobsScanned,
               ResultsRefused]
 
 
@@ -124,4 +138,13 @@ class Later:
     event: Any = field(default=None)
 
 
-Instruction = Union[Send, Close, StreamBlob, Later]
+@dataclass(frozen=True)
+class ScanBlobs:
+    """Start a blob garbage collection (an admin's ``blob_gc``); answer ``rid``."""
+
+    peer: int
+    rid: int
+    dry_run: bool
+
+
+Instruction = Union[Send, Close, StreamBlob, Later, ScanBlobs]

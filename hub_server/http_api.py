@@ -34,7 +34,10 @@ from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError
 from .httpshapes import HttpError
+from .conncaps import ConnectionCaps, guarded_http
 from .openapi import openapi_document
+from .ratelog import RateLimitedLog
+from .snapfeed import SnapshotFeeds
 
 if TYPE_CHECKING:
     from .server import HubServer
@@ -48,6 +51,9 @@ MAX_BODY_BYTES = 64 * 2**20  # a jobfile zip and its form (the hub's max_file_by
 SNAPSHOT_TASKS = 200
 EVENTS_INTERVAL = 0.5  # how often the event stream looks for changes
 EVENTS_PING = 15.0
+EVENTS_RECHECK = 1.0  # how often a stream re-checks its token when nothing changed
+CLIENT_HEADER = "X-HWF-Client"  # not CORS-safelisted: a page on another site cannot send it without a preflight
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 _CORE_STATUS = {"not_found": 404, "forbidden": 403, "not_queued": 409, "queue_full": 429, "limit": 413,
@@ -95,12 +101,19 @@ class HttpApi:
         self.tls = tls
         self._rids = itertools.count(1)
         self._runner: Optional[web.AppRunner] = None
+        self._listener: Optional[asyncio.base_events.Server] = None
+        c = hub.config
+        self.log = RateLimitedLog(log)
+        self.caps = ConnectionCaps(c.http_max_connections, c.http_max_connections_per_address,
+                                   "--http-max-connections", "--http-max-connections-per-address")
+        self.feeds = SnapshotFeeds(self._snapshot_of, EVENTS_INTERVAL, max_total=c.http_max_streams,
+                                   max_per_user=c.http_max_streams_per_user)
         self.app = self._make_app()
 
     # -- lifecycle ------------------------------------------------------------
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._same_site])
         r = app.router
         r.add_get("/", self._index)
         r.add_static("/static/", STATIC_DIR, show_index=False, follow_symlinks=False)
@@ -124,17 +137,24 @@ class HttpApi:
         return app
 
     async def start(self) -> int:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        c = self.hub.config
+        # keepalive_timeout: an idle connection (no request under way) is closed after it.
+        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=c.http_idle_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
-        await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        assert self._runner.server is not None
+        factory = guarded_http(self._runner.server, self.caps, self.log, c.http_header_timeout)
+        self._listener = await asyncio.get_running_loop().create_server(
+            factory, self.host, self.port, ssl=self.tls, reuse_address=True)
+        sock = self._listener.sockets[0]
         self.port = sock.getsockname()[1]
         scheme = "https" if self.tls else "http"
         log.info("HTTP API and status page on %s://%s:%s/", scheme, self.host, self.port)
         return self.port
 
     async def close(self) -> None:
+        await self.feeds.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -146,7 +166,10 @@ class HttpApi:
         try:
             return await handler(request)
         except HttpError as exc:
-            return _error(exc.status, exc.code, exc.message)
+            resp = _error(exc.status, exc.code, exc.message)
+            if exc.status == 401:  # nothing more to say to a caller without a token: free the connection
+                resp.force_close()
+            return resp
         except web.HTTPRequestEntityTooLarge as exc:
             return _error(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes ({exc.text})")
         except web.HTTPException as exc:
@@ -159,11 +182,28 @@ class HttpApi:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return _error(500, "internal", f"hub error: {type(exc).__name__}")
 
+    @web.middleware
+    async def _same_site(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        """A browser sends ``Origin`` with every cross-site POST (forms and no-cors
+        fetches included): one that is not the hub's own may not change state."""
+        origin = request.headers.get("Origin")
+        if request.method in STATE_CHANGING and origin is not None and not _same_origin(request):
+            raise HttpError(403, "cross_site", f"refused: Origin {origin[:100]!r} is not this hub's own "
+                                               f"({_own_origin(request)!r}); a page on another site may not "
+                                               "change the farm")
+        return await handler(request)
+
     def _who(self, request: web.Request) -> Principal:
         token = auth.bearer(request.headers.get("Authorization"))
         if token is None:
             user = self._trusted_user(request.remote)
             if user is not None:
+                if CLIENT_HEADER not in request.headers and not _same_origin(request):
+                    raise HttpError(403, "cross_site",
+                                    f"a call without a token from a --http-trust address must send the header "
+                                    f"{CLIENT_HEADER} (any value) or come from the hub's own page: a web page "
+                                    "on another site cannot send it")
                 return Principal(token_id=TRUST_TOKEN_ID, role="client", user=user)
             raise HttpError(401, "unauthorized", "missing token: send 'Authorization: Bearer <token>'")
         who = auth.authenticate(self.hub.store, token)
@@ -393,7 +433,9 @@ class HttpApi:
         return web.json_response({"by": got.by, "rows": [shapes.credit_row(r) for r in got.rows]})
 
     async def _snapshot_of(self, who: Principal) -> dict[str, Any]:
-        tasks = await self._ask(who, lambda rid: p.ListTasks(id=rid, limit=SNAPSHOT_TASKS))
+        """What the page shows: small fields and counts only (``brief``: no stages,
+        outputs or values are loaded, however big the tasks' results are)."""
+        tasks = await self._ask(who, lambda rid: p.ListTasks(id=rid, limit=SNAPSHOT_TASKS, brief=True))
         pool = await self._pool(who)
         credit_rows = None
         try:
@@ -409,30 +451,37 @@ class HttpApi:
         return web.json_response(await self._snapshot_of(self._who(request)))
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: a ``snapshot`` whenever what this caller sees changed."""
+        """Server-sent events: a ``snapshot`` whenever what this caller sees changed.
+
+        Every stream of one user reads the same snapshot, computed once per
+        interval (``snapfeed.py``); streams are capped per user and in total."""
         who = self._who(request)
+        problem = self.feeds.room_for(who)
+        if problem is not None:
+            raise HttpError(429, "too_many_streams", problem)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        last, last_sent = None, 0.0
         try:
-            while True:
-                # The token is checked again each round: a revoked (or expired)
-                # token must not keep watching the farm on a stream it opened before.
-                who = self._who(request)
-                snap = await self._snapshot_of(who)
-                key = json.dumps({k: v for k, v in snap.items() if k != "time"}, sort_keys=True, default=str)
-                now = time.monotonic()
-                if key != last:
-                    last, last_sent = key, now
-                    await resp.write(b"event: snapshot\ndata: " + json.dumps(snap).encode() + b"\n\n")
-                elif now - last_sent > EVENTS_PING:
-                    last_sent = now
-                    await resp.write(b": ping\n\n")
-                await asyncio.sleep(EVENTS_INTERVAL)
+            async with self.feeds.subscribe(who) as feed:
+                await resp.prepare(request)
+                seen, last_sent = -1, time.monotonic()
+                while True:
+                    version, data = await feed.next(seen, EVENTS_RECHECK)
+                    # The token is checked again each round: a revoked (or expired)
+                    # token must not keep watching the farm on a stream it opened before.
+                    self._who(request)
+                    now = time.monotonic()
+                    if version != seen:
+                        seen, last_sent = version, now
+                        await resp.write(b"event: snapshot\ndata: " + data + b"\n\n")
+                    elif now - last_sent > EVENTS_PING:
+                        last_sent = now
+                        await resp.write(b": ping\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             pass
-        except HttpError as exc:  # e.g. the token was revoked meanwhile
+        except HttpError as exc:  # e.g. the token was revoked meanwhile, or too many streams
+            if not resp.prepared:
+                raise
             try:
                 await resp.write(b"event: error\ndata: " + json.dumps({"error": exc.code, "message": exc.message}).encode()
                                  + b"\n\n")
@@ -449,6 +498,16 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+def _own_origin(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}".lower()
+
+
+def _same_origin(request: web.Request) -> bool:
+    """``Origin`` is the hub's own (its page calling it), as the browser addressed it."""
+    origin = request.headers.get("Origin")
+    return origin is not None and origin.lower() == _own_origin(request)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -53,15 +53,26 @@ class Limits(msgspec.Struct, frozen=True):
     max_tasks_per_submit: int = 20_000
     max_output_bytes: int = 64 * 2**10
     max_results_per_request: int = 5_000
-    # Blob uploads open at once on one connection, and on the whole hub.
+    # Blob uploads open at once on one connection, per user (a daemon token's
+    # owner counts as one), of all clients, and of all daemons (their own pool:
+    # a client flood never refuses a finished task's artifact).
     max_uploads_per_connection: int = 4
     max_uploads: int = 256
-    # Every blob stored on the hub together (Data files and artifacts).
+    max_uploads_per_user: int = 16
+    max_daemon_uploads: int = 64
+    # Every blob stored on the hub together (Data files and artifacts), and
+    # the bytes of blobs one user uploaded or whose tasks produced.
     max_blob_store_bytes: int = 100 * 2**30
+    max_blob_bytes_per_user: int = 10 * 2**30
     # Bytes queued for one slow reader: above the first, live output to it is
     # dropped (with a marker); above the second it is disconnected.
     send_queue_bytes: int = 8 * 2**20
     send_queue_hard_bytes: int = 64 * 2**20
+    # get_results(wait=True) requests and watches one user may keep open at
+    # once (all its connections together), and the task ids they hold in all.
+    max_waiters_per_user: int = 1_000
+    max_watches_per_user: int = 1_000
+    max_waited_ids_per_user: int = 200_000
 
 
 # ------------------------------------------------------------ bounded values
@@ -375,11 +386,18 @@ class TaskBrief(msgspec.Struct):
     frame_current: Optional[int] = None
 
 
+# A load average above this is a broken or lying daemon (the busiest real
+# machines report a few thousand); bounded so the pool and page show sane numbers.
+LoadAverage = Annotated[float, Meta(ge=0.0, le=1_000_000.0)]
+
+
 class Load(msgspec.Struct):
-    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    cpu_percent: float = 0.0
-    mem_percent: float = 0.0
-    disk_percent: float = 0.0
+    """A daemon's live load (heartbeats): typed and bounded like any daemon input."""
+
+    load_avg: tuple[LoadAverage, LoadAverage, LoadAverage] = (0.0, 0.0, 0.0)
+    cpu_percent: Percent = 0.0
+    mem_percent: Percent = 0.0
+    disk_percent: Percent = 0.0
 
 
 class MachineInfo(msgspec.Struct):
@@ -496,6 +514,24 @@ class BlobPut(_Msg, tag="blob_put"):
     size: Bytes
 
 
+class BlobGc(_Msg, tag="blob_gc"):
+    """Admin: delete the blobs nothing refers to any more (blobgc.py says what refers)."""
+
+    id: RequestId
+    dry_run: bool = False
+
+
+class BlobGcReport(_Msg, tag="blob_gc_report"):
+    """What a garbage collection deleted (or, on a dry run, would delete), and what stays."""
+
+    id: int
+    dry_run: bool
+    deleted: int
+    deleted_bytes: int
+    kept: int
+    kept_bytes: int
+
+
 class BlobGet(_Msg, tag="blob_get"):
     id: RequestId
     sha256: Sha256
@@ -598,6 +634,9 @@ class ListTasks(_Msg, tag="list_tasks"):
     offset: Annotated[int, Meta(ge=0, le=10**9)] = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     include_hidden: bool = False
+    # Small fields only: no stages, outputs, artifacts or values are loaded
+    # (the status page's snapshot, however big the tasks' results are).
+    brief: bool = False
 
 
 class TaskList(_Msg, tag="task_list"):
@@ -901,6 +940,8 @@ Message = Union[
     BlobPut,
     BlobGet,
     BlobData,
+    BlobGc,
+    BlobGcReport,
     Register,
     Registered,
     Heartbeat,
@@ -972,7 +1013,7 @@ DAEMON_REQUESTS = (
 ALLOWED = {
     "client": CLIENT_REQUESTS,
     "daemon": DAEMON_REQUESTS,
-    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine))),
+    "admin": tuple(dict.fromkeys(CLIENT_REQUESTS + DAEMON_REQUESTS + (CreditLink, SetMachine, BlobGc))),
 }
 
 _encoder = msgspec.json.Encoder()

@@ -31,16 +31,21 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve, unix_serve
 
 from . import auth
+from . import blobgc
 from . import protocol as p
 from .auth import Principal
 from .blobs import BlobError, BlobStore, BlobWriter
+from .conncaps import ConnectionCaps, counted_connection, fit_caps, raise_fd_limit
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
-    BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ResultsRefused, Send,
-    StreamBlob, Tick, TokensRevoked,
+    BlobsScanned, BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ResultsRefused,
+    ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
+from .ratelog import RateLimitedLog
+from .statelock import StateLock
+from .uploads import UploadGate
 from .unixsock import UnixSocketFile, bind_unix
 
 log = logging.getLogger("hwf.hub")
@@ -90,6 +95,25 @@ class HubConfig:
     creditpiggy_mode: int = 0o600
     creditpiggy_idle_timeout: float = 10.0
     creditpiggy_max_connections: int = 256
+    # An announced upload that receives no bytes this long is dropped (uploads.py).
+    upload_idle_timeout: float = 10.0
+    # Blob garbage collection (blobgc.py): how often the hub runs it (0: never;
+    # ``hwf blobs gc`` still works), and how long a stored or used blob is spared.
+    blob_gc_interval: float = 3600.0
+    blob_gc_grace: float = 3600.0
+    # Connections open at once on the websocket port (counted before the
+    # handshake), in all and from one address.
+    max_connections: int = 4096
+    max_connections_per_address: int = 512
+    # The HTTP API: a new connection's first request head must arrive within
+    # header_timeout; an idle keep-alive connection is closed after idle_timeout.
+    http_header_timeout: float = 10.0
+    http_idle_timeout: float = 60.0
+    http_max_connections: int = 1024
+    http_max_connections_per_address: int = 64
+    # /api/events streams open at once, in all and per user.
+    http_max_streams: int = 64
+    http_max_streams_per_user: int = 4
 
 
 LOOPBACK = Principal(token_id="", role="client", user="loopback")
@@ -107,6 +131,8 @@ class HubServer:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.store = auth.open_state_dir(config.state_dir)
+        self.state_lock = StateLock(config.state_dir)
+        self.state_lock.hold_shared()
         self.store.checkpoint_in_background()
         self.blobs = BlobStore(Path(config.state_dir) / "blobs", config.limits.max_blob_store_bytes)
         self.core = HubCore(self.store, self.blobs, config.limits, now=time.time(),
@@ -116,7 +142,8 @@ class HubServer:
                             prefetch=config.prefetch, trusted_owners=config.python_trusted_owners)
         self.peers: dict[int, Peer] = {}
         self._peer_ids = itertools.count(1)
-        self._open_uploads = 0
+        self.uploads = UploadGate(config.limits, config.upload_idle_timeout)
+        self._gc_lock = asyncio.Lock()
         self._pending: list[Event] = []
         self._flush_scheduled = False
         self._server: Any = None
@@ -127,14 +154,20 @@ class HubServer:
         self.port: Optional[int] = None
         self.http: Any = None  # http_api.HttpApi when --http-port is on
         self.started_at = time.time()
+        self.ratelog = RateLimitedLog(log)
+        self.ws_caps = ConnectionCaps(config.max_connections, config.max_connections_per_address,
+                                      "--max-connections", "--max-connections-per-address")
 
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config
+        self._fit_connection_caps()
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
         tls = tls_context(c.tls_cert, c.tls_key) if c.tls_cert and c.tls_key else None
         options = dict(process_request=self._authenticate, max_size=c.limits.max_message_bytes,
-                       compression=None, ping_interval=20, ping_timeout=60)
+                       compression=None, ping_interval=20, ping_timeout=60,
+                       create_connection=counted_connection(self.ws_caps, self.ratelog))
         self._server = await serve(self._handle, c.host, c.port, ssl=tls, **options)
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -155,8 +188,14 @@ class HubServer:
             await self.http.start()
         self._spawn(self._tick())
         self._spawn(self._watch_revocations())
+        self._spawn(self._expire_uploads())
+        if c.blob_gc_interval > 0:
+            self._spawn(self._collect_blobs_every(c.blob_gc_interval))
         self._feed(Tick())  # the first scheduling pass (a restarted hub may hold queued tasks)
         scheme = "wss" if tls else "ws"
+        here = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+        here = f"[{here}]" if ":" in here else here
+        self.state_lock.write_address(f"{scheme}://{here}:{self.port}")  # for 'hwf blobs gc'
         log.info("hub %s listening on %s://%s:%s", self.core.hub_id, scheme, c.host, self.port)
         if tls is None and c.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("serving plain ws:// on %s: tokens, code and data cross the network in clear; "
@@ -179,6 +218,41 @@ class HubServer:
         if self._unix_file is not None:
             self._unix_file.remove()
         self.store.close()
+        self.state_lock.close()
+
+    def _fit_connection_caps(self) -> None:
+        """Raise the fd limit to its hard limit and keep every connection cap
+        under it: the hub refuses connections with a reason, never with EMFILE."""
+        c = self.config
+        limit = raise_fd_limit()
+        wanted = {"--max-connections": c.max_connections}
+        if c.http_port is not None:
+            wanted["--http-max-connections"] = c.http_max_connections
+        if c.creditpiggy:
+            wanted["--creditpiggy-max-connections"] = c.creditpiggy_max_connections
+        fitted = fit_caps(limit, wanted)
+        if fitted != wanted:
+            log.warning("open-file limit is %d: connection caps lowered to %s (raise the hard limit, "
+                        "e.g. LimitNOFILE= in the service file, to keep them)", limit,
+                        ", ".join(f"{k} {v}" for k, v in fitted.items()))
+            c.max_connections = fitted["--max-connections"]
+            c.http_max_connections = fitted.get("--http-max-connections", c.http_max_connections)
+            c.creditpiggy_max_connections = fitted.get("--creditpiggy-max-connections",
+                                                       c.creditpiggy_max_connections)
+            self.ws_caps.total = c.max_connections
+        c.max_connections_per_address = min(c.max_connections_per_address, c.max_connections)
+        c.http_max_connections_per_address = min(c.http_max_connections_per_address, c.http_max_connections)
+        self.ws_caps.per_address = c.max_connections_per_address
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own reports: a failing accept() (EMFILE, ENFILE, ENOBUFS) would log a
+        traceback per retry; it is one line per cause per interval here."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and "accept" in context.get("message", ""):
+            self.ratelog(f"accept-{exc.errno}", f"accept failed: {exc.strerror or exc} (connections are refused "
+                                                f"until descriptors free up)")
+            return
+        loop.default_exception_handler(context)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -246,12 +320,19 @@ class HubServer:
         # call_soon from a callback runs after the next poll for I/O.
         asyncio.get_running_loop().call_soon(self._feed, ins.event)
 
-    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later}
+    def _do_scan_blobs(self, ins: ScanBlobs) -> None:
+        self._spawn(self._collect_blobs(ins.peer, ins.rid, ins.dry_run))
+
+    _EXECUTE: dict[type, Any] = {Send: _do_send, Close: _do_close, StreamBlob: _do_stream, Later: _do_later,
+                                 ScanBlobs: _do_scan_blobs}
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_interval)
             self._feed(Tick())
+            self.ratelog.flush()
+            if self.http is not None:
+                self.http.log.flush()
 
     async def _watch_revocations(self) -> None:
         """Tokens revoked (here or by ``hwf token revoke`` in another process)."""
@@ -332,7 +413,7 @@ class HubServer:
             pass
         finally:
             del self.peers[pid]
-            self._open_uploads -= len(peer.uploads)
+            self.uploads.release_peer(pid)
             await peer.stop()
             if connected:
                 self._feed(Disconnected(pid))
@@ -359,29 +440,60 @@ class HubServer:
 
     def _start_upload(self, pid: int, peer: Peer, msg: p.BlobPut) -> None:
         limits = self.config.limits
+        owner = peer.principal.blob_scope
         problem = None
         if msg.size > limits.max_file_bytes:
             problem = ("too_large", f"file of {msg.size} bytes exceeds max_file_bytes={limits.max_file_bytes}")
         elif msg.id in peer.uploads:
             problem = ("bad_request", f"transfer id {msg.id} is already in use")
-        elif len(peer.uploads) >= limits.max_uploads_per_connection:
-            problem = ("limit", f"{len(peer.uploads)} uploads already open on this connection "
-                                f"(max_uploads_per_connection={limits.max_uploads_per_connection})")
-        elif self._open_uploads >= limits.max_uploads:
-            problem = ("busy", f"the hub has {self._open_uploads} uploads open "
-                               f"(max_uploads={limits.max_uploads}); try again shortly")
+        else:
+            over = self.core.blob_quota_refusal(peer.principal, msg.sha256, msg.size,
+                                                pending=self.uploads.open_bytes(owner))
+            problem = (("quota", over) if over else
+                       self.uploads.admit(pid, msg.id, owner, peer.role == "daemon", msg.size, time.monotonic()))
         if problem is None:
             try:
                 writer = self.blobs.writer(msg.sha256, msg.size)
             except BlobError as exc:
+                self.uploads.release(pid, msg.id)
                 problem = ("store_full" if "full" in str(exc) else "bad_request", str(exc))
         if problem is not None:
             peer.post(p.Error(id=msg.id, code=problem[0], message=problem[1]))
         elif msg.size == 0:
+            self.uploads.release(pid, msg.id)
             self._finish_upload(pid, peer, msg.id, writer)
         else:
             peer.uploads[msg.id] = writer
-            self._open_uploads += 1
+
+    async def _collect_blobs(self, peer: Optional[int], rid: int, dry_run: bool) -> None:
+        """Scan for unreferenced blobs in a thread; the core makes the final cut."""
+        grace = self.config.blob_gc_grace
+        async with self._gc_lock:  # one scan at a time
+            try:
+                found, listing = await asyncio.to_thread(blobgc.candidates, self.store.path, self.blobs,
+                                                         time.time(), grace)
+            except Exception as exc:
+                log.exception("blob gc scan failed")
+                if peer is not None and peer in self.peers:
+                    self.peers[peer].post(p.Error(id=rid, code="internal", message=f"blob gc scan failed: {exc}"))
+                return
+            self._feed(BlobsScanned(peer, rid, dry_run, grace, tuple(found), listing))
+
+    async def _collect_blobs_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._collect_blobs(None, 0, False)
+
+    async def _expire_uploads(self) -> None:
+        """Drop announced uploads that receive no bytes (``--upload-idle-timeout``)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.upload_idle_timeout / 4))
+            for pid, tid in self.uploads.expired(time.monotonic()):
+                peer = self.peers.get(pid)
+                writer = peer.uploads.pop(tid, None) if peer is not None else None
+                if writer is not None:
+                    writer.abort()
+                    peer.post(p.Error(id=tid, code="timeout", message=self.uploads.expiry_message()))
 
     def _on_chunk(self, pid: int, peer: Peer, frame: bytes) -> None:
         try:
@@ -397,12 +509,13 @@ class HubServer:
             writer.write(payload)
         except BlobError as exc:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             peer.post(p.Error(id=tid, code="bad_blob", message=str(exc)))
             return
+        self.uploads.received(pid, tid, time.monotonic())
         if writer.complete:
             del peer.uploads[tid]
-            self._open_uploads -= 1
+            self.uploads.release(pid, tid)
             self._finish_upload(pid, peer, tid, writer)
 
     def _finish_upload(self, pid: int, peer: Peer, tid: int, writer: BlobWriter) -> None:

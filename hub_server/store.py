@@ -121,11 +121,13 @@ ADDED_COLUMNS = (
     ("tasks", "external_id", "TEXT"),
     ("tasks", "job_id", "TEXT"),
     ("machines", "admin_status", "TEXT NOT NULL DEFAULT 'enabled'"),
+    ("blob_refs", "size", "INTEGER"),  # the blob's bytes, for per-user quotas (NULL: not yet known)
 )
 POST_MIGRATION = """
 CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user, status);
 CREATE INDEX IF NOT EXISTS tasks_user_external ON tasks(user, external_id) WHERE external_id IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_id ON tokens(token_id);
+CREATE INDEX IF NOT EXISTS blob_refs_principal ON blob_refs(principal);
 UPDATE tokens SET token_id = 'tok-' || substr(hash, 1, 10) WHERE token_id IS NULL;
 UPDATE tokens SET user = CASE role WHEN 'admin' THEN 'admin' ELSE 'default' END WHERE user = '';
 UPDATE sessions SET user = 'default' WHERE user = '';
@@ -239,14 +241,15 @@ class Store:
     def _grant_old_blobs(self) -> None:
         """Stores from before blob access control: each task's user may read its
         Data and artifacts, as they could before."""
-        pairs = set()
+        refs = set()
         for user, spec, result in self.db.execute("SELECT user, spec, result FROM tasks"):
             scope = f"u:{user}"
             for stage in loads(spec).get("stages", []):
-                pairs.update((d["sha256"], scope) for d in stage.get("data", []))
+                refs.update((d["sha256"], scope, d.get("size")) for d in stage.get("data", []))
             if result is not None:
-                pairs.update((a["sha256"], scope) for a in loads(result).get("artifacts", []) if a.get("sha256"))
-        self.add_blob_refs(pairs)
+                refs.update((a["sha256"], scope, a.get("size"))
+                            for a in loads(result).get("artifacts", []) if a.get("sha256"))
+        self.add_blob_refs(refs)
 
     def _namespace_credit_slots(self) -> None:
         """Schema 5: a user's slot NAME is stored as ``USER/NAME`` (with its
@@ -333,9 +336,25 @@ class Store:
 
     # -- blob access ----------------------------------------------------------
 
-    def add_blob_refs(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """(sha256, principal): that principal may read that blob."""
-        self.db.executemany("INSERT OR IGNORE INTO blob_refs(sha256, principal) VALUES (?, ?)", list(pairs))
+    def add_blob_refs(self, refs: Iterable[tuple[str, str, Optional[int]]]) -> None:
+        """(sha256, principal, size): that principal may read that blob (of that many bytes)."""
+        self.db.executemany("INSERT OR IGNORE INTO blob_refs(sha256, principal, size) VALUES (?, ?, ?)",
+                            list(refs))
+
+    def blob_bytes(self, principal: str) -> int:
+        """Bytes of the blobs listed for ``principal``: what its quota counts."""
+        q = "SELECT COALESCE(SUM(size), 0) FROM blob_refs WHERE principal=?"
+        return int(self.db.execute(q, (principal,)).fetchone()[0])
+
+    def blobs_without_size(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT sha256 FROM blob_refs WHERE size IS NULL")]
+
+    def set_blob_sizes(self, sizes: dict[str, int]) -> None:
+        self.db.executemany("UPDATE blob_refs SET size=? WHERE sha256=?", [(n, s) for s, n in sizes.items()])
+
+    def drop_blob_refs(self, shas: Iterable[str]) -> None:
+        """Blobs deleted from the store: nobody may read them, no quota counts them."""
+        self.db.executemany("DELETE FROM blob_refs WHERE sha256=?", [(s,) for s in shas])
 
     def blob_ref_exists(self, sha256: str, principal: str) -> bool:
         q = "SELECT 1 FROM blob_refs WHERE sha256=? AND principal=?"
@@ -385,8 +404,9 @@ class Store:
     def list_tasks(self, *, user: Optional[str], statuses: Sequence[str] = (), session_id: Optional[str] = None,
                    machine: Optional[str] = None, job_id: Optional[str] = None,
                    external_id: Optional[str] = None, include_hidden: bool = False,
-                   offset: int = 0, limit: int = 100) -> tuple[list[sqlite3.Row], int]:
-        """A page of tasks (newest first) and how many match in all; ``user`` None: anyone's."""
+                   offset: int = 0, limit: int = 100, brief: bool = False) -> tuple[list[sqlite3.Row], int]:
+        """A page of tasks (newest first) and how many match in all; ``user`` None: anyone's.
+        ``brief``: the result column is not read (it holds every command's output)."""
         where, args = [], []
         for col, val in (("user", user), ("session_id", session_id), ("machine", machine),
                          ("job_id", job_id), ("external_id", external_id)):
@@ -400,7 +420,8 @@ class Store:
             where.append("hidden=0")
         cond = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.db.execute(f"SELECT count(*) FROM tasks {cond}", args).fetchone()[0]
-        rows = self.db.execute(f"SELECT {TASK_COLUMNS} FROM tasks {cond} ORDER BY seq DESC LIMIT ? OFFSET ?",
+        columns = TASK_COLUMNS.replace(" result,", " NULL AS result,") if brief else TASK_COLUMNS
+        rows = self.db.execute(f"SELECT {columns} FROM tasks {cond} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                (*args, limit, offset)).fetchall()
         return rows, total
 
@@ -494,6 +515,24 @@ class Store:
             for row in self.db.execute(q, chunk):
                 out[row["task_id"]] = row
         return out
+
+    def task_users(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Whose each task is (only that column: a tenancy check loads no outputs)."""
+        out: dict[str, str] = {}
+        for chunk in _chunks(task_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            out.update(self.db.execute(f"SELECT task_id, user FROM tasks WHERE task_id IN ({marks})", chunk).fetchall())
+        return out
+
+    def reply_bytes(self, task_ids: Sequence[str]) -> int:
+        """About how many bytes the records of these tasks take (their spec and
+        result), read without loading them: a reply is sized before it is built."""
+        sizes: dict[str, int] = {}
+        for chunk in _chunks(list(dict.fromkeys(task_ids)), 500):
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT task_id, length(spec) + coalesce(length(result), 0) FROM tasks WHERE task_id IN ({marks})"
+            sizes.update(self.db.execute(q, chunk).fetchall())
+        return sum(sizes.get(tid, 0) for tid in task_ids)
 
     def attempts(self, task_ids: Sequence[str]) -> dict[str, list[sqlite3.Row]]:
         out: dict[str, list[sqlite3.Row]] = {}
@@ -733,3 +772,28 @@ def _chunks(seq: Sequence[str], n: int) -> Iterator[Sequence[str]]:
     seq = list(seq)
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def read_blob_references(path: Path | str) -> set[str]:
+    """The blobs the store still needs (blobgc.py says why each is kept):
+    Data of unfinished tasks, artifacts of stored results, job files.
+
+    Opens its own read-only connection, so it can run in a thread (or in
+    ``hwf blobs gc``) on a snapshot while the hub keeps writing.
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout=5000")
+    keep: set[str] = set()
+    try:
+        db.execute("BEGIN")  # one snapshot for all three reads
+        terminal = ",".join(f"'{s}'" for s in ("finished", "failed", "cancelled"))
+        for (spec,) in db.execute(f"SELECT spec FROM tasks WHERE status NOT IN ({terminal})"):
+            for stage in loads(spec).get("stages", []):
+                keep.update(d["sha256"] for d in stage.get("data", []))
+        for (result,) in db.execute("SELECT result FROM tasks WHERE result IS NOT NULL"):
+            keep.update(a["sha256"] for a in loads(result).get("artifacts", []) if a.get("sha256"))
+        keep.update(r[0] for r in db.execute("SELECT sha256 FROM job_files"))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return keep

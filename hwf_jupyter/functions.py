@@ -350,7 +350,7 @@ class FunctionClient:
             for tid in ids:
                 del self._ended[tid]
             try:
-                reply = await self.hub._request(lambda rid, ids=ids: p.GetResults(id=rid, task_ids=ids))
+                records = await self.hub._records(ids)
             except HubError as exc:
                 for tid in ids:
                     f = self._futures.pop(tid, None)
@@ -358,7 +358,7 @@ class FunctionClient:
                         f._settle(exc=exc)
                 continue
             self.stats["fetches"] += 1
-            for rec in reply.tasks:
+            for rec in records:
                 if rec.status not in p.TERMINAL_STATES:
                     continue  # an event raced an older record: a later event brings it back
                 f = self._futures.pop(rec.task_id, None)

@@ -351,15 +351,25 @@ class Hub:
             return None if until is None else max(0.0, until - time.monotonic())
 
         for i in range(0, len(ids), batch):
-            chunk = ids[i : i + batch]
-            reply = await self._request(
-                lambda rid, chunk=chunk: p.GetResults(id=rid, task_ids=chunk, wait=wait, timeout=left())
-            )
-            records.extend(reply.tasks)
+            records.extend(await self._records(ids[i : i + batch], wait, left))
         results = ResultList.from_records(records)
         if download:
             await self._download_artifacts(results)
         return results
+
+    async def _records(self, ids: list[str], wait: bool = False,
+                       left: Callable[[], Optional[float]] = lambda: None) -> list[p.TaskRecord]:
+        """Records of ``ids``; a batch whose reply would pass the hub's message
+        limit (refused before it is built, naming --max-message-bytes) is asked
+        for in halves."""
+        try:
+            reply = await self._request(lambda rid: p.GetResults(id=rid, task_ids=ids, wait=wait, timeout=left()))
+        except RemoteError as exc:
+            if exc.code != "limit" or "--max-message-bytes" not in str(exc) or len(ids) < 2:
+                raise
+            half = len(ids) // 2
+            return await self._records(ids[:half], wait, left) + await self._records(ids[half:], wait, left)
+        return reply.tasks
 
     async def _download_artifacts(self, results: ResultList) -> None:
         link = await self._connected()

@@ -113,3 +113,20 @@ def test_report_renders_failed_and_missing_peers():
     text = run.render(report)
     assert "not installed" in text and "FAILED: TrialError: boom" in text and "1 of 2 runs ok" in text
     assert report["results"]["throughput"]["floor"]["median"]["tasks_per_s"] == 10.0
+
+
+@pytest.mark.e2e
+def test_tiny_flood_run_reports_what_the_other_user_saw(tmp_path):
+    """bench/floods.py must not rot either: two scenarios at a tiny scale."""
+    out = tmp_path / "floods.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "floods.py"), "--only", "idle,waiters",
+                           "--scale", "0.01", "--hold", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["scenario"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"idle", "waiters"}
+    for row in rows.values():
+        assert row["other_user_upload"]["ok"], row
+        assert row["rtt_n"] > 0 and row["rtt_p99_ms"] >= row["rtt_p50_ms"] > 0
+        assert row["hub_rss_peak_mb"] >= row["hub_rss_before_mb"] > 0
+    assert rows["waiters"]["attacker_waiters_sent"] == 30

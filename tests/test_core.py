@@ -326,3 +326,15 @@ def test_submit_is_split_by_size_and_count():
     chunks = _submit_chunks([big] * 30, limits)
     assert sum(map(len, chunks)) == 30
     assert all(len(p.encode(p.Submit(id=1, tasks=c))) < 1_000_000 and len(c) <= 7 for c in chunks)
+
+
+def test_a_stored_out_of_bounds_load_does_not_stop_the_hub_starting(tmp_path):
+    """0.2 stored whatever load a daemon sent; 0.3 bounds it, and must still start on such a store."""
+    f = Farm(tmp_path)
+    f.connect(DAEMON, OWNER)
+    f.register("d1", "aaa")
+    with f.core.store.transaction():
+        f.core.store.set_machine_state("d1", "online", T0, {"load_avg": [1e308, 0, 0], "cpu_percent": 1e308})
+    f.core.store.close()
+    g = Farm(tmp_path, now=T0 + 5)
+    assert "d1" in g.core.machines and g.core.machines["d1"].load is None

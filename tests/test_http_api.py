@@ -156,11 +156,17 @@ def test_bad_bodies_and_tokens(farm, alice):
 
 def test_token_less_calls_only_from_a_trusted_address_and_as_its_user(farm, tmp_path):
     # The module's hub trusts 127.0.0.0/8 as "render"; a hub without --http-trust refuses.
-    r = requests.get(url(farm, "/api/whoami"))
+    r = requests.get(url(farm, "/api/whoami"), headers=BRENDER)
     assert r.json() == {"user": "render", "role": "client"}
+    # without the header a page on another site cannot send, a trusted address is not enough
+    r = requests.get(url(farm, "/api/whoami"))
+    assert r.status_code == 403 and "X-HWF-Client" in r.json()["message"]
     with LocalCluster(daemons=0, state_dir=tmp_path) as plain:
         r = requests.get(plain.http_url + "/tasks")
         assert r.status_code == 401 and "Bearer" in r.json()["message"]
+
+
+BRENDER = {"X-HWF-Client": "brender"}  # what a token-less client under --http-trust sends
 
 
 def test_a_brender_shaped_client_runs_a_frames_job_without_a_token(farm, tmp_path):
@@ -170,31 +176,31 @@ def test_a_brender_shaped_client_runs_a_frames_job_without_a_token(farm, tmp_pat
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("scene/render.sh", "echo Fra:$1; echo frame $1 > out_$1.txt\n")
     base = farm.http_url
-    assert requests.get(f"{base}/tasks/file/42").json() == {"file": False}
+    assert requests.get(f"{base}/tasks/file/42", headers=BRENDER).json() == {"file": False}
     # brender splits a job into tasks itself: one POST per task, each its own frame range.
     settings = {"frame_start": 1, "frame_end": 3, "chunk_size": 3, "command": "bash scene/render.sh {frame}",
                 "artifacts": ["out_*.txt"]}
     params = {"priority": 10, "type": "frames", "parser": "frames", "task_id": 1001, "job_id": 42,
               "settings": json.dumps(settings)}
-    r = requests.post(f"{base}/tasks", data=params, files={"jobfile": ("job.zip", buf.getvalue())})
+    r = requests.post(f"{base}/tasks", data=params, files={"jobfile": ("job.zip", buf.getvalue())}, headers=BRENDER)
     assert r.status_code == 202, r.text
     first = r.json()
     assert (first["frame_start"], first["frame_end"], first["task_id"]) == (1, 3, "1001")
-    assert requests.get(f"{base}/tasks/file/42").json() == {"file": True}
+    assert requests.get(f"{base}/tasks/file/42", headers=BRENDER).json() == {"file": True}
     ids = [first["id"]]
     for tid, (lo, hi) in ((1002, (4, 6)), (1003, (7, 7))):  # no jobfile: the job's file is reused
         more = dict(params, task_id=tid, settings=json.dumps(dict(settings, frame_start=lo, frame_end=hi)))
-        r2 = requests.post(f"{base}/tasks", data=more)
+        r2 = requests.post(f"{base}/tasks", data=more, headers=BRENDER)
         assert r2.status_code == 202, r2.text
         ids.append(r2.json()["id"])
     # a job compiled into several tasks answers with all of them
     r3 = requests.post(f"{base}/tasks", data=dict(params, task_id=1004, settings=json.dumps(
-        dict(settings, frame_start=8, frame_end=9, chunk_size=1))))
+        dict(settings, frame_start=8, frame_end=9, chunk_size=1))), headers=BRENDER)
     assert r3.status_code == 202 and [t["frame_start"] for t in r3.json()["tasks"]] == [8, 9]
     ids += [t["id"] for t in r3.json()["tasks"]]
 
     def all_done():
-        ts = [requests.get(f"{base}/tasks/{i}").json() for i in ids]
+        ts = [requests.get(f"{base}/tasks/{i}", headers=BRENDER).json() for i in ids]
         return ts if all(t["status"] == "finished" for t in ts) else None
 
     final = wait_until(all_done, timeout=120, what="frames done")
@@ -202,9 +208,9 @@ def test_a_brender_shaped_client_runs_a_frames_job_without_a_token(farm, tmp_pat
     assert all(t["progress"] == 100.0 for t in final)
     names = sorted(a["name"] for t in final for a in t["artifacts"] if a["name"])
     assert names == sorted(f"out_{i}.txt" for i in range(1, 10))
-    workers = requests.get(f"{base}/workers").json()
+    workers = requests.get(f"{base}/workers", headers=BRENDER).json()
     assert isinstance(workers, dict) and "daemon-1" in workers
-    d = requests.delete(f"{base}/tasks/1001")
+    d = requests.delete(f"{base}/tasks/1001", headers=BRENDER)
     assert d.status_code == 202 and d.json()["frame_current"] == 3
 
 

@@ -90,7 +90,7 @@ def test_every_message_type_round_trips():
 def test_roles_allowed():
     assert p.Submit in p.ALLOWED["client"] and p.Register not in p.ALLOWED["client"]
     assert p.Register in p.ALLOWED["daemon"] and p.Submit not in p.ALLOWED["daemon"]
-    assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"]) | {p.CreditLink, p.SetMachine}
+    assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"]) | {p.CreditLink, p.SetMachine, p.BlobGc}
     assert p.SetMachine not in p.ALLOWED["client"] and p.Progress in p.ALLOWED["daemon"]
     # A client claims its own slots (the ledger checks whose); a daemon writes
     # no slot at all (issue 18): its credits come from its results.
@@ -98,6 +98,7 @@ def test_roles_allowed():
     assert not set(p.CREDIT_WRITES) & set(p.ALLOWED["daemon"])
     assert p.GetCreditTally in p.ALLOWED["daemon"]
     assert p.CreditLink not in p.ALLOWED["client"] and p.CreditLink not in p.ALLOWED["daemon"]
+    assert p.BlobGc not in p.ALLOWED["client"] and p.BlobGc not in p.ALLOWED["daemon"]
     text = p.forbidden_text("daemon", p.CreditClaim(id=1, slot="s", machine="m"))
     assert "'credit_claim'" in text and "daemon token cannot allocate, claim" in text
 

@@ -247,6 +247,25 @@ def test_a_rogue_daemons_reports_are_bounded(farm, tmp_path):
     healthy(farm, tmp_path, ids)
 
 
+def test_a_rogue_daemons_heartbeat_load_is_bounded(farm, tmp_path):
+    """Issue 18 row 11: 1e308 % CPU in a heartbeat reached the pool and the page."""
+    with RawPeer(farm.address, daemon_token(farm, "rogue")) as rogue:
+        assert rogue.register("rogue-load")["type"] == "registered"
+        sane = {"load_avg": [0.5, 0.25, 0.125], "cpu_percent": 12.5, "mem_percent": 40.0, "disk_percent": 7.0}
+        rogue.send({"type": "heartbeat", "load": sane})
+        for field, value in [("cpu_percent", 1e308), ("mem_percent", 101.0), ("disk_percent", -1.0),
+                             ("load_avg", [1e308, 0.0, 0.0])]:
+            rogue.send({"type": "heartbeat", "load": dict(sane, **{field: value})})
+            refusal = rogue.recv()
+            assert refusal["type"] == "error" and refusal["code"] == "bad_message", refusal
+            assert field in refusal["message"], refusal["message"]
+        pool = farm.hub().get_hardware_pool_sync(include_offline=True).to_dataframe().set_index("name")
+        row = pool.loc["rogue-load"]
+        assert (row["cpu_percent"], row["mem_percent"], row["disk_percent"]) == (12.5, 40.0, 7.0)
+        assert row["load_1m"] == 0.5
+    healthy(farm, tmp_path)
+
+
 # ------------------------------------------------------- bounded resources
 
 
