@@ -219,7 +219,7 @@ def test_row10_other_users_slots_answer_as_unknown_and_names_are_per_user(farm, 
             assert reply["type"] == "error" and reply["code"] == "task_slot", reply
         # user-b: user-a's task id answers exactly as a never-used id, for every request
         for req in ({"type": "credit_discard", "reason": "x"},
-                    {"type": "credit_counters", "counters": {"cpu_seconds": -1e15}},
+                    {"type": "credit_counters", "counters": {"cpu_seconds": 1e15}},
                     {"type": "credit_meta", "meta": {"a": "b"}},
                     {"type": "credit_claim", "machine": "bobs-pc", "credits": 7}):
             real = bob.request(dict(req, slot=tid))
