@@ -353,6 +353,7 @@ def test_row3_the_line_user_sees_only_its_own_slots(lines, tmp_path):
     s = f"SECRET={SECRET},"
     for kind, prefix in (("tcp", s), ("udp", s), ("unix", "")):
         for line in (f"DISCARD,slot={tid},reason=gone", f"COUNTERS,slot={tid},cpu_seconds=-1e15",
+                     f"COUNTERS,slot={tid},cpu_seconds=1e15",
                      f"CLAIM,slot={tid},machine=m", f"META,slot={tid},a=b",
                      "CLAIM,slot=alice-job,machine=m,credits=5", "DISCARD,slot=alice-job",
                      "CLAIM,slot=user-a/alice-job,machine=m,credits=5"):
