@@ -27,6 +27,7 @@ import pytest
 from hwf_jupyter import LocalCluster, Stage, Task, dispatch_sync
 
 from rawpeer import RawPeer
+from test_creditline_e2e import _address, _read_to_end
 from waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -77,6 +78,15 @@ def still_sound(cluster: LocalCluster, token: str, machine: str, owner: str, tmp
             assert row["slots"] == len(mine), (by, key)
             for name, total in row["counters"].items():
                 assert math.isfinite(total) and total >= 0, (by, key, name, total)
+
+
+def queued_task(cluster: LocalCluster, token: str, tmp_path: Path) -> str:
+    """A task of ``token``'s user that stays queued (no such machine): its slot stays allocated."""
+    hub = cluster.hub(token=token, artifacts_dir=tmp_path / "queued")
+    try:
+        return dispatch_sync(Task(Stage("s", cmd="true"), hardware={"daemon": "nowhere"}), hub)[0]
+    finally:
+        hub.close_sync()
 
 
 def wait_status(hub, task_id: str, status: str, timeout: float = 60) -> None:
@@ -206,12 +216,7 @@ def rogue_hw() -> dict:
 
 
 def test_row10_other_users_slots_answer_as_unknown_and_names_are_per_user(farm, tmp_path):
-    alice_hub = farm.hub(token=farm.user_a, artifacts_dir=tmp_path / "a")
-    try:
-        queued = dispatch_sync(Task(Stage("s", cmd="true"), hardware={"daemon": "nowhere"}), alice_hub)
-    finally:
-        alice_hub.close_sync()
-    tid = queued[0]
+    tid = queued_task(farm, farm.user_a, tmp_path)
     with RawPeer(farm.address, farm.user_a) as alice, RawPeer(farm.address, farm.user_b) as bob:
         # a task's slot is the hub's: its own user cannot alloc, claim, discard, count or meta it
         for req in ({"type": "credit_alloc", "slot": tid, "credits": 5}, *CREDIT_WRITES[1:]):
@@ -294,16 +299,7 @@ class LineFarm:
             s = socket.create_connection(self.tcp, timeout=30)
         with s:
             s.sendall(data)
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
-
-
-def _address(log: str, kind: str) -> tuple[str, int]:
-    m = re.search(rf"creditpiggy line protocol on {kind}:([0-9.]+):(\d+)", log)
-    assert m, f"no {kind} listener in the hub's log:\n{log}"
-    return m.group(1), int(m.group(2))
+            return _read_to_end(s)
 
 
 @pytest.fixture(scope="module")
@@ -341,12 +337,7 @@ def test_row3_the_line_user_sees_only_its_own_slots(lines, tmp_path):
     """With the right secret: DISCARD of user-a's task slot, COUNTERS cpu_seconds=-1e15,
     CLAIM of user-a's own slot -- ER, the log says unknown, nothing changes."""
     c = lines.cluster
-    alice_hub = c.hub(token=lines.user_a, artifacts_dir=tmp_path / "a")
-    try:
-        queued = dispatch_sync(Task(Stage("s", cmd="true"), hardware={"daemon": "nowhere"}), alice_hub)
-    finally:
-        alice_hub.close_sync()
-    tid = queued[0]
+    tid = queued_task(c, lines.user_a, tmp_path)
     with RawPeer(c.address, lines.user_a) as alice:
         assert alice.request({"type": "credit_alloc", "slot": "alice-job", "credits": 5})["type"] == "ok"
     before = admin_slots(c)
