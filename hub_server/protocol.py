@@ -96,8 +96,10 @@ Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
 # x the machine's cores before it pays credits (ledger.py).
 Timestamp = Annotated[float, Meta(ge=0.0, le=1e11)]  # seconds since the epoch
 Measured = Annotated[float, Meta(ge=0.0, le=1e12)]  # seconds: a duration, CPU or GPU time
-CpuPercent = Annotated[float, Meta(ge=0.0, le=1e6)]  # 100 per busy core
-GpuPercent = Annotated[float, Meta(ge=0.0, le=1e5)]
+# Percents are shown, never paid: generous caps (a command of a few ms can
+# show thousands of % from one clock tick of CPU), only finite and >= 0.
+CpuPercent = Annotated[float, Meta(ge=0.0, le=1e9)]  # 100 per busy core
+GpuPercent = Annotated[float, Meta(ge=0.0, le=1e9)]
 # A task's hardware requirement: flat values only (no nesting to recurse into).
 HardwareValue = Union[str, int, float, bool, None, list[Name]]
 Requirements = Annotated[dict[Name, HardwareValue], Meta(max_length=32)]
