@@ -766,7 +766,7 @@ class HubCore:
         return Usage(wall=max(0.0, self._now - assigned), cores=cores if isinstance(cores, int) else 1,
                      gpus=len(m.hardware.get("gpus") or ()))
 
-    def _refused_results(self, ev: ResultsRefused) -> None:
+    def _on_results_refused(self, ev: ResultsRefused) -> None:
         """A daemon's result that failed validation (a bad number, named in
         ``problem``): its attempt is over -- lost, retried on another machine
         (or failed after max_retries) -- so no task waits for a result that
@@ -1273,7 +1273,7 @@ class HubCore:
         Tick: _on_tick,
         TokensRevoked: _on_tokens_revoked,
         CancelContinued: _on_cancel_continued,
-        ResultsRefused: _refused_results,
+        ResultsRefused: _on_results_refused,
     }
 
     # -- message handlers: (peer, its state, message) --------------------------
