@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import getpass
 import os
-import stat
 import sys
 from typing import Mapping, Optional, TextIO
+
+from hub_server.privatefile import PrivateFileError, read_private_line
 
 TOKEN_ENV = "HWF_TOKEN"
 
@@ -42,23 +43,9 @@ def read_token_file(path: str, stdin: Optional[TextIO] = None) -> str:
             raise TokenError("--token-file -: no token on the first line of stdin")
         return token
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
-    except OSError as exc:
-        raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
-        st = os.fstat(fd)  # the file we read, not whatever the path names later
-        if not stat.S_ISREG(st.st_mode):
-            raise TokenError(f"token file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise TokenError(
-                f"permissions {mode:04o} for token file {path} are too open: other users "
-                f"could read the daemon's token. Run: chmod 600 {path}"
-            )
-        token = f.readline().strip()
-    if not token:
-        raise TokenError(f"token file {path} is empty")
-    return token
+        return read_private_line(path, "token file", "the daemon's token")
+    except PrivateFileError as exc:
+        raise TokenError(str(exc)) from None
 
 
 def daemon_token(token_file: Optional[str], environ: Mapping[str, str] = os.environ,

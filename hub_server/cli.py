@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -82,7 +83,12 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
                      help="serve CreditPiggy's daemon line protocol on unix:PATH, tcp:HOST:PORT or "
                           "udp:HOST:PORT (repeatable); whoever can connect may alloc and claim credits")
     hub.add_argument("--creditpiggy-user", default="creditpiggy", metavar="NAME",
-                     help="the user that line-protocol slots belong to (default creditpiggy)")
+                     help="the client user the line protocol acts as: it sees and changes only that "
+                          "user's own slots; never an admin (default creditpiggy)")
+    hub.add_argument("--creditpiggy-secret-file", default=None, metavar="FILE",
+                     help="file (mode 600) whose first line is the shared secret that tcp:/udp: "
+                          "creditpiggy lines must open with (SECRET=<secret>,COMMAND,...); required "
+                          "for tcp:/udp: endpoints, not needed on unix: ones")
     hub.add_argument("--creditpiggy-mode", type=_octal, default=0o600, metavar="MODE",
                      help="file mode of a unix: creditpiggy socket (default 600: the hub's user only)")
     hub.add_argument("--creditpiggy-allow-remote", action="store_true",
@@ -166,6 +172,9 @@ def run_hub_cli(args: argparse.Namespace) -> int:
     try:
         credit_endpoints = [parse_endpoint(spec, args.creditpiggy_allow_remote) for spec in args.creditpiggy]
         check_user(args.creditpiggy_user)
+        credit_secret = creditpiggy_secret(args.creditpiggy_secret_file, credit_endpoints)
+        if credit_endpoints:
+            refuse_admin_line_user(Path(args.state_dir), args.creditpiggy_user)
         if args.blob_gc_interval < 0 or args.blob_gc_grace < 60:
             raise ValueError("--blob-gc-interval must be >= 0 and --blob-gc-grace at least 60 seconds")
         if args.upload_idle_timeout <= 0:
@@ -183,7 +192,7 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         from .http_api import parse_trust
 
         http_trust = parse_trust(args.http_trust)
-    except (ValueError, AuthError) as exc:
+    except (ValueError, AuthError, SchemaError) as exc:
         print(f"hwf hub: error: {exc}", file=sys.stderr)
         return 2
     config = HubConfig(
@@ -201,6 +210,7 @@ def run_hub_cli(args: argparse.Namespace) -> int:
         unix_mode=args.unix_mode,
         creditpiggy=credit_endpoints,
         creditpiggy_user=args.creditpiggy_user,
+        creditpiggy_secret=credit_secret,
         creditpiggy_mode=args.creditpiggy_mode,
         creditpiggy_idle_timeout=args.creditpiggy_idle_timeout,
         creditpiggy_max_connections=args.creditpiggy_max_connections,
@@ -227,6 +237,41 @@ def run_hub_cli(args: argparse.Namespace) -> int:
     except (SchemaError, ListenError) as exc:
         print(f"hwf hub: error: {exc}", file=sys.stderr)
         return 2
+
+
+def creditpiggy_secret(path: Optional[str], endpoints: list[Any]) -> Optional[str]:
+    """The line protocol's shared secret: required when a tcp:/udp: endpoint
+    listens (any local process, a task included, can reach it)."""
+    from .privatefile import read_private_line
+
+    networked = [str(ep) for ep in endpoints if ep.kind in ("tcp", "udp")]
+    if path is None:
+        if networked:
+            raise ValueError(f"creditpiggy endpoint {networked[0]} needs a shared secret: pass "
+                             "--creditpiggy-secret-file FILE (mode 600, the secret on its first line); "
+                             "unix: endpoints need none")
+        return None
+    secret = read_private_line(path, "--creditpiggy-secret-file", "the creditpiggy secret")
+    if not re.fullmatch(r"[\x21-\x7e]{8,256}", secret) or "," in secret:
+        raise ValueError(f"--creditpiggy-secret-file {path}: the secret must be 8-256 printable "
+                         "characters with no spaces or commas")
+    return secret
+
+
+def refuse_admin_line_user(state_dir: Path, user: str) -> None:
+    """The line protocol acts as a client user: never as the admin user, nor as
+    a user that holds an admin token (it would share that user's slots)."""
+    from .auth import open_state_dir
+
+    if user == "admin":
+        raise ValueError("--creditpiggy-user admin: the line protocol acts as a client user, never an admin")
+    store = open_state_dir(state_dir)
+    try:
+        if any(t["role"] == "admin" and t["user"] == user and t["revoked"] is None for t in store.tokens()):
+            raise ValueError(f"--creditpiggy-user {user}: that user holds an admin token; the line protocol "
+                             "acts as a client user, never an admin")
+    finally:
+        store.close()
 
 
 def run_until_signal(coro: Coroutine[Any, Any, Any], parent_pid: Optional[int]) -> int:

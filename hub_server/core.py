@@ -40,13 +40,13 @@ from .auth import Principal
 from .blobs import BlobStore
 from .events import (
     BlobsScanned, BlobStored, CancelContinued, Close, Connected, Disconnected, Event, Instruction, Later,
-    Received, ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
+    Received, ResultsRefused, ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .paths import unsafe_relative_path
 from .scheduler import Scheduler
 from .store import Store, dumps, loads
 from .taskenv import env_problem
-from .ledger import Ledger, check_range
+from .ledger import Ledger, Usage, check_range
 from .requests import RequestError
 from msgspec.structs import replace as msgspec_replace
 
@@ -121,6 +121,7 @@ class ActiveTask:
     machine: Optional[str] = None
     excluded: set[str] = field(default_factory=set)
     stages: dict[int, p.StageOutcome] = field(default_factory=dict)
+    assigned_at: Optional[float] = None  # the current attempt's, by the hub's clock (None: before a restart)
 
 
 @dataclass
@@ -529,6 +530,7 @@ class HubCore:
             t.attempt += 1
             t.status = "assigned"
             t.machine = machine_id
+            t.assigned_at = now
             self.machines[machine_id].running.add(task_id)
             spec = t.spec
             if self.grid_handler is not None and "grid" not in hw.machine_runtimes(self.machines[machine_id].hardware):
@@ -732,8 +734,10 @@ class HubCore:
         self.store.set_status(
             t.task_id, status, now, attempt=t.attempt, reason=reason, finished=now, **fields
         )
-        # The task's credit slot settles in the same transaction as its end.
-        self.ledger.settle_task(t.task_id, status, reason, t.machine, t.spec.credits, outcome, now)
+        # The task's credit slot settles in the same transaction as its end,
+        # from this attempt's result, bounded by what the hub saw of it.
+        usage = self._usage(t) if outcome is not None else None
+        self.ledger.settle_task(t.task_id, status, reason, t.machine, t.spec.credits, outcome, now, usage)
         t.status = status
         self.scheduler.remove(t.task_id)
         del self.active[t.task_id]
@@ -745,6 +749,40 @@ class HubCore:
             w.remaining -= 1
             if w.remaining == 0:
                 self._answer(w, timed_out=False)
+
+    def _usage(self, t: ActiveTask) -> Optional[Usage]:
+        """The attempt's wall time by the hub's clock and its machine's cores:
+        the most CPU-seconds it can have used, whatever the daemon says."""
+        m = self.machines.get(t.machine or "")
+        if m is None:
+            return None
+        assigned = t.assigned_at
+        if assigned is None:  # assigned before a hub restart: read it back
+            rows = self.store.attempts([t.task_id]).get(t.task_id, [])
+            assigned = next((r["assigned"] for r in rows if r["attempt"] == t.attempt), None)
+        if assigned is None:
+            return None
+        cores = m.hardware.get("cores")
+        return Usage(wall=max(0.0, self._now - assigned), cores=cores if isinstance(cores, int) else 1,
+                     gpus=len(m.hardware.get("gpus") or ()))
+
+    def _on_results_refused(self, ev: ResultsRefused) -> None:
+        """A daemon's result that failed validation (a bad number, named in
+        ``problem``): its attempt is over -- lost, retried on another machine
+        (or failed after max_retries) -- so no task waits for a result that
+        will never decode.  The daemon is told which field was wrong."""
+        ps = self.peers.get(ev.peer)
+        if ps is None:
+            return
+        machine = ps.machine_id
+        for tid, attempt in ev.results:
+            if machine is None or not self._is_current(tid, attempt, machine):
+                continue
+            self.machines[machine].running.discard(tid)
+            self.scheduler.release(machine)
+            self._dirty = True
+            self._lose_attempts(machine, [tid], self._now, reason=f"result refused: {ev.problem[:500]}")
+        self._send(ev.peer, p.Error(id=ev.rid, code="bad_message", message=ev.problem))
 
     # -- cancellation -------------------------------------------------------
 
@@ -1235,6 +1273,7 @@ class HubCore:
         Tick: _on_tick,
         TokensRevoked: _on_tokens_revoked,
         CancelContinued: _on_cancel_continued,
+        ResultsRefused: _on_results_refused,
     }
 
     # -- message handlers: (peer, its state, message) --------------------------
@@ -1448,27 +1487,32 @@ class HubCore:
     # -- credits (rules in ledger.py) ---------------------------------------
 
     def _m_credit_alloc(self, peer: int, ps: _PeerState, msg: p.CreditAlloc) -> None:
-        self.ledger.alloc(msg, ps.who, self._now)
+        self.ledger.alloc(msg, self._credit_writer(ps, msg), self._now)
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_credit_discard(self, peer: int, ps: _PeerState, msg: p.CreditDiscard) -> None:
-        self.ledger.discard(msg, ps.who, self._now)
+        self.ledger.discard(msg, self._credit_writer(ps, msg), self._now)
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_credit_counters(self, peer: int, ps: _PeerState, msg: p.CreditCounters) -> None:
-        self.ledger.counters(msg, ps.who)
+        self.ledger.counters(msg, self._credit_writer(ps, msg))
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_credit_meta(self, peer: int, ps: _PeerState, msg: p.CreditMeta) -> None:
-        self.ledger.meta(msg, ps.who)
+        self.ledger.meta(msg, self._credit_writer(ps, msg))
         self._send(peer, p.Ok(id=msg.id))
 
     def _m_credit_claim(self, peer: int, ps: _PeerState, msg: p.CreditClaim) -> None:
-        # The server refuses other roles already (protocol.ALLOWED); checked
-        # here too, for peers that reach the core another way.
-        if ps.who.role not in ("admin", "daemon"):
-            raise RequestError("forbidden", "only admin and daemon tokens may claim credit slots")
-        self._send(peer, self.ledger.claim(msg, self._now))
+        self._send(peer, self.ledger.claim(msg, self._credit_writer(ps, msg), self._now))
+
+    @staticmethod
+    def _credit_writer(ps: _PeerState, msg: Any) -> Principal:
+        """Clients and admins write credit slots; a daemon never does (the
+        server refuses it already, by protocol.ALLOWED; checked here too, for
+        peers that reach the core another way)."""
+        if ps.who.role not in ("client", "admin"):
+            raise RequestError("forbidden", p.forbidden_text(ps.who.role, msg))
+        return ps.who
 
     def _m_blob_gc(self, peer: int, ps: _PeerState, msg: p.BlobGc) -> None:
         if not ps.who.is_admin:

@@ -21,6 +21,13 @@ exactly ``OK`` or ``ER``, with no line end and no message: the library does
 library builds them from a dict); the daemon's comment spells CLAIM's
 amount ``credit=``, its library ``credits=``: both are accepted.
 
+A shared secret (``--creditpiggy-secret-file``) guards tcp and udp, where
+any local process -- a task included -- can reach the port: there the first
+field of every line is ``SECRET=<secret>`` (any case), then the command as
+above, e.g. ``SECRET=k3y,ALLOC,slot=job-17,credits=5``.  A unix socket keeps
+the daemon's trust by file permissions: its lines need no secret (one given
+is checked all the same).  Secrets are compared in constant time.
+
 Stricter than the daemon, because here a line changes a ledger directly:
 unknown keys, repeated keys, empty values, non-numbers, control characters,
 non-UTF-8 and over-long lines are refused (``ER``) rather than passed on.
@@ -29,9 +36,10 @@ No I/O here: ``creditserver.py`` owns the sockets.
 
 from __future__ import annotations
 
+import hmac
 import math
 import re
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -57,8 +65,9 @@ class LineError(ValueError):
     """A line that is not a valid CreditPiggy command; the text says why."""
 
 
-def parse(data: bytes, rid: int) -> CreditRequest:
-    """One command (a read or a datagram) -> the credit request with id ``rid``."""
+def parse(data: bytes, rid: int, *, secret: Optional[str] = None, need_secret: bool = False) -> CreditRequest:
+    """One command (a read or a datagram) -> the credit request with id ``rid``.
+    ``need_secret``: the line must open with ``SECRET=<secret>`` (tcp, udp)."""
     if len(data) > MAX_LINE_BYTES:
         raise LineError(f"line of {len(data)} bytes exceeds the limit of {MAX_LINE_BYTES}")
     try:
@@ -73,7 +82,7 @@ def parse(data: bytes, rid: int) -> CreditRequest:
     bad = _CONTROL.search(text)
     if bad:
         raise LineError(f"control character {bad.group()!r} at offset {bad.start()}")
-    parts = text.split(",")
+    parts = _check_secret(text.split(","), secret, need_secret)
     if len(parts) > MAX_FIELDS:
         raise LineError(f"{len(parts)} fields exceed the limit of {MAX_FIELDS}")
     command = parts[0].upper()
@@ -93,6 +102,24 @@ def reply(msg: Any) -> bytes:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _check_secret(parts: list[str], secret: Optional[str], need_secret: bool) -> list[str]:
+    """The fields after a valid ``SECRET=`` field; LineError (never echoing
+    what was given) when it is missing where needed, or wrong."""
+    key, eq, given = parts[0].partition("=")
+    if not (eq and key.upper() == "SECRET"):
+        if need_secret:
+            raise LineError("no secret: over tcp and udp a line starts with SECRET=<secret>, "
+                            "the secret in --creditpiggy-secret-file")
+        return parts
+    if secret is None:
+        raise LineError("the line gives a secret but the hub has none (--creditpiggy-secret-file)")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise LineError("wrong secret")
+    if len(parts) == 1:
+        raise LineError("a secret and no command")
+    return parts[1:]
 
 
 def _fields(parts: list[str]) -> dict[str, str]:

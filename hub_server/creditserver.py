@@ -7,12 +7,16 @@ the line protocol meets the same handlers, rules and ledger; there is no
 second way into the state.  The core's answer (``ok``, ``credit_claimed``
 or ``error``) becomes ``OK`` or ``ER``.
 
-Trust comes from the socket, as with the CreditPiggy daemon: whoever can
-connect acts as the configured user (``--creditpiggy-user``) with the
-admin role that CreditPiggy's claims need.  So a unix socket is created
-0600 (``--creditpiggy-mode`` widens it, e.g. to a job managers' group), and
-TCP/UDP bind only to loopback addresses unless the operator passes
-``--creditpiggy-allow-remote``.
+The line protocol acts as one client user, ``--creditpiggy-user`` (never
+an admin): it allocates, claims, discards, counts and metas that user's own
+slots only; another user's slots and every task's slot answer as unknown.
+On a unix socket trust comes from the file, as with the CreditPiggy daemon:
+it is created 0600 (``--creditpiggy-mode`` widens it, e.g. to a job
+managers' group).  TCP and UDP ports are open to every local process (the
+tasks the farm runs included), so there each line must carry the shared
+secret of ``--creditpiggy-secret-file`` (``creditline.py`` says how); the
+hub refuses to start a tcp/udp endpoint without one.  They bind only to
+loopback addresses unless the operator passes ``--creditpiggy-allow-remote``.
 
 Like the daemon, one command per connection: read it, answer, close.
 Connections are bounded in number and in idle time; datagrams in flight
@@ -152,10 +156,14 @@ class _LinePeer:
 class CreditLineServer:
     def __init__(self, hub: HubPort, endpoints: list[Endpoint], *, user: str = DEFAULT_USER,
                  unix_mode: int = 0o600, idle_timeout: float = 10.0, max_connections: int = 256,
-                 max_datagrams: int = 1024, reply_timeout: float = 60.0) -> None:
+                 max_datagrams: int = 1024, reply_timeout: float = 60.0, secret: Optional[str] = None) -> None:
+        if secret is None and any(ep.kind in ("tcp", "udp") for ep in endpoints):
+            raise ValueError("a tcp: or udp: creditpiggy endpoint needs a shared secret: "
+                             "pass --creditpiggy-secret-file FILE (mode 600)")
         self.hub = hub
         self.endpoints = endpoints
-        self.who = Principal(token_id=TOKEN_ID, role="admin", user=user)
+        self.secret = secret
+        self.who = Principal(token_id=TOKEN_ID, role="client", user=user)
         self.unix_mode = unix_mode
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -240,7 +248,8 @@ class CreditLineServer:
         """Parse a command, hand it to the core, and turn its reply into OK/ER."""
         rid = next(self._ids)
         try:
-            msg = creditline.parse(data, rid)
+            # tcp and udp need the secret: any local process can reach them
+            msg = creditline.parse(data, rid, secret=self.secret, need_secret=origin != "unix")
         except creditline.LineError as exc:
             self._refusal(logging.INFO, "creditpiggy %s: ER: %s", origin, exc)
             return creditline.ER

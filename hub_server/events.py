@@ -74,6 +74,17 @@ class CancelContinued:
 
 
 @dataclass(frozen=True)
+class ResultsRefused:
+    """A daemon's ``task_done`` / ``tasks_done`` failed validation (``problem``
+    names the field); ``results``: the (task id, attempt) pairs it was about."""
+
+    peer: int
+    rid: Optional[int]
+    results: tuple[tuple[str, int], ...]
+    problem: str
+
+
+@dataclass(frozen=True)
 class BlobsScanned:
     """A garbage collection's snapshot scan ended: ``candidates`` looked
     unreferenced (blobgc.py); the core re-checks and deletes them.
@@ -87,7 +98,8 @@ class BlobsScanned:
     listing: Any  # blobgc.Listing of the scan
 
 
-Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued, BlobsScanned]
+Event = Union[Connected, Disconnected, Received, BlobStored, Tick, TokensRevoked, CancelContinued, BlobsScanned,
+              ResultsRefused]
 
 
 # ------------------------------------------------------------ instructions

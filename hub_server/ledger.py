@@ -7,6 +7,19 @@ set on a slot are summed into tallies when it is claimed; meta stays on the
 slot.  A claim records the machine's owner at that moment; with no owner the
 credits are *pending* until the machine is linked to a user, which pays them.
 
+Credits come only from work done.  A task's slot (slot id = task id) is
+settled by the hub alone, in the transaction that ends the task, from the
+result of the attempt it assigned; CPU- and GPU-seconds are bounded there
+by the attempt's wall time (as the hub saw it) x the machine's cores or
+GPUs, whatever the daemon reported.  No request touches a task's slot.
+
+A user's own slots (CreditPiggy job managers) are named per user: the
+store keys them ``USER/NAME`` (user names hold no ``/``; task ids neither),
+so user-b's ``job-17`` is not user-a's.  A client addresses its slots by
+NAME and may alloc, claim, discard, count and meta them; an admin addresses
+any user's as ``USER/NAME``.  Another user's slot or task id answers
+exactly as a never-used name (``unknown_slot``, or a new slot for alloc).
+
 Tallies are computed from claimed slots, so a total can never drift from the
 claims it sums.  Every change runs inside the hub's batch transaction: a
 crash loses or doubles nothing.  No I/O here but the store; no clock (``now``
@@ -16,6 +29,7 @@ is passed in).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import protocol as p
@@ -44,6 +58,45 @@ def clamp(value: int, credits: Optional[int], lo: Optional[int], hi: Optional[in
     return value
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the hub itself knows of an attempt: it bounds what the daemon reports."""
+
+    wall: float  # seconds from the hub's assignment to the result's arrival
+    cores: int  # the machine's logical cores
+    gpus: int = 0
+
+
+def task_counters(outcome: Optional[p.TaskOutcome], usage: Optional[Usage]) -> dict[str, float]:
+    """A finished task's counters: the daemon's numbers (finite and >= 0 since
+    decoding), each capped by what the attempt could have used: CPU-seconds by
+    wall x cores, GPU-seconds by wall x GPUs, wall-seconds by the wall time."""
+    counters: dict[str, float] = {"tasks": 1}
+    if outcome is None:
+        return counters
+    cpu, gpu = outcome.cpu_seconds, outcome.gpu_seconds
+    wall = None
+    if outcome.started is not None and outcome.finished is not None:
+        wall = max(0.0, outcome.finished - outcome.started)
+    if usage is not None:
+        limit = max(0.0, usage.wall)
+        cpu = None if cpu is None else min(cpu, limit * max(1, usage.cores))
+        gpu = None if gpu is None else min(gpu, limit * usage.gpus)
+        wall = None if wall is None else min(wall, limit)
+    for name, value in (("cpu_seconds", cpu), ("wall_seconds", wall), ("gpu_seconds", gpu)):
+        if value is not None:
+            counters[name] = round(value, 3)
+    return counters
+
+
+def display_name(key: str, task_id: Optional[str], who: Principal) -> str:
+    """The id ``who`` addresses a stored slot by: a task's id; a user slot's
+    NAME for its user, ``USER/NAME`` for an admin."""
+    if task_id is not None or who.is_admin:
+        return key
+    return key.split("/", 1)[-1]
+
+
 def task_credits(spec: Optional[p.CreditSpec], cpu_seconds: Optional[float]) -> int:
     """A finished task's credits: fixed, else its CPU-seconds rounded up (>= 1),
     clamped into the task's range."""
@@ -66,35 +119,34 @@ class Ledger:
 
     def alloc(self, msg: p.CreditAlloc, who: Principal, now: float) -> None:
         check_range(msg.credits, msg.min, msg.max, f"slot {msg.slot!r}")
-        if self.store.credit_slot(msg.slot) is not None:
-            # Slot ids are one namespace per hub (one CreditPiggy project).
+        self._refuse_task_slot(msg.slot, who)
+        key = self._key(msg.slot, who)
+        if self.store.credit_slot(key) is not None:
             raise RequestError("slot_exists", f"slot {msg.slot!r} already exists")
         expires = now + (msg.expire if msg.expire is not None else DEFAULT_EXPIRE)
-        self.store.add_credit_slots([(msg.slot, who.user, None, None, msg.credits, msg.min, msg.max, now, expires)])
+        user = key.split("/", 1)[0]
+        self.store.add_credit_slots([(key, user, None, None, msg.credits, msg.min, msg.max, now, expires)])
         self._note_expiry(expires)
 
     def discard(self, msg: p.CreditDiscard, who: Principal, now: float) -> None:
-        self._allocated(self._own(msg.slot, who))
-        self.store.end_credit_slot(msg.slot, "discarded", msg.reason or "discarded", now)
+        row = self._allocated(self._own(msg.slot, who))
+        self.store.end_credit_slot(row["slot"], "discarded", msg.reason or "discarded", now)
 
     def counters(self, msg: p.CreditCounters, who: Principal) -> None:
-        self._allocated(self._own(msg.slot, who))
-        self.store.set_credit_counters(msg.slot, dict(msg.counters))
+        row = self._allocated(self._own(msg.slot, who))
+        self.store.set_credit_counters(row["slot"], dict(msg.counters))
 
     def meta(self, msg: p.CreditMeta, who: Principal) -> None:
-        self._own(msg.slot, who)  # meta is kept on the slot, whatever its state
-        self.store.set_credit_meta(msg.slot, dict(msg.meta))
+        row = self._own(msg.slot, who)  # meta is kept on the slot, whatever its state
+        self.store.set_credit_meta(row["slot"], dict(msg.meta))
 
-    def claim(self, msg: p.CreditClaim, now: float) -> p.CreditClaimed:
-        row = self.store.credit_slot(msg.slot)
-        if row is None:
-            raise RequestError("unknown_slot", f"unknown slot {msg.slot!r}")
-        self._allocated(row)
+    def claim(self, msg: p.CreditClaim, who: Principal, now: float) -> p.CreditClaimed:
+        row = self._allocated(self._own(msg.slot, who))
         if row["credits"] is None and row["min"] is None and row["max"] is None and msg.credits is None:
             raise RequestError("bad_credits", f"slot {msg.slot!r} has no credits: give credits in the claim")
         credits = clamp(msg.credits or 0, row["credits"], row["min"], row["max"])
         owner = self.owner(msg.machine)
-        self.store.claim_credit_slot(msg.slot, msg.machine, credits, owner, now, {})
+        self.store.claim_credit_slot(row["slot"], msg.machine, credits, owner, now, {})
         return p.CreditClaimed(id=msg.id, slot=msg.slot, credits=credits, owner=owner)
 
     def link(self, msg: p.CreditLink, now: float) -> p.CreditLinked:
@@ -108,9 +160,12 @@ class Ledger:
         return p.CreditTally(id=msg.id, by=msg.by, rows=[p.CreditTallyRow(**r) for r in rows])
 
     def slots(self, msg: p.GetCreditSlots, who: Principal) -> p.CreditSlots:
+        keys = [k for name in msg.slots for k in (name, self._key(name, who))]
         rows = self.store.credit_slots(
             user=None if who.is_admin else who.user, state=msg.state, session_id=msg.session_id,
-            machine=msg.machine, slots=msg.slots, limit=msg.limit)
+            machine=msg.machine, slots=list(dict.fromkeys(keys)), limit=msg.limit)
+        for r in rows:  # each slot under the id its viewer addresses it by
+            r["slot"] = display_name(r["slot"], r["task_id"], who)
         return p.CreditSlots(id=msg.id, slots=[p.CreditSlotInfo(**r) for r in rows])
 
     # -- the farm's own tasks -----------------------------------------------
@@ -122,20 +177,18 @@ class Ledger:
             for tid, user, session_id, spec in rows)
 
     def settle_task(self, task_id: str, status: str, reason: Optional[str], machine: Optional[str],
-                    spec: Optional[p.CreditSpec], outcome: Optional[p.TaskOutcome], now: float) -> None:
+                    spec: Optional[p.CreditSpec], outcome: Optional[p.TaskOutcome], now: float,
+                    usage: Optional["Usage"] = None) -> None:
         """Claim a finished task's slot for its machine, or discard it with why.
-        One guarded UPDATE, no read first (this runs for every task): a slot that
-        is missing (a task from before the ledger) or already settled is left alone."""
+        The only way a task's slot ends.  ``usage``: what the hub knows of the
+        attempt (its wall time, the machine's cores and GPUs), which bounds
+        what the daemon reported.  One guarded UPDATE, no read first (this
+        runs for every task): a slot that is missing (a task from before the
+        ledger) or already settled is left alone."""
         if status == "finished" and machine is not None:
-            cpu = outcome.cpu_seconds if outcome else None
-            counters: dict[str, float] = {"tasks": 1}
-            if cpu is not None:
-                counters["cpu_seconds"] = round(cpu, 3)
-            if outcome is not None and outcome.started and outcome.finished:
-                counters["wall_seconds"] = round(max(0.0, outcome.finished - outcome.started), 3)
-            if outcome is not None and outcome.gpu_seconds is not None:
-                counters["gpu_seconds"] = round(outcome.gpu_seconds, 3)
-            self.store.claim_credit_slot(task_id, machine, task_credits(spec, cpu), self.owner(machine), now, counters)
+            counters = task_counters(outcome, usage)
+            credits = task_credits(spec, counters.get("cpu_seconds"))
+            self.store.claim_credit_slot(task_id, machine, credits, self.owner(machine), now, counters)
         else:
             why = "cancelled" if status == "cancelled" else (reason if reason in ("timeout", "lost") else "failed")
             self.store.end_credit_slot(task_id, "discarded", why, now)
@@ -153,16 +206,33 @@ class Ledger:
 
     # -- helpers ------------------------------------------------------------
 
-    def _own(self, slot: str, who: Principal) -> Any:
-        row = self.store.credit_slot(slot)
-        if row is None or not (who.is_admin or row["user"] == who.user):
-            raise RequestError("unknown_slot", f"unknown slot {slot!r}")  # same words either way
-        return row
+    @staticmethod
+    def _key(name: str, who: Principal) -> str:
+        """Where a user slot's NAME is stored: ``USER/NAME``; an admin's
+        ``USER/NAME`` is that user's slot."""
+        return name if who.is_admin and "/" in name else f"{who.user}/{name}"
+
+    def _own(self, name: str, who: Principal) -> Any:
+        """The caller's user slot called ``name``; a task's slot is refused; anything
+        else (another user's slot or task id, a never-used name) is unknown."""
+        row = self.store.credit_slot(self._key(name, who))
+        if row is not None and row["task_id"] is None and (who.is_admin or row["user"] == who.user):
+            return row
+        self._refuse_task_slot(name, who)
+        raise RequestError("unknown_slot", f"unknown slot {name!r}")  # same words either way
+
+    def _refuse_task_slot(self, name: str, who: Principal) -> None:
+        row = self.store.credit_slot(name)
+        if row is not None and row["task_id"] is not None and (who.is_admin or row["user"] == who.user):
+            raise RequestError("task_slot", f"slot {name!r} is task {name}'s: only the hub settles it, "
+                                            "from the task's result (use another name for your own slot)")
 
     @staticmethod
-    def _allocated(row: Any) -> None:
+    def _allocated(row: Any) -> Any:
         if row["state"] != "allocated":
-            raise RequestError("slot_not_allocated", f"slot {row['slot']!r} is already {row['state']}")
+            name = row["slot"].split("/", 1)[-1]
+            raise RequestError("slot_not_allocated", f"slot {name!r} is already {row['state']}")
+        return row
 
     def _note_expiry(self, at: float) -> None:
         if self._next_expiry is None or at < self._next_expiry:

@@ -12,6 +12,7 @@ request they belong to) followed by up to ``Limits.chunk_bytes`` of payload.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from typing import Annotated, Any, Literal, Optional, Union
@@ -89,6 +90,16 @@ Name = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=4096)]
 Id = Annotated[str, Meta(max_length=128)]
 Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+# What a daemon measures and reports (untrusted: credits are computed from
+# it).  Finite and non-negative; the caps only refuse nonsense (1e300, an
+# infinity, NaN): the hub bounds CPU-seconds by the attempt's own wall time
+# x the machine's cores before it pays credits (ledger.py).
+Timestamp = Annotated[float, Meta(ge=0.0, le=1e11)]  # seconds since the epoch
+Measured = Annotated[float, Meta(ge=0.0, le=1e12)]  # seconds: a duration, CPU or GPU time
+# Percents are shown, never paid: generous caps (a command of a few ms can
+# show thousands of % from one clock tick of CPU), only finite and >= 0.
+CpuPercent = Annotated[float, Meta(ge=0.0, le=1e9)]  # 100 per busy core
+GpuPercent = Annotated[float, Meta(ge=0.0, le=1e9)]
 # A task's hardware requirement: flat values only (no nesting to recurse into).
 HardwareValue = Union[str, int, float, bool, None, list[Name]]
 Requirements = Annotated[dict[Name, HardwareValue], Meta(max_length=32)]
@@ -184,8 +195,10 @@ class StageSpec(msgspec.Struct, frozen=True):
 CreditAmount = Annotated[int, Meta(ge=0, le=10**12)]
 CounterName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")]
 # Counters are numbers summed on claim (CreditPiggy sends integers; the hub's
-# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).
-CounterValue = Union[Annotated[int, Meta(ge=-(10**15), le=10**15)], Annotated[float, Meta(ge=-1e15, le=1e15)]]
+# own cpu_seconds / wall_seconds / gpu_seconds are float seconds).  Never
+# negative: a tally sums everyone's slots, and one user's negative count
+# would take from a machine's total.
+CounterValue = Union[Annotated[int, Meta(ge=0, le=10**15)], Annotated[float, Meta(ge=0.0, le=1e15)]]
 Counters = Annotated[dict[CounterName, CounterValue], Meta(max_length=64)]
 MetaValues = Annotated[dict[CounterName, Text], Meta(max_length=64)]
 SlotReason = Annotated[str, Meta(max_length=64)]
@@ -250,21 +263,21 @@ class CommandOutcome(msgspec.Struct):
     stderr: str = ""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    duration: Optional[float] = None
-    cpu_time: Optional[float] = None
-    peak_ram: Optional[int] = None
+    duration: Optional[Measured] = None
+    cpu_time: Optional[Measured] = None
+    peak_ram: Optional[Bytes] = None
 
 
 class StageOutcome(msgspec.Struct):
     name: str
     status: Literal["finished", "failed", "skipped"]
-    started: Optional[float] = None
-    duration: Optional[float] = None
-    peak_ram: Optional[int] = None
-    cpu_percent: Optional[float] = None
-    cpu_time: Optional[float] = None
-    gpu_util: Optional[float] = None
-    gpu_mem: Optional[int] = None
+    started: Optional[Timestamp] = None
+    duration: Optional[Measured] = None
+    peak_ram: Optional[Bytes] = None
+    cpu_percent: Optional[CpuPercent] = None
+    cpu_time: Optional[Measured] = None
+    gpu_util: Optional[GpuPercent] = None
+    gpu_mem: Optional[Bytes] = None
     comment: str = ""
     note: str = ""
     commands: list[CommandOutcome] = []
@@ -304,14 +317,14 @@ class TaskOutcome(msgspec.Struct):
     exit_code: Optional[ExitCode] = None
     error: Optional[str] = None
     reason: Optional[str] = None
-    started: Optional[float] = None
-    finished: Optional[float] = None
+    started: Optional[Timestamp] = None
+    finished: Optional[Timestamp] = None
     stages: list[StageOutcome] = []
     artifacts: list[ArtifactInfo] = []
     # Always measured (rusage is free), for credits: CPU of every command and
     # its reaped descendants; GPU-seconds where a GPU stage was tracked.
-    cpu_seconds: Optional[float] = None
-    gpu_seconds: Optional[float] = None
+    cpu_seconds: Optional[Measured] = None
+    gpu_seconds: Optional[Measured] = None
     value: Optional[PyValue] = None  # a Python call's return value (or exception)
 
 
@@ -745,7 +758,7 @@ class CancelTask(_Msg, tag="cancel_task"):
 class TaskStarted(_Msg, tag="task_started"):
     task_id: Id
     attempt: Count
-    time: float
+    time: Timestamp
 
 
 class StageDone(_Msg, tag="stage_done"):
@@ -780,15 +793,21 @@ class TasksDone(_Msg, tag="tasks_done"):
     done: Annotated[list[TaskDone], Meta(max_length=10_000)]
 
 
-# credits (CreditPiggy's slots) -- client/admin/daemon -> hub
+# credits (CreditPiggy's slots) -- client/admin -> hub
 #
-# A slot id is unique on the hub (one hub = one CreditPiggy project); a task's
-# slot id is its task id.  A client may alloc, discard and set counters/meta
-# on its own slots (another user's slot answers as unknown); only admin and
-# daemon roles may claim or link.  Each request is acked with ``ok`` or
-# answered with ``error`` (codes: ``unknown_slot``, ``slot_exists``,
-# ``slot_not_allocated`` (claimed/discarded/expired; the text says which),
-# ``bad_credits``, ``forbidden``).
+# Credits come only from work done.  A task's slot (its id is the task id)
+# is settled by the hub alone, from the result of the attempt it assigned:
+# no request may alloc, claim, discard, count or meta it (``task_slot``).
+# A user's own slots (CreditPiggy job managers) are named per user: user-b's
+# "job-17" and user-a's "job-17" are two slots.  A client may alloc, claim,
+# discard and set counters/meta on its own; another user's slot, and another
+# user's task id, answer exactly as a never-used name.  An admin addresses a
+# user's slot as ``USER/NAME`` (a bare name is the admin's own).  Daemon
+# tokens may not send any credit write (``forbidden``); only admin may link.
+# Each request is acked with ``ok`` or answered with ``error`` (codes:
+# ``unknown_slot``, ``slot_exists``, ``task_slot``, ``slot_not_allocated``
+# (claimed/discarded/expired; the text says which), ``bad_credits``,
+# ``forbidden``).
 
 
 class CreditAlloc(_Msg, tag="credit_alloc"):
@@ -969,8 +988,11 @@ Message = Union[
     Progress,
 ]
 
-# What each role may send to the hub.
-CREDIT_REQUESTS = (CreditAlloc, CreditDiscard, CreditCounters, CreditMeta, GetCreditTally, GetCreditSlots)
+# What each role may send to the hub.  Daemons only read credits: a
+# machine's credits come from the results it reports, settled by the hub.
+CREDIT_WRITES = (CreditAlloc, CreditClaim, CreditDiscard, CreditCounters, CreditMeta)
+CREDIT_READS = (GetCreditTally, GetCreditSlots)
+CREDIT_REQUESTS = CREDIT_WRITES + CREDIT_READS
 CLIENT_REQUESTS = (
     Submit, GetResults, GetPool, BlobsMissing, BlobPut, BlobGet, Watch, Unwatch, GetSession, Cancel,
     ListTasks, ListSessions, UpdateTask, PutJobFile, GetJobFile, *CREDIT_REQUESTS,
@@ -988,8 +1010,7 @@ DAEMON_REQUESTS = (
     BlobsMissing,
     BlobPut,
     BlobGet,
-    *CREDIT_REQUESTS,
-    CreditClaim,
+    *CREDIT_READS,
 )
 ALLOWED = {
     "client": CLIENT_REQUESTS,
@@ -1023,7 +1044,58 @@ def decode(data: Union[str, bytes]) -> Message:
                 raise ProtocolError(f"unknown message type {kind!r}") from None
         raise ProtocolError(f"invalid message: {text}") from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"malformed JSON: {exc}") from None
+        problem = _nonfinite_problem(data)
+        raise ProtocolError(problem or f"malformed JSON: {exc}") from None
+
+
+def _nonfinite_problem(data: Union[str, bytes]) -> Optional[str]:
+    """JSON has no NaN or Infinity, but Python's ``json`` writes them: name the
+    field that holds one (the slow parser runs only for a frame already refused)."""
+    try:
+        obj = json.loads(data)
+        msgspec.convert(obj, Message)
+    except msgspec.ValidationError as exc:
+        return f"invalid message: {exc}"
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
+class _ResultKey(msgspec.Struct):
+    task_id: Id
+    attempt: Count
+
+
+class _Results(msgspec.Struct):
+    type: str
+    task_id: Optional[Id] = None
+    attempt: Optional[Count] = None
+    done: Annotated[list[_ResultKey], Meta(max_length=10_000)] = []
+
+
+def refused_results(data: Union[str, bytes]) -> list[tuple[str, int]]:
+    """The (task id, attempt) pairs a ``task_done`` / ``tasks_done`` frame that
+    failed to decode was about, read leniently; [] for any other frame.  A
+    result the hub refuses must still end its attempt, or the task would wait
+    for a result that never decodes."""
+    try:
+        obj = msgspec.convert(json.loads(data), _Results)
+    except (ValueError, RecursionError, msgspec.ValidationError):
+        return []
+    if obj.type == "task_done" and obj.task_id is not None and obj.attempt is not None:
+        return [(obj.task_id, obj.attempt)]
+    if obj.type == "tasks_done":
+        return [(d.task_id, d.attempt) for d in obj.done]
+    return []
+
+
+def forbidden_text(role: str, msg: _Msg) -> str:
+    """Why a peer of ``role`` may not send ``msg`` (the ``forbidden`` error's text)."""
+    text = f"a {role} may not send {msg.__struct_config__.tag!r}"
+    if role == "daemon" and isinstance(msg, CREDIT_WRITES):
+        text += (": a daemon token cannot allocate, claim, discard, count or meta credit slots; "
+                 "a machine earns credits only from the results of tasks the hub assigned it")
+    return text
 
 
 def _peek_type(data: Union[str, bytes]) -> Optional[str]:

@@ -39,8 +39,8 @@ from .conncaps import ConnectionCaps, counted_connection, fit_caps, raise_fd_lim
 from .core import HubCore
 from .creditserver import CreditLineServer
 from .events import (
-    BlobsScanned, BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ScanBlobs, Send,
-    StreamBlob, Tick, TokensRevoked,
+    BlobsScanned, BlobStored, Close, Connected, Disconnected, Event, Instruction, Later, Received, ResultsRefused,
+    ScanBlobs, Send, StreamBlob, Tick, TokensRevoked,
 )
 from .peer import Peer
 from .ratelog import RateLimitedLog
@@ -86,10 +86,12 @@ class HubConfig:
     # The websocket protocol also on a unix socket (same token auth), this mode.
     unix_path: Optional[Path] = None
     unix_mode: int = 0o660
-    # CreditPiggy's line protocol (creditserver.py): endpoints, and who its
-    # commands act as; trust comes from the socket (file mode, loopback).
+    # CreditPiggy's line protocol (creditserver.py): endpoints, the client
+    # user its commands act as; trust from the unix socket's file mode, and
+    # over tcp/udp from the shared secret each line carries.
     creditpiggy: list[Any] = field(default_factory=list)  # creditserver.Endpoint
     creditpiggy_user: str = "creditpiggy"
+    creditpiggy_secret: Optional[str] = field(default=None, repr=False)
     creditpiggy_mode: int = 0o600
     creditpiggy_idle_timeout: float = 10.0
     creditpiggy_max_connections: int = 256
@@ -176,7 +178,8 @@ class HubServer:
         if c.creditpiggy:
             self.credit_lines = CreditLineServer(
                 self, c.creditpiggy, user=c.creditpiggy_user, unix_mode=c.creditpiggy_mode,
-                idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections)
+                idle_timeout=c.creditpiggy_idle_timeout, max_connections=c.creditpiggy_max_connections,
+                secret=c.creditpiggy_secret)
             await self.credit_lines.start()
         if c.http_port is not None:
             from .http_api import HttpApi  # aiohttp is imported only when the API is on
@@ -419,10 +422,14 @@ class HubServer:
         try:
             msg = p.decode(frame)
         except p.ProtocolError as exc:
-            peer.post(p.Error(id=p.request_id(frame), code="bad_message", message=str(exc)))
+            refused = p.refused_results(frame) if p.TaskDone in peer.allowed else []
+            if refused:  # the core ends those attempts, and answers
+                self._feed(ResultsRefused(pid, p.request_id(frame), tuple(refused), str(exc)))
+            else:
+                peer.post(p.Error(id=p.request_id(frame), code="bad_message", message=str(exc)))
             return
         if not isinstance(msg, peer.allowed):
-            text = f"a {peer.role} may not send {type(msg).__struct_config__.tag!r}"
+            text = p.forbidden_text(peer.role, msg)
             peer.post(p.Error(id=getattr(msg, "id", None), code="forbidden", message=text))
         elif isinstance(msg, p.BlobPut):
             self._start_upload(pid, peer, msg)

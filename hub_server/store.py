@@ -97,7 +97,9 @@ CREATE TABLE IF NOT EXISTS job_files (
 # revocation; machine owners; blob access (HWF 0.2).  3: the credit ledger
 # (new tables only: an older store gets them empty).  4: the Manager API: task
 # progress, hidden tasks, external/job ids, job files; machines' admin switch.
-SCHEMA_VERSION = 4
+# 5: user credit slots keyed ``USER/NAME`` (names per user; task slots keep
+# the task id).
+SCHEMA_VERSION = 5
 
 
 class SchemaError(RuntimeError):
@@ -173,6 +175,8 @@ class Store:
             self._migrate()
             if version is not None:
                 self._grant_old_blobs()
+            if version is not None and version < 5:
+                self._namespace_credit_slots()
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         finally:
             os.umask(old_umask)
@@ -246,6 +250,20 @@ class Store:
                 refs.update((a["sha256"], scope, a.get("size"))
                             for a in loads(result).get("artifacts", []) if a.get("sha256"))
         self.add_blob_refs(refs)
+
+    def _namespace_credit_slots(self) -> None:
+        """Schema 5: a user's slot NAME is stored as ``USER/NAME`` (with its
+        counters and meta), so two users' "job-17" are two slots.  In two
+        steps, through keys no slot has, so no new key meets an old one."""
+        with self.transaction():
+            for table in ("credit_counters", "credit_meta"):
+                self.db.execute(
+                    f"UPDATE {table} SET slot = (SELECT char(1) || s.user || '/' || s.slot FROM credit_slots s "
+                    f"WHERE s.slot = {table}.slot) "
+                    f"WHERE slot IN (SELECT slot FROM credit_slots WHERE task_id IS NULL)")
+            self.db.execute("UPDATE credit_slots SET slot = char(1) || user || '/' || slot WHERE task_id IS NULL")
+            for table in ("credit_slots", "credit_counters", "credit_meta"):
+                self.db.execute(f"UPDATE {table} SET slot = substr(slot, 2) WHERE slot LIKE char(1) || '%'")
 
     def _migrate(self) -> None:
         for table, column, decl in ADDED_COLUMNS:

@@ -11,8 +11,13 @@ The endpoint may be a unix socket path (a hub started with ``--unix PATH``),
 the token); without them ``HWF_TOKEN`` is used.  A refused request raises
 :class:`CreditError` naming the slot and the problem; success returns True.
 
-Who may do what comes from the token: any user allocates, discards and sets
-counters and meta on their own slots; only admin and daemon tokens claim.
+Who may do what comes from the token.  A client token is the job manager of
+its user's own slots: it allocates, claims, discards and sets counters and
+meta on them.  Slot names are per user (two users' "job-17" are two slots;
+another user's names answer as unknown).  An admin token addresses a user's
+slot as ``"USER/NAME"``.  A daemon token may do none of this (a machine earns
+credits only from the tasks the hub assigned it), and a task's slot (named
+by its task id) is the hub's alone: it is settled from the task's result.
 """
 
 from __future__ import annotations
@@ -108,8 +113,9 @@ def cpapi_discard(slot_id: str, reason: Optional[str] = None) -> bool:
 
 
 def cpapi_claim(slot_id: str, machine_id: str, credits: Optional[int] = None) -> bool:
-    """Claim ``slot_id`` for ``machine_id`` (any string); ``credits`` count only
-    where the slot was allocated with a range (clamped into it)."""
+    """Claim your own ``slot_id`` for ``machine_id`` (any string); ``credits``
+    count only where the slot was allocated with a range (clamped into it).
+    A task's slot cannot be claimed: the hub settles it from the task's result."""
     _call(slot_id, lambda rid: p.CreditClaim(id=rid, slot=str(slot_id), machine=str(machine_id), credits=credits))
     return True
 

@@ -67,6 +67,31 @@ def test_the_creditpiggy_librarys_own_lines():
     assert parse(b"  Discard,slot=abc,reason=invalid\r\n") == p.CreditDiscard(id=7, slot="abc", reason="invalid")
 
 
+def test_a_secret_opens_the_line_where_one_is_needed():
+    """Issue 18 row 3: over tcp/udp the first field is SECRET=<secret>; the
+    error never echoes what was given."""
+    line = b"SECRET=k3y-abcdef,ALLOC,slot=a,credits=3"
+    assert cl.parse(line, 1, secret="k3y-abcdef", need_secret=True) == p.CreditAlloc(id=1, slot="a", credits=3)
+    assert cl.parse(b"secret=k3y-abcdef,claim,slot=a,machine=m", 1, secret="k3y-abcdef",
+                    need_secret=True) == p.CreditClaim(id=1, slot="a", machine="m")
+    for bad, words in [(b"ALLOC,slot=a,credits=3", "no secret"),
+                       (b"SECRET=k3y-abcdeX,ALLOC,slot=a", "wrong secret"),
+                       (b"SECRET=k3y-abcde,ALLOC,slot=a", "wrong secret"),
+                       (b"SECRET=,ALLOC,slot=a", "wrong secret"),
+                       (b"ALLOC,slot=a,SECRET=k3y-abcdef", "no secret"),  # the first field only
+                       (b"SECRET=k3y-abcdef", "no command")]:
+        with pytest.raises(cl.LineError, match=words) as info:
+            cl.parse(bad, 1, secret="k3y-abcdef", need_secret=True)
+        assert "k3y" not in str(info.value)
+    # a unix socket needs none; one given is checked all the same
+    assert cl.parse(b"ALLOC,slot=a", 1, secret="k3y-abcdef") == p.CreditAlloc(id=1, slot="a")
+    assert cl.parse(b"SECRET=k3y-abcdef,ALLOC,slot=a", 1, secret="k3y-abcdef") == p.CreditAlloc(id=1, slot="a")
+    with pytest.raises(cl.LineError, match="wrong secret"):
+        cl.parse(b"SECRET=nope,ALLOC,slot=a", 1, secret="k3y-abcdef")
+    with pytest.raises(cl.LineError, match="--creditpiggy-secret-file"):
+        cl.parse(b"SECRET=x,ALLOC,slot=a", 1)
+
+
 def test_request_id_is_the_one_given():
     assert parse("DISCARD,slot=x", rid=123456).id == 123456
 
@@ -108,6 +133,8 @@ def test_claim_needs_a_machine():
     ("COUNTERS,slot=1,events=inf", "not a number"),
     ("COUNTERS,slot=1,events=1e400", "not a finite number"),
     ("COUNTERS,slot=1,events=1e300", "counter 'events'"),
+    ("COUNTERS,slot=1,cpu_seconds=-1e15", "counter 'cpu_seconds'"),  # issue 18 row 3
+    ("COUNTERS,slot=1,events=-1", "counter 'events'"),
 ])
 def test_bad_numbers_name_the_field(line, words):
     assert words in refused(line)
@@ -311,11 +338,11 @@ def test_edge_turns_core_replies_into_OK_ER_and_acts_as_the_configured_user(tmp_
         port = _Port(_core_like)
         path = str(tmp_path / "cp.sock")
         server = CreditLineServer(port, [Endpoint("unix", path=path), Endpoint("udp", host="127.0.0.1")],
-                                  user="jobs", reply_timeout=0.5)
+                                  user="jobs", reply_timeout=0.5, secret="k3y-for-udp")
         await server.start()
         try:
             (pid, (_, who)), = port.peers.items()
-            assert (who.role, who.user) == ("admin", "jobs")
+            assert (who.role, who.user) == ("client", "jobs")  # a client user, never an admin
             assert await _ask(server, path, b"alloc,slot=a,credits=3") == b"OK"
             assert await _ask(server, path, b"CLAIM,slot=a,machine=m\n") == b"OK"
             assert await _ask(server, path, b"DISCARD,slot=bad") == b"ER"
@@ -324,6 +351,8 @@ def test_edge_turns_core_replies_into_OK_ER_and_acts_as_the_configured_user(tmp_
             assert [type(m).__name__ for _, m in port.got] == ["CreditAlloc", "CreditClaim", "CreditDiscard",
                                                                 "CreditMeta"]
             assert {q for q, _ in port.got} == {pid} and len({m.id for _, m in port.got}) == 4
+            with pytest.raises(ValueError, match="--creditpiggy-secret-file"):
+                CreditLineServer(port, [Endpoint("tcp", host="127.0.0.1")], user="jobs")
             # over UDP, the answer is a datagram to the sender
             udp_port = int(server.bound[1].rsplit(":", 1)[1])
             loop = asyncio.get_running_loop()
@@ -334,7 +363,10 @@ def test_edge_turns_core_replies_into_OK_ER_and_acts_as_the_configured_user(tmp_
                     got.set_result(data)
 
             transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", udp_port))
-            transport.sendto(b"DISCARD,slot=x")
+            transport.sendto(b"DISCARD,slot=x")  # no secret: refused before the core
+            assert await asyncio.wait_for(got, 10) == b"ER"
+            got = loop.create_future()
+            transport.sendto(b"SECRET=k3y-for-udp,DISCARD,slot=x")
             assert await asyncio.wait_for(got, 10) == b"OK"
             transport.close()
             # the core dropping the pseudo-peer: what waits gets ER, the next command a fresh peer

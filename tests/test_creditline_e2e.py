@@ -29,6 +29,14 @@ from rawpeer import RawPeer
 pytestmark = pytest.mark.e2e
 
 MAX_CONNECTIONS = 8
+SECRET = "line-secret-0123"
+
+
+def secret_file(root: Path) -> Path:
+    f = root / "creditpiggy.secret"
+    f.write_text(SECRET + "\n")
+    os.chmod(f, 0o600)
+    return f
 
 
 class Farm:
@@ -38,11 +46,13 @@ class Farm:
         self.root = root
         self.sock = str(root / "hub.sock")
         self.cp_sock = str(root / "cp.sock")
+        self.secret_file = secret_file(root)
         self.cluster = LocalCluster(daemons=0, state_dir=root, hub_args=[
             "--unix", self.sock,
             "--creditpiggy", f"unix:{self.cp_sock}",
             "--creditpiggy", "tcp:127.0.0.1:0",
             "--creditpiggy", "udp:127.0.0.1:0",
+            "--creditpiggy-secret-file", str(self.secret_file),
             "--creditpiggy-idle-timeout", "2",
             "--creditpiggy-max-connections", str(MAX_CONNECTIONS),
         ])
@@ -51,8 +61,11 @@ class Farm:
         self.udp = _address(log, "udp")
 
     def line(self, kind: str, data: "bytes | str", timeout: float = 30) -> bytes:
-        """Send one command the way CreditPiggy clients do; the whole answer."""
+        """Send one command the way CreditPiggy clients do (over tcp/udp with the
+        secret as its first field); the whole answer."""
         data = data.encode() if isinstance(data, str) else data
+        if kind != "unix":
+            data = f"SECRET={SECRET},".encode() + data
         if kind == "udp":
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(timeout)
@@ -74,10 +87,12 @@ class Farm:
         return RawPeer(self.cluster.address, self.cluster.admin_token)
 
     def slots(self, *slot_ids: str) -> dict[str, dict]:
+        """Slots by the names the line used (the admin sees them as creditpiggy/NAME)."""
+        keys = [s if s.startswith("t-") else f"creditpiggy/{s}" for s in slot_ids]
         with self.admin() as peer:
-            reply = peer.request({"type": "get_credit_slots", "slots": list(slot_ids)})
+            reply = peer.request({"type": "get_credit_slots", "slots": keys})
         assert reply["type"] == "credit_slots", reply
-        return {s["slot"]: s for s in reply["slots"]}
+        return {s["slot"].removeprefix("creditpiggy/"): s for s in reply["slots"]}
 
     def all_slots(self) -> list[dict]:
         with self.admin() as peer:
@@ -172,12 +187,13 @@ def test_the_creditpiggy_librarys_exact_wire(farm):
     """Its library sends no line end, lower-case commands, fields in dict order,
     then ``recv(4)`` and compares with "OK": so the answer is exactly OK."""
     for kind in ("unix", "tcp"):
+        secret = "" if kind == "unix" else f"secret={SECRET},"  # tcp: the one field it must add
         with farm.connect(kind) as s:
-            s.send(f"alloc,max=9,slot=lib-{kind},min=1".encode())
+            s.send(f"{secret}alloc,max=9,slot=lib-{kind},min=1".encode())
             assert s.recv(4) == b"OK"
             assert s.recv(4) == b""  # one command per connection: the hub closes
         with farm.connect(kind) as s:
-            s.send(f"claim,machine=lib-m,slot=lib-{kind},credits=4".encode())
+            s.send(f"{secret}claim,machine=lib-m,slot=lib-{kind},credits=4".encode())
             assert s.recv(4) == b"OK"
     assert farm.slots("lib-unix")["lib-unix"]["credits"] == 4
 
@@ -237,7 +253,7 @@ def test_line_slots_belong_to_the_line_user_not_to_clients(farm):
             assert real["type"] == fake["type"] == "error" and real["code"] == fake["code"] == "unknown_slot"
             assert real["message"].replace("owned-by-line", "X") == fake["message"].replace("never-allocated", "X")
         claim = bob.request({"type": "credit_claim", "slot": "owned-by-line", "machine": "bobs-pc"})
-        assert claim["type"] == "error" and claim["code"] == "forbidden"
+        assert claim["type"] == "error" and claim["code"] == "unknown_slot"
         slots = bob.request({"type": "get_credit_slots"})
         assert "owned-by-line" not in {s["slot"] for s in slots["slots"]}
     assert farm.slots("owned-by-line")["owned-by-line"]["state"] == "allocated"
@@ -268,7 +284,8 @@ def test_non_loopback_bind_refused_without_the_flag(tmp_path):
 
 def test_a_second_hub_cannot_take_the_sockets(farm, tmp_path):
     for args in (["--creditpiggy", f"unix:{farm.cp_sock}"], ["--unix", farm.sock],
-                 ["--creditpiggy", f"tcp:{farm.tcp[0]}:{farm.tcp[1]}"]):
+                 ["--creditpiggy", f"tcp:{farm.tcp[0]}:{farm.tcp[1]}", "--creditpiggy-secret-file",
+                  str(farm.secret_file)]):
         run = subprocess.run(_hub_cmd(tmp_path, *args), capture_output=True, text=True, timeout=60)
         assert run.returncode == 2, (args, run)
         assert "another process is listening" in run.stderr or "address already in use" in run.stderr.lower()

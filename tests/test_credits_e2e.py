@@ -109,11 +109,11 @@ def test_four_clients_allocating_and_claiming_at_once_leave_exact_totals(farm):
     c = farm
     users = [f"u{i}" for i in range(4)]
     tokens = [c.create_token("client", u) for u in users]
-    claimer = c.create_token("daemon", "jobmgr")
     per_user = 250
 
     async def one(token: str, u: str) -> int:
-        client, daemon = Link(c.address, token), Link(c.address, claimer)
+        # each user's job manager claims that user's own slots, on a second connection
+        client, daemon = Link(c.address, token), Link(c.address, token)
         await client.connect()
         await daemon.connect()
         total = 0
@@ -146,10 +146,12 @@ def test_attacks_are_refused_and_leave_the_ledger_alone(farm):
     c = farm
     alice, bob = c.create_token("client", "alice-a"), c.create_token("client", "bob-a")
     ask(c, alice, lambda i: p.CreditAlloc(id=i, slot="alice-slot", credits=5))
-    with pytest.raises(RemoteError, match="not allowed|may not|forbidden|claim"):
-        ask(c, alice, lambda i: p.CreditClaim(id=i, slot="alice-slot", machine="m"))
+    with pytest.raises(RemoteError, match="daemon token cannot allocate, claim"):
+        ask(c, c.daemon_token, lambda i: p.CreditClaim(id=i, slot="alice-slot", machine="m"))
     with pytest.raises(RemoteError, match="unknown slot 'alice-slot'"):
         ask(c, bob, lambda i: p.CreditDiscard(id=i, slot="alice-slot"))
+    with pytest.raises(RemoteError, match="unknown slot 'alice-slot'"):
+        ask(c, bob, lambda i: p.CreditClaim(id=i, slot="alice-slot", machine="m"))
     with pytest.raises(RemoteError, match="link|forbidden|not allowed"):
         ask(c, alice, lambda i: p.CreditLink(id=i, machine="ann-box", user="alice-a"))
     with pytest.raises(RemoteError, match="min=9 is above max=2"):
@@ -158,7 +160,7 @@ def test_attacks_are_refused_and_leave_the_ledger_alone(farm):
         ask(c, alice, lambda i: p.CreditAlloc(id=i, slot="neg", credits=-1))
     with pytest.raises(RemoteError, match="counters"):
         ask(c, alice, lambda i: p.CreditCounters(id=i, slot="alice-slot", counters={"x": 10**18}))
-    (s,) = slots(c, slots=["alice-slot"])
+    (s,) = slots(c, slots=["alice-a/alice-slot"])  # an admin names a user's slot USER/NAME
     assert (s.state, s.credits, s.counters) == ("allocated", 5, {})
     assert slots(c, token=bob) == [] or all(x.user == "bob-a" for x in slots(c, token=bob))
 

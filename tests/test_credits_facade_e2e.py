@@ -28,26 +28,31 @@ def farm(tmp_path_factory):
 def test_the_facade_over_each_endpoint_kind(farm, kind):
     host_port = farm.address.split("://", 1)[1]
     endpoint = {"unix": str(farm.sock), "hostport": host_port, "url": farm.address}[kind]
-    cp.cpapi_setup(endpoint, farm.token)  # a client: allocates, sets counters and meta
+    cp.cpapi_setup(endpoint, farm.token)  # a client: the job manager of its own slots
     slot = f"job-{kind}"
     assert cp.cpapi_alloc(slot, min=2, max=8, expire=30) is True
     assert cp.cpapi_counters(slot, frames=12, errors=0)
     assert cp.cpapi_meta(slot, scene="intro", quality=3)
-    with pytest.raises(cp.CreditError, match=f"slot '{slot}'"):
-        cp.cpapi_claim(slot, "render-node-1", credits=5)  # a client token may not claim
     with pytest.raises(cp.CreditError, match="already exists"):
         cp.cpapi_alloc(slot, credits=1)
-    cp.cpapi_setup(endpoint, ("project-1", farm.admin_token))  # CreditPiggy's (project, auth) pair
+    cp.cpapi_setup(endpoint, farm.daemon_token)  # a daemon token writes no slot (issue 18)
+    with pytest.raises(cp.CreditError, match="daemon token cannot allocate, claim"):
+        cp.cpapi_claim(slot, "render-node-1", credits=5)
+    cp.cpapi_setup(endpoint, ("project-1", farm.token))  # CreditPiggy's (project, auth) pair
     assert cp.cpapi_claim(slot, "render-node-1", credits=50)
     with pytest.raises(cp.CreditError, match="already claimed"):
         cp.cpapi_claim(slot, "render-node-1")
     cp.cpapi_alloc(f"{slot}-d", credits=1)
-    cp.cpapi_discard(f"{slot}-d", reason="invalid")
-    hub = farm.hub(token=farm.admin_token)
+    cp.cpapi_alloc(f"{slot}-a", credits=2)
+    cp.cpapi_setup(endpoint, farm.admin_token)  # an admin names a user's slot USER/NAME
+    cp.cpapi_discard(f"{farm.user}/{slot}-d", reason="invalid")
+    assert cp.cpapi_claim(f"{farm.user}/{slot}-a", "render-node-2")
+    hub = farm.hub()
     df = hub.credit_slots_sync()
     row = df[df["slot"] == slot].iloc[0]
     assert (row["state"], row["credits"], row["machine"]) == ("claimed", 8, "render-node-1")  # clamped to max
     assert row["counters"] == {"frames": 12, "errors": 0} and row["meta"] == {"scene": "intro", "quality": "3"}
+    assert df[df["slot"] == f"{slot}-a"].iloc[0]["machine"] == "render-node-2"
     (d,) = df[df["slot"] == f"{slot}-d"].itertuples()
     assert (d.state, d.reason) == ("discarded", "invalid")
     assert (d.expires - d.allocated).total_seconds() == pytest.approx(24 * 3600)

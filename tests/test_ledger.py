@@ -14,8 +14,10 @@ from hub_server.ledger import DEFAULT_EXPIRE, clamp, task_credits
 from test_core import ALICE, BOB, CLIENT, DAEMON, OTHER, OWNER, T0, Farm, assigned, done, spec
 
 ADMIN = Principal("tok-x", "admin", "admin")
-JOBMGR = Principal("tok-j", "daemon", "jobs")
-ADMIN_PEER, JOB_PEER = 4, 5
+# A CreditPiggy job manager is its user's client: it claims its own slots.
+JOB_PEER = CLIENT
+ADMIN_PEER, DAEMON_PEER = 4, 5
+ROGUE = Principal("tok-m", "daemon", "owner-m")
 
 
 def ask(f: Farm, peer: int, msg_type, **kw):
@@ -45,12 +47,14 @@ def f(tmp_path):
     farm.connect(CLIENT, ALICE)
     farm.connect(OTHER, BOB)
     farm.connect(ADMIN_PEER, ADMIN)
-    farm.connect(JOB_PEER, JOBMGR)
+    farm.connect(DAEMON_PEER, ROGUE)
     return farm
 
 
-def slot(f, name):
-    (row,) = ok(f, ADMIN_PEER, p.GetCreditSlots, slots=[name]).slots
+def slot(f, name, user=None):
+    """A slot as the admin sees it: a task's by its id, a user's as USER/NAME."""
+    key = name if user is None and name.startswith("t-") else f"{user or 'alice'}/{name}"
+    (row,) = ok(f, ADMIN_PEER, p.GetCreditSlots, slots=[key]).slots
     return row
 
 
@@ -155,19 +159,67 @@ def test_another_users_slot_is_an_unknown_slot(f):
     assert slot(f, "mine").state == "allocated"
 
 
-def test_only_admin_and_daemons_claim_and_only_admin_links(f):
+def test_a_client_claims_its_own_slots_and_only_admin_links(f):
     ok(f, CLIENT, p.CreditAlloc, slot="s", credits=1)
-    refused(f, CLIENT, p.CreditClaim, "forbidden", slot="s", machine="m")
-    refused(f, JOB_PEER, p.CreditLink, "forbidden", machine="m", user="eve")
+    refused(f, OTHER, p.CreditClaim, "unknown_slot", slot="s", machine="m")
     refused(f, CLIENT, p.CreditLink, "forbidden", machine="m", user="eve")
     assert slot(f, "s").state == "allocated"
+    assert ok(f, CLIENT, p.CreditClaim, slot="s", machine="m").credits == 1
+    ok(f, ADMIN_PEER, p.CreditAlloc, slot="alice/by-admin", credits=2)  # admin: USER/NAME
+    assert ok(f, ADMIN_PEER, p.CreditClaim, slot="alice/by-admin", machine="m").credits == 2
+    assert slot(f, "by-admin").user == "alice"
+    assert tally(f, "machine", peer=CLIENT)["m"].credits == 3
+
+
+def test_a_daemon_token_writes_no_slot(f):
+    """Issue 18 row 2: a daemon token cannot alloc, claim, discard, count or meta."""
+    ok(f, CLIENT, p.CreditAlloc, slot="theirs", credits=5)
+    tid = f.submit(spec()).task_ids[0]
+    for name in ("theirs", tid, "minted"):
+        for msg_type, kw in ((p.CreditAlloc, {"credits": 10**12}), (p.CreditClaim, {"machine": "m", "credits": 10**12}),
+                             (p.CreditDiscard, {}), (p.CreditCounters, {"counters": {"cpu_seconds": 1e12}}),
+                             (p.CreditMeta, {"meta": {"a": "b"}})):
+            text = refused(f, DAEMON_PEER, msg_type, "forbidden", slot=name, **kw)
+            assert "daemon token cannot allocate, claim, discard, count or meta" in text
+    assert slot(f, "theirs").state == "allocated" and slot(f, tid).state == "allocated"
+    assert tally(f, "owner") == {}
+
+
+def test_task_slots_are_the_hubs_alone(f):
+    """No request touches a task's slot: its user gets ``task_slot``, another
+    user the unknown answer (for alloc: a slot of its own)."""
+    tid = f.submit(spec(hardware={"ram": "1TB"})).task_ids[0]
+    for peer in (CLIENT, ADMIN_PEER):
+        refused(f, peer, p.CreditAlloc, "task_slot", slot=tid, credits=1)
+        refused(f, peer, p.CreditClaim, "task_slot", slot=tid, machine="m", credits=9)
+        refused(f, peer, p.CreditDiscard, "task_slot", slot=tid)
+        refused(f, peer, p.CreditCounters, "task_slot", slot=tid, counters={"cpu_seconds": 1})
+        refused(f, peer, p.CreditMeta, "task_slot", slot=tid, meta={"a": "b"})
+    unknown = refused(f, OTHER, p.CreditDiscard, "unknown_slot", slot="t-never")
+    assert refused(f, OTHER, p.CreditDiscard, "unknown_slot", slot=tid) == unknown.replace("t-never", tid)
+    ok(f, OTHER, p.CreditAlloc, slot=tid, credits=2)  # bob's own slot of that name
+    assert ok(f, OTHER, p.CreditClaim, slot=tid, machine="m").credits == 2
+    assert slot(f, tid).state == "allocated" and slot(f, tid, "bob").state == "claimed"
+    assert slot(f, tid, "bob").task_id is None
+
+
+def test_slot_names_are_per_user(f):
+    """Issue 18 row 10: bob cannot squat alice's names, nor see hers."""
+    ok(f, OTHER, p.CreditAlloc, slot="job-17", credits=9)
+    ok(f, CLIENT, p.CreditAlloc, slot="job-17", credits=4)
+    refused(f, OTHER, p.CreditAlloc, "slot_exists", slot="job-17", credits=1)
+    assert ok(f, CLIENT, p.CreditClaim, slot="job-17", machine="m").credits == 4
+    assert slot(f, "job-17", "bob").state == "allocated"
+    assert [(r.slot, r.state) for r in ok(f, CLIENT, p.GetCreditSlots).slots] == [("job-17", "claimed")]
+    assert [(r.slot, r.state) for r in ok(f, OTHER, p.GetCreditSlots).slots] == [("job-17", "allocated")]
+    assert {r.slot for r in ok(f, ADMIN_PEER, p.GetCreditSlots).slots} == {"alice/job-17", "bob/job-17"}
 
 
 def test_a_clients_tally_covers_its_own_slots_only(f):
     ok(f, CLIENT, p.CreditAlloc, slot="a1", credits=3)
     ok(f, OTHER, p.CreditAlloc, slot="b1", credits=4)
     ok(f, JOB_PEER, p.CreditClaim, slot="a1", machine="m")
-    ok(f, JOB_PEER, p.CreditClaim, slot="b1", machine="m")
+    ok(f, OTHER, p.CreditClaim, slot="b1", machine="m")
     assert tally(f, "machine", peer=CLIENT)["m"].credits == 3
     assert tally(f, "machine", peer=OTHER)["m"].credits == 4
     assert tally(f, "machine")["m"].credits == 7
@@ -179,7 +231,7 @@ def run_one(f, task_spec, outcome_status="finished", **outcome):
     f.register("d1", "aaa")
     sub = f.submit(task_spec)
     (a,) = assigned(f.last)
-    f.handle(Received(DAEMON, done(a.task_id, a.attempt, outcome_status, **outcome)))
+    f.handle(Received(DAEMON, done(a.task_id, a.attempt, outcome_status, **outcome)), now=T0 + 10)
     return sub.task_ids[0]
 
 
@@ -234,3 +286,52 @@ def test_a_task_lost_more_often_than_its_retries_is_discarded_as_lost(f):
     tid = f.submit(spec(max_retries=0)).task_ids[0]
     f.handle(Disconnected(DAEMON))
     assert (slot(f, tid).state, slot(f, tid).reason) == ("discarded", "lost")
+
+
+def test_cpu_and_gpu_seconds_are_bounded_by_the_attempts_wall_time_and_the_machines_cores(f):
+    """Issue 18 row 2: 1e11 CPU-seconds reported after 10 s on a 2-core machine
+    pay 20, and a machine with no GPU earns no GPU-seconds."""
+    tid = run_one(f, spec(), cpu_seconds=1e11, gpu_seconds=1e11, started=T0 - 1e6, finished=T0 + 10)
+    s = slot(f, tid)
+    assert (s.state, s.credits) == ("claimed", 20)
+    assert s.counters == {"tasks": 1, "cpu_seconds": 20.0, "wall_seconds": 10.0, "gpu_seconds": 0.0}
+    assert tally(f, "owner")["owner"].credits == 20
+
+
+def test_task_counters_bounds():
+    from hub_server.ledger import Usage, task_counters
+
+    out = p.TaskOutcome(status="finished", cpu_seconds=50.0, gpu_seconds=9.0, started=100.0, finished=130.0)
+    assert task_counters(out, None) == {"tasks": 1, "cpu_seconds": 50.0, "wall_seconds": 30.0, "gpu_seconds": 9.0}
+    assert task_counters(out, Usage(wall=20.0, cores=2, gpus=0)) == {
+        "tasks": 1, "cpu_seconds": 40.0, "wall_seconds": 20.0, "gpu_seconds": 0.0}
+    assert task_counters(out, Usage(wall=100.0, cores=4, gpus=1)) == {
+        "tasks": 1, "cpu_seconds": 50.0, "wall_seconds": 30.0, "gpu_seconds": 9.0}
+    assert task_counters(p.TaskOutcome(status="finished"), Usage(wall=1.0, cores=1)) == {"tasks": 1}
+    assert task_counters(None, None) == {"tasks": 1}
+
+
+def test_a_refused_result_ends_its_attempt_and_the_task_runs_again(f):
+    """A result that failed validation (ResultsRefused, from the server) is not
+    a stuck task: the attempt is lost, the task retried on another machine,
+    the daemon told which field was wrong; a stale or foreign pair is ignored."""
+    from hub_server.events import ResultsRefused
+
+    f.connect(DAEMON, OWNER)
+    f.register("d1", "first")
+    tid = f.submit(spec()).task_ids[0]
+    (a,) = assigned(f.last)
+    problem = "invalid message: Expected `float` <= 1000000000000.0 - at `$.outcome.cpu_seconds`"
+    out = f.handle(ResultsRefused(DAEMON, 77, ((tid, a.attempt), ("t-not-mine", 1)), problem))
+    assert Send(DAEMON, p.Error(id=77, code="bad_message", message=problem)) in out
+    (rec,) = ask(f, CLIENT, p.GetResults, task_ids=[tid]).tasks
+    assert rec.status == "queued" and [(x.state, x.machine) for x in rec.attempts] == [("lost", "d1")]
+    assert "result refused" in rec.attempts[0].reason and "cpu_seconds" in rec.attempts[0].reason
+    assert slot(f, tid).state == "allocated"
+    other = Principal("tok-e", "daemon", "erin")
+    f.connect(DAEMON + 10, other)
+    (b,) = assigned(f.register("d2", "x", peer=DAEMON + 10))
+    assert (b.task_id, b.attempt) == (tid, 2)
+    f.handle(Received(DAEMON + 10, done(b.task_id, b.attempt, cpu_seconds=0.5)), now=T0 + 5)
+    s = slot(f, tid)
+    assert (s.state, s.machine, s.owner, s.credits) == ("claimed", "d2", "erin", 1)

@@ -92,10 +92,53 @@ def test_roles_allowed():
     assert p.Register in p.ALLOWED["daemon"] and p.Submit not in p.ALLOWED["daemon"]
     assert set(p.ALLOWED["admin"]) == set(p.ALLOWED["client"]) | set(p.ALLOWED["daemon"]) | {p.CreditLink, p.SetMachine, p.BlobGc}
     assert p.SetMachine not in p.ALLOWED["client"] and p.Progress in p.ALLOWED["daemon"]
-    # Claims and links are not a client's to make.
-    assert p.CreditClaim not in p.ALLOWED["client"] and p.CreditClaim in p.ALLOWED["daemon"]
+    # A client claims its own slots (the ledger checks whose); a daemon writes
+    # no slot at all (issue 18): its credits come from its results.
+    assert p.CreditClaim in p.ALLOWED["client"]
+    assert not set(p.CREDIT_WRITES) & set(p.ALLOWED["daemon"])
+    assert p.GetCreditTally in p.ALLOWED["daemon"]
     assert p.CreditLink not in p.ALLOWED["client"] and p.CreditLink not in p.ALLOWED["daemon"]
     assert p.BlobGc not in p.ALLOWED["client"] and p.BlobGc not in p.ALLOWED["daemon"]
+    text = p.forbidden_text("daemon", p.CreditClaim(id=1, slot="s", machine="m"))
+    assert "'credit_claim'" in text and "daemon token cannot allocate, claim" in text
+
+
+@pytest.mark.parametrize("where,value", [
+    ("cpu_seconds", "1e300"), ("cpu_seconds", "-1"), ("gpu_seconds", "1e400"), ("started", "-5"),
+    ("cpu_seconds", "NaN"), ("finished", "Infinity"), ("cpu_seconds", "-Infinity"),
+])
+def test_a_results_numbers_are_finite_non_negative_and_bounded(where, value):
+    """Issue 18 row 2: the error names the field, never a crash, also for
+    NaN/Infinity (not JSON, but Python's json writes them)."""
+    frame = '{"type": "task_done", "id": 3, "task_id": "t-1", "attempt": 2, "outcome": {"status": "finished", "%s": %s}}'
+    with pytest.raises(p.ProtocolError, match=rf"outcome\.{where}"):
+        p.decode(frame % (where, value))
+    assert p.refused_results(frame % (where, value)) == [("t-1", 2)]
+    ok = p.decode(frame % (where, "12.5"))
+    assert getattr(ok.outcome, where) == 12.5
+
+
+@pytest.mark.parametrize("stage_field,value", [("peak_ram", -1), ("duration", 1e300), ("cpu_percent", -3),
+                                               ("gpu_util", 1e300), ("gpu_mem", 2**60), ("cpu_time", -0.5)])
+def test_stage_and_command_numbers_are_bounded(stage_field, value):
+    stage = {"name": "s", "status": "finished", stage_field: value}
+    with pytest.raises(p.ProtocolError, match=stage_field):
+        p.decode(p.msgspec.json.encode({"type": "stage_done", "task_id": "t", "attempt": 1, "index": 0, "stage": stage}))
+    if stage_field in ("peak_ram", "duration", "cpu_time"):
+        cmd = {"cmd": "x", "exit_code": 0, stage_field: value}
+        outcome = {"status": "finished", "stages": [{"name": "s", "status": "finished", "commands": [cmd]}]}
+        frame = p.msgspec.json.encode({"type": "tasks_done", "id": 1, "done": [
+            {"type": "task_done", "id": 0, "task_id": "t-a", "attempt": 1, "outcome": {"status": "finished"}},
+            {"type": "task_done", "id": 0, "task_id": "t-b", "attempt": 4, "outcome": outcome}]})
+        with pytest.raises(p.ProtocolError, match=stage_field):
+            p.decode(frame)
+        assert p.refused_results(frame) == [("t-a", 1), ("t-b", 4)]
+
+
+def test_refused_results_reads_only_results():
+    assert p.refused_results('{"type": "heartbeat", "load": 5}') == []
+    assert p.refused_results("not json") == []
+    assert p.refused_results('{"type": "task_done", "task_id": 5}') == []
 
 
 def test_limits_are_sent_in_welcome():

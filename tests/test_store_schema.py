@@ -143,7 +143,7 @@ def test_a_schema_2_store_gets_the_credit_ledger_empty_with_a_backup(tmp_path):
     db.commit()
     db.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert store.session("s-2")["user"] == "alice"
     store.add_credit_slots([("x", "alice", None, None, 3, None, None, 1.0, None)])
     assert store.credit_slot("x")["state"] == "allocated"
@@ -167,10 +167,62 @@ def test_a_schema_3_store_gets_the_manager_api_columns_and_keeps_its_tasks(tmp_p
     db.commit()
     db.close()
     store = Store(path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     rows, total = store.list_tasks(user="alice")
     assert total == 1 and rows[0]["task_id"] == "t-3" and rows[0]["hidden"] == 0 and rows[0]["progress"] is None
     store.set_job_file("alice", "job-1", "a" * 64, 2.0)
     assert store.job_file("alice", "job-1") == "a" * 64 and store.job_file("bob", "job-1") is None
     assert (tmp_path / "hub.sqlite3.schema3.bak").exists()
+    store.close()
+
+
+def test_a_schema_4_store_gets_its_user_slots_named_per_user(tmp_path):
+    """Schema 5 keys a user's slot NAME as USER/NAME: old slots keep their
+    state, counters and meta; task slots keep their task id; then a second
+    user may use the same name."""
+    path = tmp_path / "hub.sqlite3"
+    store = Store(path)
+    store.add_credit_slots([
+        ("job-17", "alice", None, None, 5, None, None, 1.0, None),
+        ("bob/x", "alice", None, None, None, 1, 9, 1.0, 100.0),   # a name holding a slash
+        ("alice/x", "bob", None, None, 2, None, None, 1.0, None),  # would meet the one above
+        ("t-1", "alice", "s-1", "t-1", None, None, None, 1.0, None),
+    ])
+    store.set_credit_counters("job-17", {"events": 7})
+    store.set_credit_meta("job-17", {"tune": "A14"})
+    store.set_credit_counters("alice/x", {"events": 1})
+    store.claim_credit_slot("job-17", "m1", 5, None, 2.0, {})
+    store.claim_credit_slot("t-1", "m1", 3, "lab", 2.0, {"tasks": 1})
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=4")
+    db.commit()
+    db.close()
+
+    store = Store(path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert (tmp_path / "hub.sqlite3.schema4.bak").exists()
+    got = {r["slot"]: r for r in store.credit_slots()}
+    assert set(got) == {"alice/job-17", "alice/bob/x", "bob/alice/x", "t-1"}
+    assert (got["alice/job-17"]["state"], got["alice/job-17"]["credits"]) == ("claimed", 5)
+    assert got["alice/job-17"]["counters"] == {"events": 7} and got["alice/job-17"]["meta"] == {"tune": "A14"}
+    assert got["bob/alice/x"]["counters"] == {"events": 1} and got["bob/alice/x"]["user"] == "bob"
+    assert (got["alice/bob/x"]["min"], got["alice/bob/x"]["max"], got["alice/bob/x"]["expires"]) == (1, 9, 100.0)
+    assert got["t-1"]["counters"] == {"tasks": 1} and got["t-1"]["owner"] == "lab"
+    assert {r["key"]: r["credits"] for r in store.credit_tally("machine")} == {"m1": 8}
+    store.close()
+
+    store = Store(path)  # opened again: migrated once, not twice
+    assert {r["slot"] for r in store.credit_slots()} == {"alice/job-17", "alice/bob/x", "bob/alice/x", "t-1"}
+    store.close()
+
+    # through the core: alice's "job-17" is hers, and bob may have his own
+    store = Store(path)
+    core = HubCore(store, BlobStore(tmp_path / "blobs"), p.Limits(), now=3.0)
+    core.handle(Connected(1, Principal("tok-a", "client", "alice"), p.PROTOCOL_VERSION),
+                Connected(2, Principal("tok-b", "client", "bob"), p.PROTOCOL_VERSION), now=3.0)
+    (mine,) = core.handle(Received(1, p.GetCreditSlots(id=1, slots=["job-17"])), now=3.0)
+    assert [(s.slot, s.state, s.counters) for s in mine.msg.slots] == [("job-17", "claimed", {"events": 7})]
+    (new,) = core.handle(Received(2, p.CreditAlloc(id=2, slot="job-17", credits=1)), now=3.0)
+    assert isinstance(new.msg, p.Ok), new
     store.close()
