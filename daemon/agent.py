@@ -354,6 +354,9 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        if self.pyworkers is not None:
+            # Nothing of another user may stay on the slot's uid, shell tasks included.
+            await self.pyworkers.keep_only(slot, msg.user_key)
         if self.pyworkers is not None and any(st.call is not None for st in msg.spec.stages):
             # Started before ``since``: a warm worker is not this task's leftover.
             try:

@@ -11,9 +11,13 @@ interpreter start.  It is replaced:
   hub retries the task), while idle it is simply started again;
 * on timeout or cancel: the call cannot be interrupted politely, so the
   worker's process group is SIGKILLed;
-* when the next task is another user's (``user_key``): a warm interpreter
-  carries state from one call to the next (modules, monkeypatches, threads),
-  which one user may use for itself but must not leave to another.
+* when the next task is another user's (``user_key``), be it a call or a
+  shell task (``keep_only``, before the task runs): a warm interpreter
+  carries state from one call to the next (modules, monkeypatches, threads,
+  secrets in its memory), which one user may use for itself but must not
+  leave to another; it is SIGKILLed and reaped first.  Workers also make
+  themselves non-dumpable (pyworker.py), so no other process of the uid may
+  ptrace them or read their ``/proc/PID/mem``.
 
 A per-slot uid's leftovers are killed after every task by ``kill(-1)``
 as that uid (leftovers.py), which spares nothing of the uid: the agent
@@ -244,19 +248,36 @@ class PyWorkers:
         if w is not None and w.alive and w.user_key == user_key and w.served < self.max_tasks:
             return w
         if w is not None:
-            await self._retire(w)
+            await self._retire(w, kill=w.user_key != user_key)
         w = await self._start(slot, user, user_key)
         self._workers[slot] = w
         return w
 
-    async def _retire(self, w: Worker) -> None:
+    async def keep_only(self, slot: int, user_key: str) -> bool:
+        """Before any task runs on ``slot``: retire its worker (killed and
+        reaped) unless it is this user's (an empty key is nobody's); True
+        if one was retired.  A shell task of another user on the slot's uid
+        must find no process of the previous user there."""
+        w = self._workers.get(slot)
+        if w is None or (w.user_key == user_key and user_key):
+            return False
+        await self._retire(w, kill=True)
+        return True
+
+    async def _retire(self, w: Worker, kill: bool = False) -> None:
+        """Stop ``w``: close its channel (an idle worker leaves by itself) or,
+        with ``kill``, SIGKILL it at once; either way wait until it is reaped."""
         self._workers.pop(w.slot, None)
+        if kill:
+            w.kill()
         w.close()
         if w.alive:
-            try:  # an idle worker leaves at once when its channel closes
+            try:
                 await asyncio.wait_for(asyncio.shield(w.exited), 2.0)
             except Exception:
                 w.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(w.exited), 5.0)
 
     async def _start(self, slot: int, user: Optional["TaskUser"], user_key: str) -> Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -82,7 +82,7 @@ PEEK = r"""
 import ctypes, os, sys, subprocess
 needle = sys.argv[1].encode()
 for pid in os.listdir("/proc"):
-    if not pid.isdigit() or int(pid) == os.getpid():
+    if not pid.isdigit() or int(pid) in (os.getpid(), os.getppid()):  # not this script nor its shell
         continue
     try:
         cmd = open(f"/proc/{pid}/cmdline", "rb").read()
@@ -120,15 +120,18 @@ for pid in os.listdir("/proc"):
         libc.ptrace(17, int(pid), 0, 0)  # PTRACE_DETACH, and it runs on
     else:
         print("PTRACE-REFUSED", os.strerror(ctypes.get_errno()))
-    gdb = subprocess.run(["timeout", "30", "gdb", "-nx", "-batch", "-p", pid, "-ex", "print 6*7"],
+    gdb = subprocess.run(["timeout", "30", "gdb", "-nx", "-batch", "-p", pid, "-ex", "print (int)getpid()"],
                          capture_output=True, text=True)
-    print("GDB-ATTACHED" if "$1 = 42" in gdb.stdout else "GDB-REFUSED", flush=True)
+    print("GDB-ATTACHED" if f"$1 = {pid}" in gdb.stdout else "GDB-REFUSED", flush=True)
 EOF
 """
 
 
 @needs_root
-def test_another_users_shell_task_cannot_read_or_ptrace_a_warm_worker(lone):
+@pytest.mark.parametrize("attacker", ["user-b", "user-a"])
+def test_a_shell_task_cannot_read_or_ptrace_a_warm_worker(lone, attacker):
+    """user-b's task: the worker of user-a is retired before it runs; user-a's
+    own shell task: the worker stays warm but is not dumpable."""
     c = lone()
     a, b = _users(c)
     try:
@@ -138,7 +141,7 @@ def test_another_users_shell_task_cannot_read_or_ptrace_a_warm_worker(lone):
         # user-a's next call still finds its secret: the worker stays warm for user-a.
         assert a.submit(_read_secret, hardware={"daemon": "daemon-1"}).result(timeout=120) == secret
 
-        attack = _shell(b, f"set -- {secret}\n{PEEK}", daemon="daemon-1")
+        attack = _shell(b if attacker == "user-b" else a, f"set -- {secret}\n{PEEK}", daemon="daemon-1")
         assert attack.ok, (attack.error, attack.output)
         out = attack.output
         assert "FOUND-SECRET" not in out and "PTRACE-ATTACHED" not in out and "GDB-ATTACHED" not in out, out
