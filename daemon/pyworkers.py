@@ -51,6 +51,7 @@ from .runner import exit_text
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
+    from .isolation import Box
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +229,11 @@ class PyWorkers:
     """The warm workers of one daemon, by slot."""
 
     def __init__(self, runtime: PythonRuntime, *, max_tasks: int = 1000,
-                 env: Optional[Mapping[str, str]] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None, box: Optional["Box"] = None) -> None:
         if max_tasks < 1:
             raise ValueError("max_tasks must be at least 1")
         self.runtime = runtime
+        self.box = box  # the workers' walls (isolation.py): namespaces and a hidepid /proc
         self.max_tasks = max_tasks
         base = dict(os.environ) if env is None else dict(env)
         self._env = {k: v for k, v in base.items() if not k.startswith("HWF_")}
@@ -286,7 +288,7 @@ class PyWorkers:
         try:
             sp = spawners.current()
             spawned = await sp.spawn(self.runtime.argv[0], self.runtime.argv, self._env, "/", user,
-                                     [theirs.fileno(), out_w, err_w])
+                                     [theirs.fileno(), out_w, err_w], box=self.box if user is not None else None)
         except BaseException as exc:
             ours.close()
             os.close(out_r)

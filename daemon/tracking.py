@@ -70,6 +70,7 @@ from .shellwords import SHELL, direct
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
+    from .isolation import Box
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +263,12 @@ class TrackedProcess:
         sample_interval: float = 0.05,
         track_ram: bool = True,
         stdin: Optional[bytes] = None,
+        box: Optional["Box"] = None,
     ) -> "TrackedProcess":
         """Start ``cmd`` in ``cwd`` with ``env`` (None: this process's) as
         ``user`` (None: as this process); ``stdin``: bytes to give it (None:
-        /dev/null)."""
+        /dev/null); ``box``: the task's walls (isolation.py; another user's
+        commands only)."""
         self = cls(cmd, sample_interval=sample_interval, track_ram=track_ram)
         loop = asyncio.get_running_loop()
         cwd = os.fspath(cwd)
@@ -274,7 +277,7 @@ class TrackedProcess:
         if user is None:
             threaded = self._start_here(loop, cmd, cwd, env, plan, stdin)
         else:
-            await self._start_as(loop, cmd, cwd, env, plan, user, stdin)
+            await self._start_as(loop, cmd, cwd, env, plan, user, stdin, box)
             threaded = False
         # A psutil handle pins the process's identity (pid + start time).
         # Made lazily when nothing samples: the pid stays ours until it is
@@ -315,7 +318,8 @@ class TrackedProcess:
         return threaded
 
     async def _start_as(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
-                        plan: Any, user: "TaskUser", stdin: Optional[bytes] = None) -> None:
+                        plan: Any, user: "TaskUser", stdin: Optional[bytes] = None,
+                        box: Optional["Box"] = None) -> None:
         """Have the spawner start the command as ``user``."""
         sp = _spawner.current()
         out_r, out_w = os.pipe()
@@ -325,10 +329,10 @@ class TrackedProcess:
             fds = [_devnull() if in_r < 0 else in_r, out_w, err_w]
             if plan is not None:
                 spawned = await sp.spawn(plan.exe, plan.argv, plan.env, cwd, user, fds,
-                                         fallback=(SHELL, shell_argv(cmd), env))
+                                         fallback=(SHELL, shell_argv(cmd), env), box=box)
                 self.direct = not spawned.fell_back
             else:
-                spawned = await sp.spawn(SHELL, shell_argv(cmd), env, cwd, user, fds)
+                spawned = await sp.spawn(SHELL, shell_argv(cmd), env, cwd, user, fds, box=box)
         except BaseException:
             os.close(out_r)
             os.close(err_r)

@@ -1,0 +1,248 @@
+"""A task alone on its machine: the walls around each task, and the ones missing.
+
+Per-slot uids (accounts.py) keep tasks of different slots out of each
+other's files; what a uid cannot wall off is what every user shares: the
+world-writable dirs (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``),
+SysV IPC, ``/proc`` (every command line, ``--password=...`` included), and
+the machine's processes and memory.  So a daemon running as root starts
+each command of a task (spawnerd.py, in the child, before the uid switch):
+
+* in a mount and an IPC namespace of its own, with the task's private dir
+  (``<task dir>/.hwf-tmp``, 0700, the slot uid's, removed with the task dir)
+  bound over every shared dir: the task's stages share it, nobody else sees
+  it, and it counts toward the task's disk;
+* with a fresh procfs mounted ``hidepid=2`` on ``/proc``: a task sees its own
+  uid's processes only (the spawned pid stays the daemon's to track);
+* in the task's cgroup (cgroups.py): ``--task-max-pids`` processes,
+  ``--task-memory`` bytes (at least the task's ``ram`` requirement);
+
+and polls the size of its dir every ``DISK_POLL`` seconds against
+``--task-disk``, as HTCondor does.  A task beyond a limit is stopped and
+fails with the limit and its flag named.
+
+Warm Python workers live across tasks (of one user), so they get the
+namespaces and hidepid ``/proc`` but keep the host's dirs; what their slot
+uid leaves in the shared dirs is removed after the task (leftovers.py).
+
+Measured (bench/isolation.py, 2 cores, root): see the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional
+
+from .cgroups import DaemonCgroups, Layout, TaskCgroup
+
+if TYPE_CHECKING:
+    from .accounts import TaskAccounts
+
+log = logging.getLogger(__name__)
+
+SHARED_NAMES = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+DEFAULT_MAX_PIDS = 4096
+DEFAULT_DISK = 10 * 2**30
+DISK_POLL = 1.0  # s between two looks at a task's disk use (and its cgroup's counters)
+Mode = Literal["auto", "none"]
+
+
+def shared_dirs(names: tuple[str, ...] = SHARED_NAMES) -> tuple[str, ...]:
+    """The world-writable dirs of this machine among ``names``, resolved, once each."""
+    seen: list[str] = []
+    for name in names:
+        try:
+            real = os.path.realpath(name)
+            st = os.stat(real)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH and real not in seen:
+            seen.append(real)
+    return tuple(seen)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of disk under ``path`` (allocated blocks; links not followed)."""
+    total = 0
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} bytes"
+
+
+@dataclass
+class Box:
+    """What walls in one task's commands; ``wire()`` is what the spawner gets."""
+
+    tmp: Optional[str]  # bound over ``shared`` (None: the shared dirs stay)
+    shared: tuple[str, ...] = ()
+    cgroup: Optional[TaskCgroup] = None
+    disk_path: Optional[Path] = None
+    disk_limit: Optional[int] = None
+    _counts: tuple[int, int] = (0, 0)
+    breached: Optional[str] = field(default=None)
+
+    def wire(self) -> tuple[Optional[str], list[str], list[str]]:
+        return (self.tmp, list(self.shared) if self.tmp else [], self.cgroup.procs if self.cgroup else [])
+
+    def breach(self, disk: Optional[int] = None) -> Optional[str]:
+        """The limit the task went past (its text, flag named), or None."""
+        if self.breached is None and self.cgroup is not None:
+            cg = self.cgroup
+            if cg.pids_refused() > self._counts[0]:
+                self.breached = (f"hit the task's process limit ({cg.max_pids} processes, "
+                                 "hwf daemon --task-max-pids)")
+            elif cg.memory is not None and cg.oom_kills() > self._counts[1]:
+                self.breached = (f"hit the task's memory limit ({_size(cg.memory)}, "
+                                 "hwf daemon --task-memory)")
+        if self.breached is None and disk is not None and self.disk_limit is not None and disk > self.disk_limit:
+            self.breached = (f"hit the task's disk limit ({_size(self.disk_limit)} in its dir and private /tmp, "
+                             "hwf daemon --task-disk)")
+        return self.breached
+
+
+class Walls:
+    """A daemon's isolation: what it can do here, and each task's ``Box``."""
+
+    def __init__(self, mode: Mode, accounts: "TaskAccounts", daemon: str, *, slots: int,
+                 max_pids: int = DEFAULT_MAX_PIDS, memory: Optional[int] = None,
+                 disk: Optional[int] = DEFAULT_DISK, total_ram: Optional[int] = None) -> None:
+        self.mode = mode
+        self.max_pids = max_pids
+        self.memory = memory if memory is not None else (total_ram // max(slots, 1) if total_ram else None)
+        self.disk = disk
+        self.shared = shared_dirs()
+        self.problems: list[str] = []  # one line per isolation this daemon cannot give
+        self.namespaces = False
+        self.cgroups: Optional[DaemonCgroups] = None
+        if mode == "none":
+            self.problems.append("isolation is off (--isolation none): tasks share /tmp, /var/tmp and /dev/shm, "
+                                 "see every process in /proc, and have no process, memory or disk limit")
+            return
+        others = accounts.mode != "self"
+        if os.geteuid() != 0 or not others:
+            why = "this daemon is not root" if os.geteuid() != 0 else "tasks run as the daemon's own user (--run-as self)"
+            self.problems += [
+                f"no private /tmp, /var/tmp, /dev/shm per task ({why}; each task gets its own TMPDIR only): "
+                "run the daemon as root, on a kernel with mount namespaces",
+                f"tasks see every process of this machine in /proc, command lines included ({why}): "
+                "run the daemon as root (procfs hidepid=2 in a mount namespace)",
+                f"no per-task process or memory limit in a cgroup ({why}; memory falls back to RLIMIT_AS, "
+                "processes are not limited): run the daemon as root with the pids and memory cgroup controllers",
+            ]
+            return
+        problem = probe_namespaces()
+        if problem:
+            self.problems += [
+                f"no private /tmp, /var/tmp, /dev/shm per task: {problem}; the operator must allow mount "
+                "and IPC namespaces (unshare) to root",
+                f"tasks see every process of this machine in /proc: {problem}",
+            ]
+        else:
+            self.namespaces = True
+        layout, why = Layout.detect()
+        if layout is None:
+            self.problems.append(f"no per-task process or memory limit: {why}; the operator must mount the "
+                                 "pids and memory cgroup controllers (v1 or v2) writable by root")
+        else:
+            try:
+                self.cgroups = DaemonCgroups(layout, daemon)
+            except OSError as exc:
+                self.problems.append(f"no per-task process or memory limit: cannot make cgroups ({exc})")
+
+    def describe(self) -> list[str]:
+        """What the daemon does (a log line each)."""
+        lines = []
+        if self.namespaces:
+            lines.append(f"each task has a private {', '.join(self.shared)} and sees only its own processes "
+                         "(mount and IPC namespaces, /proc hidepid=2)")
+        if self.cgroups is not None:
+            mem = _size(self.memory) if self.memory else "no"
+            lines.append(f"each task runs in a cgroup (v{self.cgroups.layout.version}): at most {self.max_pids} "
+                         f"processes (--task-max-pids), {mem} memory or its ram requirement (--task-memory)")
+        if self.disk is not None and self.mode != "none":
+            lines.append(f"each task may use {_size(self.disk)} of disk in its dir and private /tmp (--task-disk)")
+        return lines
+
+    def box(self, name: str, taskdir: Path, hardware: Mapping[str, Any], tmp: Optional[Path]) -> Optional[Box]:
+        """The walls of one task (its cgroup made now), or None when isolation is off."""
+        if self.mode == "none":
+            return None
+        box = Box(tmp=str(tmp) if self.namespaces and tmp is not None else None, shared=self.shared,
+                  disk_path=taskdir, disk_limit=self.disk)
+        if self.cgroups is not None:
+            memory = self.memory
+            want = _ram_of(hardware)
+            if want is not None and (memory is None or want > memory):
+                memory = want
+            box.cgroup = self.cgroups.create(name, self.max_pids, memory)
+            box._counts = (box.cgroup.pids_refused(), box.cgroup.oom_kills())
+        return box
+
+    def worker_box(self) -> Optional[Box]:
+        """A warm worker's walls: namespaces and hidepid, the host's dirs."""
+        return Box(tmp=None) if self.namespaces else None
+
+    async def watch(self, box: Box, stop: Any) -> None:
+        """Poll the task's disk and cgroup counters until a limit is past; then
+        ``stop(text)``.  Cancelled when the task ends."""
+        while True:
+            await asyncio.sleep(DISK_POLL)
+            disk = None
+            if box.disk_limit is not None and box.disk_path is not None:
+                disk = await asyncio.to_thread(disk_usage, box.disk_path)
+            text = box.breach(disk)
+            if text is not None:
+                stop(text)
+                return
+
+    def release(self, box: Optional[Box]) -> bool:
+        """Remove the task's cgroup (its processes are gone); False if it is still busy."""
+        if box is None or box.cgroup is None:
+            return True
+        return box.cgroup.remove()
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+
+def _ram_of(hardware: Mapping[str, Any]) -> Optional[int]:
+    from hub_server.hardware import parse_size
+
+    value = hardware.get("ram") if hardware else None
+    if value is None or value == "any":
+        return None
+    try:
+        return parse_size(value)
+    except ValueError:
+        return None
+
+
+def probe_namespaces() -> Optional[str]:
+    """None if a child can unshare mount and IPC namespaces and mount a
+    hidepid procfs here; else why not."""
+    from .spawner import spawner_argv
+
+    try:
+        done = subprocess.run(spawner_argv("--probe"), capture_output=True, text=True, timeout=30, env={})
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the probe could not run ({exc})"
+    if done.returncode != 0:
+        return (done.stderr.strip().splitlines() or ["the probe failed"])[-1]
+    return None
