@@ -37,7 +37,7 @@ from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, Ta
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
-from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS, Box, Walls
+from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS, Box, Walls, disk_usage
 from .leftovers import kill_leftovers, last_pid, remove_files_of
 from .load import sample_load
 from .output import OutputPump
@@ -458,6 +458,13 @@ class Daemon:
                 calls=CallContext(self.pyworkers, slot, user, msg.user_key, self.config.grid_handler),
                 box=box,
             )
+            if box is not None and outcome.status == "finished":
+                # A task quicker than the disk poll: one look at what it left.
+                text = box.breach(disk_usage(taskdir) if box.disk_limit is not None else None)
+                if text is not None:
+                    last = outcome.stages[-1].name if outcome.stages else "?"
+                    outcome.status, outcome.exit_code, outcome.reason = "failed", None, LIMIT
+                    outcome.error = f"stage {last!r} {text}"
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)
             outcome = p.TaskOutcome(status="failed", error=f"daemon error: {exc!r}", reason="daemon_error",

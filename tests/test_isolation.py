@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
+from waiting import wait_until
 
 from hwf_jupyter import LocalCluster, Stage, Task, dispatch_sync
 
@@ -153,3 +156,181 @@ def test_a_shell_task_cannot_read_or_ptrace_a_warm_worker(lone, attacker):
     finally:
         a.close_sync()
         b.close_sync()
+
+
+# ------------------------------------------------ row 8: another task's command line
+
+
+def _wait_running(hub, ids, marker: str) -> None:
+    """Until the task runs and its process (``marker`` on its command line) exists."""
+    def seen():
+        [r] = hub.get_result_sync(list(ids))
+        if r.status != "running":
+            return False
+        return any(marker in " ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
+    wait_until(seen, timeout=60, what="user-a's task to run")
+
+
+HUNT_CMDLINES = r"""
+for f in /proc/[0-9]*/cmdline; do tr '\0' ' ' < "$f" 2>/dev/null; echo; done > seen.txt
+ps auxww >> seen.txt 2>&1
+grep -c . seen.txt | sed 's/^/lines: /'
+grep -o 'hunter-[a-z0-9]*' seen.txt | sort -u
+grep -o 'password=[A-Za-z0-9-]*' seen.txt | sort -u | sed 's/^/STOLEN /'
+"""
+
+
+@needs_root
+def test_a_task_cannot_read_the_command_line_of_another_users_task(lone):
+    c = lone(slots=2)
+    a, b = _users(c)
+    try:
+        before = _shell(a, "echo stored")
+        password = f"pw-{uuid.uuid4().hex}"
+        victim = dispatch_sync(Task(Stage("v", cmd=f"sleep 60; : --password={password}")), a)
+        _wait_running(a, victim, password)
+        try:
+            r = _shell(b, f": hunter-{password[3:11]}\n{HUNT_CMDLINES}")
+        finally:
+            a.cancel_sync(victim)
+        assert r.ok, (r.error, r.output)
+        assert f"hunter-{password[3:11]}" in r.output  # the hunt read /proc: it saw itself
+        assert "STOLEN password=pw-" not in r.output and password not in r.output, r.output
+        _assert_still_serves(a, before)
+    finally:
+        a.close_sync()
+        b.close_sync()
+
+
+# ------------------------------------------------ row 9: what one task leaves behind
+
+
+LEAVE = r"""
+umask 077
+for d in /tmp /var/tmp /dev/shm; do echo "secret-$1" > "$d/hwf-left-$1"; done
+ipcmk -M 4096 -p 0600 | sed 's/^/ipc: /'
+ipcs -m | grep -c '^0x' | sed 's/^/segments: /'
+"""
+
+FIND = r"""
+for d in /tmp /var/tmp /dev/shm; do cat "$d/hwf-left-$1" 2>/dev/null | sed "s|^|FOUND $d |"; done
+ipcs -m | grep -c '^0x' | sed 's/^/segments: /'
+true
+"""
+
+
+def _host_file_of_call(name: str) -> str:
+    """A Python call writes into the host's /tmp (workers keep the host's dirs)."""
+    path = f"/tmp/{name}"
+    with open(path, "w") as f:
+        f.write("from a call")
+    return path
+
+
+@needs_root
+def test_files_and_ipc_a_task_leaves_are_not_another_users(lone):
+    c = lone()
+    a, b = _users(c)
+    tag = uuid.uuid4().hex[:12]
+    try:
+        left = _shell(a, f"set -- {tag}\n{LEAVE}", daemon="daemon-1")
+        assert left.ok, (left.error, left.output)
+        assert "ipc: " in left.output
+        # Nothing of it reached the machine's own dirs.
+        for d in ("/tmp", "/var/tmp", "/dev/shm"):
+            assert not os.path.exists(f"{d}/hwf-left-{tag}")
+
+        found = _shell(b, f"set -- {tag}\n{FIND}", daemon="daemon-1")
+        assert found.ok, (found.error, found.output)
+        assert "FOUND" not in found.output, found.output
+        assert "segments: 0" in found.output, found.output  # its own IPC namespace: none of user-a's
+
+        # A Python call writes outside the task's private dirs: removed after its task.
+        path = a.submit(_host_file_of_call, f"hwf-call-{tag}", hardware={"daemon": "daemon-1"}).result(timeout=120)
+        wait_until(lambda: not os.path.exists(path), timeout=30, what="the call's /tmp file to be removed")
+        _assert_still_serves(a, left)
+    finally:
+        a.close_sync()
+        b.close_sync()
+
+
+@needs_root
+def test_the_stages_of_one_task_share_its_private_tmp(lone):
+    c = lone()
+    a = c.hub()
+    tag = uuid.uuid4().hex[:12]
+    try:
+        task = Task(Stage("write", cmd=f"echo kept-{tag} > /tmp/x-{tag}; echo shm > /dev/shm/y-{tag}"),
+                    Stage("read", cmd=[f"cat /tmp/x-{tag}", f"cat /dev/shm/y-{tag}", "ls -ld /tmp | cut -c1-10"]))
+        [r] = a.get_result_sync(dispatch_sync(task, a), wait=True, timeout=120)
+        assert r.ok, (r.error, r.output)
+        got = [cmd.stdout.strip() for cmd in r.stages[1].commands]
+        assert got == [f"kept-{tag}", "shm", "drwx------"], got  # the task's own dir, nobody else's
+        assert not os.path.exists(f"/tmp/x-{tag}") and not os.path.exists(f"/dev/shm/y-{tag}")
+    finally:
+        a.close_sync()
+
+
+# ------------------------------------------------ row 9: limits per task
+
+
+LIMITS = ("--task-max-pids", "50", "--task-memory", "200MB", "--task-disk", "50MB")
+
+
+def _hwf_cgroups(c: LocalCluster) -> list[str]:
+    """The task cgroups the cluster's daemon has now (v1 pids hierarchy)."""
+    pid = c.daemon_processes["daemon-1"].pid
+    top = Path("/sys/fs/cgroup/pids/hwf")
+    return [str(t) for d in top.glob(f"*.{pid}") for t in d.iterdir() if t.is_dir()]
+
+
+@needs_root
+@pytest.mark.parametrize("attack, limit, flag", [
+    # Bounded: 200 sleeps at most, each gone with the task.
+    ("for i in $(seq 200); do sleep 60 & done; wait", "process limit (50 processes", "--task-max-pids"),
+    ("/usr/bin/python3 -c \"b = b'x' * (400 * 2**20); import time; time.sleep(30)\"",
+     "memory limit (200 MiB", "--task-memory"),
+    ("head -c 120M /dev/zero > big; sleep 30", "disk limit (50 MiB", "--task-disk"),
+    ("head -c 120M /dev/zero > /dev/shm/fill", "disk limit (50 MiB", "--task-disk"),
+], ids=["fork-bomb", "memory-hog", "disk-filler", "shm-filler"])
+def test_a_task_past_its_limit_fails_naming_it_and_the_machine_goes_on(lone, attack, limit, flag):
+    c = lone(*LIMITS)
+    a, b = _users(c)
+    try:
+        before = _shell(a, "echo stored")
+        r = _shell(b, attack)
+        assert r.status == "failed", (r.status, r.error, r.output)
+        assert limit in r.error and f"hwf daemon {flag}" in r.error, r.error
+        assert r.error.startswith("stage 's' hit the task's "), r.error
+        assert c.daemon_processes["daemon-1"].poll() is None  # the daemon is up
+        _assert_still_serves(a, before)
+        assert _shell(b, "echo again").ok  # the attacker's next normal task runs too
+        wait_until(lambda: not _hwf_cgroups(c), timeout=30, what="the task cgroups to be removed")
+    finally:
+        a.close_sync()
+        b.close_sync()
+
+
+# ------------------------------------------------ where the daemon cannot isolate
+
+
+def test_a_daemon_that_cannot_isolate_says_what_it_cannot_do(lone):
+    c = lone("--run-as", "self")
+    log = (c.log_dir / "daemon-1.log").read_text()
+    lines = [ln for ln in log.splitlines() if "cannot isolate:" in ln]
+    assert len(lines) == 3, log
+    tmp, proc, limits = lines
+    assert "no private /tmp, /var/tmp, /dev/shm per task" in tmp and "run the daemon as root" in tmp
+    assert "namespaces" in tmp
+    assert "see every process of this machine in /proc" in proc and "root" in proc
+    assert "no per-task process or memory limit" in limits and "cgroup" in limits and "RLIMIT_AS" in limits
+    r = _shell(c.hub(), "echo fine")
+    assert r.ok and r.output.strip() == "fine"
+
+
+def test_isolation_none_says_it_is_off(lone):
+    c = lone("--isolation", "none")
+    log = (c.log_dir / "daemon-1.log").read_text()
+    assert "cannot isolate: isolation is off (--isolation none)" in log, log
+    r = _shell(c.hub(), "echo fine")
+    assert r.ok and r.output.strip() == "fine"
