@@ -404,12 +404,10 @@ class Daemon:
             if taskdir is None:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
-                           home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None,
-                           extra=msg.spec.env)
-            if user is not None:
-                box = self.walls.box(name, taskdir, msg.spec.hardware, taskdir / TMP_NAME)
-                if box is not None:
-                    watch = asyncio.ensure_future(self.walls.watch(box, lambda text: cancel.set(LIMIT, text)))
+                           home=taskdir, tmpdir=taskdir / TMP_NAME, extra=msg.spec.env)
+            box = self.walls.box(name, taskdir, msg.spec.hardware, taskdir / TMP_NAME if user is not None else None)
+            if box is not None:
+                watch = asyncio.ensure_future(self.walls.watch(box, lambda text: cancel.set(LIMIT, text)))
             began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
             if all(st.call is not None for st in msg.spec.stages):
                 # Most calls end within milliseconds: their result says when they

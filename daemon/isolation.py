@@ -94,6 +94,7 @@ class Box:
     cgroup: Optional[TaskCgroup] = None
     disk_path: Optional[Path] = None
     disk_limit: Optional[int] = None
+    rlimit_as: Optional[int] = None  # the fallback without cgroups: RLIMIT_AS, set just after the start
     _counts: tuple[int, int] = (0, 0)
     breached: Optional[str] = field(default=None)
 
@@ -124,6 +125,7 @@ class Walls:
                  disk: Optional[int] = DEFAULT_DISK, total_ram: Optional[int] = None) -> None:
         self.mode = mode
         self.max_pids = max_pids
+        self.rlimit_as: Optional[int] = None  # RLIMIT_AS per command, where no cgroup can limit memory
         self.memory = memory if memory is not None else (total_ram // max(slots, 1) if total_ram else None)
         self.disk = disk
         self.shared = shared_dirs()
@@ -137,13 +139,17 @@ class Walls:
         others = accounts.mode != "self"
         if os.geteuid() != 0 or not others:
             why = "this daemon is not root" if os.geteuid() != 0 else "tasks run as the daemon's own user (--run-as self)"
+            # Only when asked: RLIMIT_AS counts address space, which some runtimes reserve by the GiB.
+            self.rlimit_as = memory
+            mem = (f"memory falls back to RLIMIT_AS of {_size(memory)} (--task-memory)" if memory
+                   else "memory falls back to RLIMIT_AS only with --task-memory")
             self.problems += [
                 f"no private /tmp, /var/tmp, /dev/shm per task ({why}; each task gets its own TMPDIR only): "
                 "run the daemon as root, on a kernel with mount namespaces",
                 f"tasks see every process of this machine in /proc, command lines included ({why}): "
                 "run the daemon as root (procfs hidepid=2 in a mount namespace)",
-                f"no per-task process or memory limit in a cgroup ({why}; memory falls back to RLIMIT_AS, "
-                "processes are not limited): run the daemon as root with the pids and memory cgroup controllers",
+                f"no per-task process or memory limit in a cgroup ({why}; {mem}, processes are not limited): "
+                "run the daemon as root with the pids and memory cgroup controllers",
             ]
             return
         problem = probe_namespaces()
@@ -184,7 +190,7 @@ class Walls:
         if self.mode == "none":
             return None
         box = Box(tmp=str(tmp) if self.namespaces and tmp is not None else None, shared=self.shared,
-                  disk_path=taskdir, disk_limit=self.disk)
+                  disk_path=taskdir, disk_limit=self.disk, rlimit_as=self.rlimit_as)
         if self.cgroups is not None:
             memory = self.memory
             want = _ram_of(hardware)

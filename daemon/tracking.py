@@ -111,6 +111,18 @@ def _popen(argv: list[str], exe: str, cwd: str, env: Mapping[str, str], stdin: b
     )
 
 
+def _limit_memory(pid: int, limit: int) -> None:
+    """The fallback where no cgroup limits memory (isolation.py): RLIMIT_AS
+    on the started command, set from outside (the vfork path has no hook
+    before the exec), so it starts a moment before its limit does."""
+    import resource
+
+    try:
+        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError) as exc:
+        log.debug("RLIMIT_AS on pid %d: %s", pid, exc)
+
+
 def _devnull() -> int:
     global _devnull_fd
     if _devnull_fd is None:
@@ -276,6 +288,8 @@ class TrackedProcess:
         plan = direct(cmd, env, cwd, user)
         if user is None:
             threaded = self._start_here(loop, cmd, cwd, env, plan, stdin)
+            if box is not None and box.rlimit_as:
+                _limit_memory(self.pid, box.rlimit_as)
         else:
             await self._start_as(loop, cmd, cwd, env, plan, user, stdin, box)
             threaded = False

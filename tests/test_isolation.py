@@ -314,8 +314,8 @@ def test_a_task_past_its_limit_fails_naming_it_and_the_machine_goes_on(lone, att
 # ------------------------------------------------ where the daemon cannot isolate
 
 
-def test_a_daemon_that_cannot_isolate_says_what_it_cannot_do(lone):
-    c = lone("--run-as", "self")
+def test_a_daemon_that_cannot_isolate_says_what_it_cannot_do_and_falls_back(lone):
+    c = lone("--run-as", "self", "--task-memory", "200MB")
     log = (c.log_dir / "daemon-1.log").read_text()
     lines = [ln for ln in log.splitlines() if "cannot isolate:" in ln]
     assert len(lines) == 3, log
@@ -323,9 +323,20 @@ def test_a_daemon_that_cannot_isolate_says_what_it_cannot_do(lone):
     assert "no private /tmp, /var/tmp, /dev/shm per task" in tmp and "run the daemon as root" in tmp
     assert "namespaces" in tmp
     assert "see every process of this machine in /proc" in proc and "root" in proc
-    assert "no per-task process or memory limit" in limits and "cgroup" in limits and "RLIMIT_AS" in limits
-    r = _shell(c.hub(), "echo fine")
-    assert r.ok and r.output.strip() == "fine"
+    assert "no per-task process or memory limit" in limits and "cgroup" in limits
+    assert "RLIMIT_AS of 200 MiB (--task-memory)" in limits
+    hub = c.hub()
+    try:
+        # The fallbacks: a TMPDIR of the task's own, and RLIMIT_AS.
+        r = _shell(hub, 'echo "$TMPDIR"; test -d "$TMPDIR" && test -w "$TMPDIR" && echo usable')
+        assert r.ok, (r.error, r.output)
+        assert r.output.splitlines()[0].endswith("/.hwf-tmp") and "usable" in r.output
+        # RLIMIT_AS is set a moment after the start (no hook before the exec on the vfork path).
+        hog = _shell(hub, "/usr/bin/python3 -c \"import time; time.sleep(0.2); b = b'x' * (400 * 2**20)\"")
+        assert hog.status == "failed" and "MemoryError" in hog.stages[0].commands[0].stderr, hog.error
+        _assert_still_serves(hub, r)
+    finally:
+        hub.close_sync()
 
 
 def test_isolation_none_says_it_is_off(lone):
