@@ -136,7 +136,7 @@ class Daemon:
             log.warning("cannot isolate: %s", line)
         for line in self.walls.describe():
             log.info("%s", line)
-        self.pyworkers = (PyWorkers(runtime, max_tasks=config.python_max_tasks, box=self.walls.worker_box())
+        self.pyworkers = (PyWorkers(runtime, max_tasks=config.python_max_tasks, boxes=self.walls.worker_box)
                           if runtime is not None else None)
         self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler,
                                                     engines=CONTAINER_ENGINES if config.containers else ())
@@ -387,7 +387,6 @@ class Daemon:
         progress: Optional[ProgressReporter] = None
         taskdir: Optional[Path] = None
         box: Optional[Box] = None
-        watch: Optional[asyncio.Future] = None
         cleaned = False
 
         async def clean() -> None:
@@ -405,9 +404,9 @@ class Daemon:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME, extra=msg.spec.env)
-            box = self.walls.box(name, taskdir, msg.spec.hardware, taskdir / TMP_NAME if user is not None else None)
+            box = self.walls.box(slot, taskdir, msg.spec.hardware, taskdir / TMP_NAME if user is not None else None)
             if box is not None:
-                watch = asyncio.ensure_future(self.walls.watch(box, lambda text: cancel.set(LIMIT, text)))
+                self.walls.watch(box, lambda text: cancel.set(LIMIT, text))
             began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
             if all(st.call is not None for st in msg.spec.stages):
                 # Most calls end within milliseconds: their result says when they
@@ -456,10 +455,12 @@ class Daemon:
                 calls=CallContext(self.pyworkers, slot, user, msg.user_key, self.config.grid_handler),
                 box=box,
             )
-            if box is not None and outcome.status == "finished":
-                # A task quicker than the disk poll: one look at what it left.
+            if box is not None:
+                # A task quicker than the poll: one look at what it left (and the
+                # counters read now are the slot's next baseline).
+                self.walls.unwatch(box)
                 text = box.breach(disk_usage(taskdir) if box.disk_limit is not None else None)
-                if text is not None:
+                if text is not None and outcome.status == "finished":
                     last = outcome.stages[-1].name if outcome.stages else "?"
                     outcome.status, outcome.exit_code, outcome.reason = "failed", None, LIMIT
                     outcome.error = f"stage {last!r} {text}"
@@ -468,8 +469,8 @@ class Daemon:
             outcome = p.TaskOutcome(status="failed", error=f"daemon error: {exc!r}", reason="daemon_error",
                                     finished=time.time())
         finally:
-            if watch is not None:
-                watch.cancel()
+            if box is not None:
+                self.walls.unwatch(box)
             if timer is not None:
                 timer.cancel()
             if announce is not None:
@@ -511,14 +512,8 @@ class Daemon:
         try:
             if not cleaned:
                 await self._clean_slot(slot, user, since)
-            if box is not None and not self.walls.release(box):
-                # SIGKILLed processes leave their cgroup a moment after the kill.
-                for _ in range(50):
-                    await asyncio.sleep(0.02)
-                    if self.walls.release(box):
-                        break
-                else:
-                    log.warning("the cgroup of slot %d's last task is still busy", slot)
+            if box is not None and user is not None:
+                spawners.current().unbox(box.key)
             if user is not None and user.per_slot and outside and self.walls.mode != "none":
                 await asyncio.to_thread(remove_files_of, user.uid, self.walls.shared)
             if taskdir is not None and not self.config.keep_workdirs:

@@ -1,11 +1,15 @@
-"""One cgroup per task: a ceiling on its processes and its memory.
+"""One cgroup per slot: a ceiling on the processes and memory of its task.
 
 A fork bomb or a memory hog must fail its own task, not the machine.  rlimits
 cannot do it (RLIMIT_NPROC counts the whole uid, RLIMIT_AS counts address
 space, not memory), a cgroup can: every process a command forks stays in
 the cgroup it joined before its exec (spawnerd.py writes the child's pid
 into ``cgroup.procs``), ``pids.max`` refuses the fork beyond the limit and
-the memory controller OOM-kills inside the group only.  The kernel counts
+the memory controller OOM-kills inside the group only.  A slot runs one
+task at a time and is emptied (leftovers.py) before the next, so its
+cgroup is reused task after task (limits rewritten, counters compared with
+their value at the task's start): making and removing two v1 cgroups per
+task cost 0.3 ms of the daemon's loop here.  The kernel counts
 each refusal (``pids.events`` ``max``; v1 ``memory.oom_control``
 ``oom_kill``, v2 ``memory.events`` ``oom_kill``), which is how the daemon
 tells the task which limit it hit.
@@ -14,8 +18,8 @@ Both layouts are handled: cgroup v1 (one hierarchy per controller, under
 ``/sys/fs/cgroup/pids`` and ``/sys/fs/cgroup/memory``) and v2 (one
 hierarchy, ``/sys/fs/cgroup/cgroup.controllers``, controllers enabled
 down the tree in ``cgroup.subtree_control``).  A daemon's tasks live in
-``hwf/<daemon>.<pid>/<task>`` under each; the daemon's dir is removed when
-it stops, and empty dirs of dead daemons at the next start.
+``hwf/<daemon>.<pid>/slot-<k>`` under each; the daemon's dir is removed
+when it stops, and empty dirs of dead daemons at the next start.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ class DaemonCgroups:
             self.dirs.append(parent)
 
     def create(self, task: str, max_pids: int, memory: Optional[int]) -> "TaskCgroup":
-        """A fresh cgroup for one task, its limits set."""
+        """A fresh cgroup (for one slot), its limits set."""
         name = _NAME.sub("_", task)
         made: list[Path] = []
         try:
@@ -142,6 +146,22 @@ def _alive(name: str) -> bool:
     return not pid.isdigit() or os.path.exists(f"/proc/{pid}")
 
 
+def own_procs(layout: Layout) -> list[str]:
+    """The ``cgroup.procs`` files of this process's own cgroups, in
+    ``layout.roots()`` order: where the spawner returns after a fork."""
+    found: dict[str, str] = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for ctrl in parts[1].split(",") or [""]:
+                found[ctrl] = parts[2]
+    if layout.version == 2:
+        names = [""]
+    else:
+        names = ["pids", "memory"]
+    return [str(root / found.get(name, "/").lstrip("/") / "cgroup.procs") for root, name in zip(layout.roots(), names)]
+
+
 def _enable(parent: Path) -> None:
     """v2: let ``parent``'s children use pids and memory."""
     try:
@@ -161,21 +181,36 @@ class TaskCgroup:
         pids_dir, mem_dir = (dirs[0], dirs[0]) if layout.version == 2 else (dirs[0], dirs[1])
         self._pids_events = pids_dir / "pids.events"
         self._mem_events = mem_dir / ("memory.events" if layout.version == 2 else "memory.oom_control")
+        self._mem_dir = mem_dir
         (pids_dir / "pids.max").write_text(str(max_pids))
-        if memory is not None:
-            if layout.version == 2:
-                (mem_dir / "memory.max").write_text(str(memory))
-                swap = mem_dir / "memory.swap.max"
-                if swap.exists():
-                    swap.write_text("0")
-            else:
-                (mem_dir / "memory.limit_in_bytes").write_text(str(memory))
-                swap = mem_dir / "memory.memsw.limit_in_bytes"
-                if swap.exists():
+        self.seen = (self.pids_refused(), 0)  # the counters when last read (isolation.Box.breach)
+        self.memory = None
+        self.set_memory(memory)
+        self.seen = (self.seen[0], self.oom_kills())
+
+    def set_memory(self, memory: Optional[int]) -> None:
+        """The memory limit of the next task (written only when it changes)."""
+        if memory is None or memory == self.memory:
+            return
+        mem_dir = self._mem_dir
+        if self.layout.version == 2:
+            (mem_dir / "memory.max").write_text(str(memory))
+            swap = mem_dir / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+        else:
+            swap = mem_dir / "memory.memsw.limit_in_bytes"
+            # memsw may never be below the limit: raise the limit first when growing.
+            order = ["memory.limit_in_bytes", swap.name] if self.memory is None or memory < self.memory \
+                else [swap.name, "memory.limit_in_bytes"]
+            for name in order:
+                if (mem_dir / name).exists():
                     try:
-                        swap.write_text(str(memory))
+                        (mem_dir / name).write_text(str(memory))
                     except OSError:
-                        pass
+                        if name == "memory.limit_in_bytes":
+                            raise
+        self.memory = memory
 
     @property
     def procs(self) -> list[str]:
@@ -189,6 +224,11 @@ class TaskCgroup:
     def oom_kills(self) -> int:
         """Processes the kernel killed so far for the memory limit."""
         return _counter(_read(self._mem_events), "oom_kill")
+
+    def stalled(self) -> bool:
+        """v1: the group is at its limit with nothing the OOM killer may kill
+        (a process that kept the spawner's oom_score_adj, spawnerd.py)."""
+        return self.layout.version == 1 and _counter(_read(self._mem_events), "under_oom") > 0
 
     def remove(self) -> bool:
         """rmdir the task's cgroups (they must be empty); True if all are gone."""

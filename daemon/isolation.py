@@ -13,18 +13,23 @@ each command of a task (spawnerd.py, in the child, before the uid switch):
   it, and it counts toward the task's disk;
 * with a fresh procfs mounted ``hidepid=2`` on ``/proc``: a task sees its own
   uid's processes only (the spawned pid stays the daemon's to track);
-* in the task's cgroup (cgroups.py): ``--task-max-pids`` processes,
+* in its slot's cgroup (cgroups.py): ``--task-max-pids`` processes,
   ``--task-memory`` bytes (at least the task's ``ram`` requirement);
 
 and polls the size of its dir every ``DISK_POLL`` seconds against
 ``--task-disk``, as HTCondor does.  A task beyond a limit is stopped and
 fails with the limit and its flag named.
 
-Warm Python workers live across tasks (of one user), so they get the
-namespaces and hidepid ``/proc`` but keep the host's dirs; what their slot
-uid leaves in the shared dirs is removed after the task (leftovers.py).
+The spawner builds a task's namespaces once, at its first command, inside
+itself and without a fork, and forks each command while standing in them
+(spawnerd.py says why); ``unbox`` drops them when the task ends.
 
-Measured (bench/isolation.py, 2 cores, root): see the README.
+Warm Python workers live across tasks (of one user), so they get the
+namespaces and hidepid ``/proc`` but keep the host's dirs, and no cgroup;
+what their slot uid leaves in the shared dirs is removed after the task
+(leftovers.py).
+
+Measured with bench/isolation.py (2 cores, root): see the README.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional
 
-from .cgroups import DaemonCgroups, Layout, TaskCgroup
+from .cgroups import DaemonCgroups, Layout, TaskCgroup, own_procs
 
 if TYPE_CHECKING:
     from .accounts import TaskAccounts
@@ -89,26 +94,33 @@ def _size(n: int) -> str:
 class Box:
     """What walls in one task's commands; ``wire()`` is what the spawner gets."""
 
+    key: str  # the spawner's name for its namespaces
     tmp: Optional[str]  # bound over ``shared`` (None: the shared dirs stay)
     shared: tuple[str, ...] = ()
+    namespaces: bool = False
+    taskdir: Optional[str] = None
     cgroup: Optional[TaskCgroup] = None
+    home: tuple[str, ...] = ()  # the spawner's own cgroup.procs, to return to
     disk_path: Optional[Path] = None
     disk_limit: Optional[int] = None
     rlimit_as: Optional[int] = None  # the fallback without cgroups: RLIMIT_AS, set just after the start
     _counts: tuple[int, int] = (0, 0)
     breached: Optional[str] = field(default=None)
 
-    def wire(self) -> tuple[Optional[str], list[str], list[str]]:
-        return (self.tmp, list(self.shared) if self.tmp else [], self.cgroup.procs if self.cgroup else [])
+    def wire(self) -> tuple[str, tuple]:
+        cg = self.cgroup
+        return (self.key, (self.namespaces, self.tmp, list(self.shared) if self.tmp else [], self.taskdir,
+                           cg.procs if cg else [], list(self.home) if cg else []))
 
     def breach(self, disk: Optional[int] = None) -> Optional[str]:
         """The limit the task went past (its text, flag named), or None."""
         if self.breached is None and self.cgroup is not None:
             cg = self.cgroup
-            if cg.pids_refused() > self._counts[0]:
+            cg.seen = now = (cg.pids_refused(), cg.oom_kills())  # the next task's baseline
+            if now[0] > self._counts[0]:
                 self.breached = (f"hit the task's process limit ({cg.max_pids} processes, "
                                  "hwf daemon --task-max-pids)")
-            elif cg.memory is not None and cg.oom_kills() > self._counts[1]:
+            elif cg.memory is not None and (now[1] > self._counts[1] or cg.stalled()):
                 self.breached = (f"hit the task's memory limit ({_size(cg.memory)}, "
                                  "hwf daemon --task-memory)")
         if self.breached is None and disk is not None and self.disk_limit is not None and disk > self.disk_limit:
@@ -132,6 +144,11 @@ class Walls:
         self.problems: list[str] = []  # one line per isolation this daemon cannot give
         self.namespaces = False
         self.cgroups: Optional[DaemonCgroups] = None
+        self.slots: list[TaskCgroup] = []
+        self.home: tuple[str, ...] = ()
+        self._boxes = 0
+        self._watched: dict[str, tuple[Box, Callable[[str], None]]] = {}
+        self._poller: Optional[asyncio.Future] = None
         if mode == "none":
             self.problems.append("isolation is off (--isolation none): tasks share /tmp, /var/tmp and /dev/shm, "
                                  "see every process in /proc, and have no process, memory or disk limit")
@@ -168,8 +185,11 @@ class Walls:
         else:
             try:
                 self.cgroups = DaemonCgroups(layout, daemon)
+                self.slots = [self.cgroups.create(f"slot-{k}", max_pids, self.memory) for k in range(slots)]
+                self.home = tuple(own_procs(layout))
             except OSError as exc:
                 self.problems.append(f"no per-task process or memory limit: cannot make cgroups ({exc})")
+                self.cgroups, self.slots = None, []
 
     def describe(self) -> list[str]:
         """What the daemon does (a log line each)."""
@@ -185,45 +205,60 @@ class Walls:
             lines.append(f"each task may use {_size(self.disk)} of disk in its dir and private /tmp (--task-disk)")
         return lines
 
-    def box(self, name: str, taskdir: Path, hardware: Mapping[str, Any], tmp: Optional[Path]) -> Optional[Box]:
-        """The walls of one task (its cgroup made now), or None when isolation is off."""
+    def box(self, slot: int, taskdir: Path, hardware: Mapping[str, Any], tmp: Optional[Path]) -> Optional[Box]:
+        """The walls of one task on ``slot``, or None when isolation is off."""
         if self.mode == "none":
             return None
-        box = Box(tmp=str(tmp) if self.namespaces and tmp is not None else None, shared=self.shared,
-                  disk_path=taskdir, disk_limit=self.disk, rlimit_as=self.rlimit_as)
-        if self.cgroups is not None:
+        self._boxes += 1
+        box = Box(key=f"t{self._boxes}", tmp=str(tmp) if self.namespaces and tmp is not None else None,
+                  shared=self.shared, namespaces=self.namespaces and tmp is not None, taskdir=str(taskdir),
+                  disk_path=taskdir, disk_limit=self.disk, rlimit_as=self.rlimit_as, home=self.home)
+        if self.slots and tmp is not None:  # commands as the slot's user: through the spawner
             memory = self.memory
             want = _ram_of(hardware)
             if want is not None and (memory is None or want > memory):
                 memory = want
-            box.cgroup = self.cgroups.create(name, self.max_pids, memory)
-            box._counts = (box.cgroup.pids_refused(), box.cgroup.oom_kills())
+            cg = box.cgroup = self.slots[slot]
+            cg.set_memory(memory)
+            box._counts = cg.seen  # as read at the end of the slot's last task (breach)
         return box
 
     def worker_box(self) -> Optional[Box]:
-        """A warm worker's walls: namespaces and hidepid, the host's dirs."""
-        return Box(tmp=None) if self.namespaces else None
+        """A warm worker's walls: namespaces and hidepid, the host's dirs.
+        One key per worker start: each has namespaces of its own."""
+        if not self.namespaces:
+            return None
+        self._boxes += 1
+        return Box(key=f"w{self._boxes}", tmp=None, namespaces=True)
 
-    async def watch(self, box: Box, stop: Any) -> None:
-        """Poll the task's disk and cgroup counters until a limit is past; then
-        ``stop(text)``.  Cancelled when the task ends."""
-        while True:
+    def watch(self, box: Box, stop: Callable[[str], None]) -> None:
+        """Until ``unwatch``: poll the task's disk and cgroup counters every
+        ``DISK_POLL`` s and ``stop(text)`` it once past a limit.  One poller
+        for every task (a task of its own per task cost 50 us each)."""
+        self._watched[box.key] = (box, stop)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll())
+
+    def unwatch(self, box: Box) -> None:
+        self._watched.pop(box.key, None)
+
+    async def _poll(self) -> None:
+        while self._watched:
             await asyncio.sleep(DISK_POLL)
-            disk = None
-            if box.disk_limit is not None and box.disk_path is not None:
-                disk = await asyncio.to_thread(disk_usage, box.disk_path)
-            text = box.breach(disk)
-            if text is not None:
-                stop(text)
-                return
-
-    def release(self, box: Optional[Box]) -> bool:
-        """Remove the task's cgroup (its processes are gone); False if it is still busy."""
-        if box is None or box.cgroup is None:
-            return True
-        return box.cgroup.remove()
+            boxes = [b for b, _ in self._watched.values()]
+            disks = await asyncio.to_thread(
+                lambda: [disk_usage(b.disk_path) if b.disk_limit is not None and b.disk_path else None
+                         for b in boxes])
+            for box, disk in zip(boxes, disks):
+                watched = self._watched.get(box.key)
+                text = box.breach(disk) if watched is not None else None
+                if text is not None:
+                    self.unwatch(box)
+                    watched[1](text)
 
     def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         if self.cgroups is not None:
             self.cgroups.close()
 

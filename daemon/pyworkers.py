@@ -40,7 +40,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 import msgspec
 
@@ -229,11 +229,12 @@ class PyWorkers:
     """The warm workers of one daemon, by slot."""
 
     def __init__(self, runtime: PythonRuntime, *, max_tasks: int = 1000,
-                 env: Optional[Mapping[str, str]] = None, box: Optional["Box"] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None,
+                 boxes: Optional[Callable[[], Optional["Box"]]] = None) -> None:
         if max_tasks < 1:
             raise ValueError("max_tasks must be at least 1")
         self.runtime = runtime
-        self.box = box  # the workers' walls (isolation.py): namespaces and a hidepid /proc
+        self.boxes = boxes  # each worker's walls (isolation.py): namespaces and a hidepid /proc
         self.max_tasks = max_tasks
         base = dict(os.environ) if env is None else dict(env)
         self._env = {k: v for k, v in base.items() if not k.startswith("HWF_")}
@@ -285,10 +286,11 @@ class PyWorkers:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        box = self.boxes() if self.boxes is not None and user is not None else None
         try:
             sp = spawners.current()
             spawned = await sp.spawn(self.runtime.argv[0], self.runtime.argv, self._env, "/", user,
-                                     [theirs.fileno(), out_w, err_w], box=self.box if user is not None else None)
+                                     [theirs.fileno(), out_w, err_w], box=box)
         except BaseException as exc:
             ours.close()
             os.close(out_r)
@@ -301,6 +303,8 @@ class PyWorkers:
             os.close(out_w)
             os.close(err_w)
         spawned.exited.add_done_callback(_ignore)
+        if box is not None:  # its namespaces end with it
+            spawned.exited.add_done_callback(lambda _: sp.unbox(box.key))
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_REPLY_BYTES + 1024)
         w = Worker(slot, user_key, spawned.pid, spawned.exited, reader, writer, out_r, err_r)
         self.started += 1

@@ -478,9 +478,10 @@ async def _run_stage(
                     box=box,
                 )
             except Exception as exc:
+                breach = box.breach() if box is not None else None  # no fork left under the limit?
                 failure = _Failure(
-                    f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
-                    f"{_describe_exc(exc)}"
+                    breach or f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
+                    f"{_describe_exc(exc)}", reason=LIMIT if breach else None,
                 )
                 commands.append(CommandOutcome(cmd=cmd, exit_code=None))
                 break

@@ -136,6 +136,11 @@ class Spawner:
                     _killpg(fut.result().pid)
             raise
 
+    def unbox(self, key: str) -> None:
+        """Forget the namespaces of box ``key`` (they end with their last process)."""
+        if self._sock is not None:
+            self._send(("unbox", 0, key), [])
+
     async def kill_all(self, user: "TaskUser") -> None:
         """SIGKILL every process of ``user``'s uid (kill(-1) as that uid)."""
         loop = self._bind()
