@@ -202,6 +202,41 @@ def test_a_task_cannot_read_the_command_line_of_another_users_task(lone):
         b.close_sync()
 
 
+def _hunt_cmdlines(needle: str) -> list[str]:
+    """A Python call looks through /proc for ``needle`` on any command line."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and pid != str(os.getpid()):
+            found.append(cmd)
+    return found
+
+
+@needs_root
+def test_a_python_call_cannot_read_the_command_line_of_another_users_task(lone):
+    """The warm worker's /proc is a hidepid one too."""
+    c = lone(slots=2)
+    a, b = _users(c)
+    try:
+        before = _shell(a, "echo stored")
+        password = f"pw-{uuid.uuid4().hex}"
+        victim = dispatch_sync(Task(Stage("v", cmd=f"sleep 60; : --password={password}")), b)
+        _wait_running(b, victim, password)
+        try:
+            seen = a.submit(_hunt_cmdlines, "pw-", hardware={"daemon": "daemon-1"}).result(timeout=120)
+        finally:
+            b.cancel_sync(victim)
+        assert not any(password in cmd for cmd in seen), seen
+        _assert_still_serves(a, before)
+    finally:
+        a.close_sync()
+        b.close_sync()
+
+
 # ------------------------------------------------ row 9: what one task leaves behind
 
 
