@@ -235,18 +235,19 @@ def task_env(
     ``extra`` (the spec's ``env``, checked by the hub) comes before the
     daemon's own ``HWF_TASK_ID``/``HWF_ATTEMPT``, so it cannot replace them.
     ``HWF_*`` goes because it carries the daemon's secrets (``HWF_TOKEN``);
-    as another user, ``HOME``/``TMPDIR`` point into the task dir (the daemon's
-    own are not the task's to write) and ``USER``/``LOGNAME`` name the account.
+    as another user, ``HOME`` points into the task dir (the daemon's own is not
+    the task's to write) and ``USER``/``LOGNAME`` name the account; ``TMPDIR``
+    is the task's own dir in every mode.
     """
     env = {k: v for k, v in base.items() if not k.startswith("HWF_")}
     if extra:
         env.update({k: v for k, v in extra.items() if k != "HWF_TOKEN"})
     env["HWF_TASK_ID"] = task_id
     env["HWF_ATTEMPT"] = str(attempt)
+    if tmpdir is not None:  # every task its own, also where no namespace gives it a private /tmp
+        env["TMPDIR"] = str(tmpdir)
     if user is not None:
         env["USER"] = env["LOGNAME"] = user.name
         if home is not None:
             env["HOME"] = str(home)
-        if tmpdir is not None:
-            env["TMPDIR"] = str(tmpdir)
     return env

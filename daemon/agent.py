@@ -37,7 +37,8 @@ from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, Ta
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
-from .leftovers import kill_leftovers, last_pid
+from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS, Box, Walls, disk_usage
+from .leftovers import kill_leftovers, last_pid, remove_files_of
 from .load import sample_load
 from .output import OutputPump
 from .parsers import ProgressParser, Update
@@ -45,7 +46,7 @@ from .progress import ProgressReporter, fan_out
 from .pystage import CallContext
 from .pyworkers import PyWorkers
 from .runtimes import CONTAINER_ENGINES, RuntimeConfigError, detect_runtimes, python_runtime
-from .runner import Cancel, cancel_error, run_task
+from .runner import LIMIT, Cancel, cancel_error, run_task
 from .taskdirs import TMP_NAME, TaskDirs
 
 log = logging.getLogger("hwf.daemon")
@@ -87,6 +88,11 @@ class DaemonConfig:
     # An artifact upload the hub refuses as busy (or drops) is tried this many
     # times, backing off 0.5 s doubling to 8 s, before its artifact is lost.
     artifact_upload_tries: int = 8
+    # What walls in each task (isolation.py): "auto" (all this machine allows) or "none".
+    isolation: str = "auto"
+    task_max_pids: int = DEFAULT_MAX_PIDS
+    task_memory: Optional[int] = None  # None: the machine's RAM / slots (or the task's ram requirement)
+    task_disk: Optional[int] = DEFAULT_DISK
 
 
 # Hub refusals that pass: its upload slots are taken, or the upload was dropped.
@@ -129,8 +135,16 @@ class Daemon:
         except RuntimeConfigError:
             self.close()
             raise
-        self.pyworkers = PyWorkers(runtime, max_tasks=config.python_max_tasks) if runtime is not None else None
         self.hardware = detect_hardware()
+        self.walls = Walls(config.isolation, self.accounts, f"{config.name}.{os.getpid()}",  # type: ignore[arg-type]
+                           slots=config.slots, max_pids=config.task_max_pids, memory=config.task_memory,
+                           disk=config.task_disk, total_ram=self.hardware.get("ram"))
+        for line in self.walls.problems:
+            log.warning("cannot isolate: %s", line)
+        for line in self.walls.describe():
+            log.info("%s", line)
+        self.pyworkers = (PyWorkers(runtime, max_tasks=config.python_max_tasks, boxes=self.walls.worker_box)
+                          if runtime is not None else None)
         self.hardware["runtimes"] = detect_runtimes(runtime, grid_handler=config.grid_handler,
                                                     engines=CONTAINER_ENGINES if config.containers else ())
         if runtime is not None:
@@ -194,8 +208,10 @@ class Daemon:
             self.close()
 
     def close(self) -> None:
-        """Release the slot uids and the temp task root (if this daemon made one)."""
+        """Release the slot uids, the cgroups and the temp task root (if this daemon made one)."""
         self.accounts.close()
+        if hasattr(self, "walls"):
+            self.walls.close()
         if not self.config.keep_workdirs:
             self.taskdirs.close()
         elif self.taskdirs.root != self.workdir / "tasks":
@@ -361,6 +377,9 @@ class Daemon:
         if key in self.running:
             self.running[key].slot = slot
         user = self.accounts.user(slot)
+        if self.pyworkers is not None:
+            # Nothing of another user may stay on the slot's uid, shell tasks included.
+            await self.pyworkers.keep_only(slot, msg.user_key)
         if self.pyworkers is not None and any(st.call is not None for st in msg.spec.stages):
             # Started before ``since``: a warm worker is not this task's leftover.
             try:
@@ -374,6 +393,7 @@ class Daemon:
         pump: Optional[OutputPump] = None
         progress: Optional[ProgressReporter] = None
         taskdir: Optional[Path] = None
+        box: Optional[Box] = None
         cleaned = False
 
         async def clean() -> None:
@@ -390,8 +410,10 @@ class Daemon:
             if taskdir is None:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
-                           home=taskdir, tmpdir=taskdir / TMP_NAME if user is not None else None,
-                           extra=msg.spec.env)
+                           home=taskdir, tmpdir=taskdir / TMP_NAME, extra=msg.spec.env)
+            box = self.walls.box(slot, taskdir, msg.spec.hardware, taskdir / TMP_NAME if user is not None else None)
+            if box is not None:
+                self.walls.watch(box, lambda text: cancel.set(LIMIT, text))
             began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
             if all(st.call is not None for st in msg.spec.stages):
                 # Most calls end within milliseconds: their result says when they
@@ -438,12 +460,24 @@ class Daemon:
                 # Artifacts are read from a dir nothing of the task still writes to.
                 before_artifacts=clean if msg.spec.artifacts else None,
                 calls=CallContext(self.pyworkers, slot, user, msg.user_key, self.config.grid_handler),
+                box=box,
             )
+            if box is not None:
+                # A task quicker than the poll: one look at what it left (and the
+                # counters read now are the slot's next baseline).
+                self.walls.unwatch(box)
+                text = box.breach(disk_usage(taskdir) if box.disk_limit is not None else None)
+                if text is not None and outcome.status == "finished":
+                    last = outcome.stages[-1].name if outcome.stages else "?"
+                    outcome.status, outcome.exit_code, outcome.reason = "failed", None, LIMIT
+                    outcome.error = f"stage {last!r} {text}"
         except Exception as exc:  # never lose a task to a daemon bug
             log.exception("task %s failed inside the daemon", msg.task_id)
             outcome = p.TaskOutcome(status="failed", error=f"daemon error: {exc!r}", reason="daemon_error",
                                     finished=time.time())
         finally:
+            if box is not None:
+                self.walls.unwatch(box)
             if timer is not None:
                 timer.cancel()
             if announce is not None:
@@ -463,12 +497,14 @@ class Daemon:
                 # The outcome is known: it goes out now, while the slot is
                 # cleaned.  The slot (its uid) takes no task before that is
                 # done, so nothing this task left runs beside the next one.
-                self._release(slot, user, since, taskdir, cleaned)
+                # Python calls ran outside the private dirs: what they left there goes too.
+                outside = box is None or box.tmp is None or any(st.call is not None for st in msg.spec.stages)
+                self._release(slot, user, since, taskdir, cleaned, box, outside)
         await self._finish(key, outcome)
 
     def _release(self, slot: int, user: Optional[TaskUser], since: Optional[int], taskdir: Optional[Path],
-                 cleaned: bool) -> None:
-        task = asyncio.ensure_future(self._clean_and_free(slot, user, since, taskdir, cleaned))
+                 cleaned: bool, box: Optional[Box] = None, outside: bool = False) -> None:
+        task = asyncio.ensure_future(self._clean_and_free(slot, user, since, taskdir, cleaned, box, outside))
         self._cleaning.add(task)
         task.add_done_callback(self._cleaning.discard)
 
@@ -478,10 +514,15 @@ class Daemon:
             self._trash_job = asyncio.ensure_future(asyncio.to_thread(self.taskdirs.empty_trash))
 
     async def _clean_and_free(self, slot: int, user: Optional[TaskUser], since: Optional[int],
-                              taskdir: Optional[Path], cleaned: bool) -> None:
+                              taskdir: Optional[Path], cleaned: bool, box: Optional[Box] = None,
+                              outside: bool = False) -> None:
         try:
             if not cleaned:
                 await self._clean_slot(slot, user, since)
+            if box is not None and user is not None:
+                spawners.current().unbox(box.key)
+            if user is not None and user.per_slot and outside and self.walls.mode != "none":
+                await asyncio.to_thread(remove_files_of, user.uid, self.walls.shared)
             if taskdir is not None and not self.config.keep_workdirs:
                 if self.taskdirs.discard(taskdir):
                     self._empty_trash_soon()

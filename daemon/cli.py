@@ -22,9 +22,33 @@ from typing import Any, Optional, Sequence
 from hub_server.cli import version_line
 
 from .accounts import DEFAULT_SLOT_UID_BASE, AccountError
+from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS
 from .runtimes import RuntimeConfigError
 from .taskdirs import TaskDirError
 from .tokens import ON_COMMAND_LINE, TOKEN_ENV, TokenError, daemon_token
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return n
+
+
+def _size(text: str) -> int:
+    """A byte count: 1048576, 512MB, 2GB (GB = GiB, as in a task's ram)."""
+    from hub_server.hardware import parse_size
+
+    try:
+        n = parse_size(text, key="size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (use e.g. 2GB, 512MB or bytes)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return n
 
 
 class _RefuseToken(argparse.Action):
@@ -73,6 +97,18 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--artifact-upload-tries", type=int, default=8, metavar="N",
                    help="times an artifact upload the hub refuses as busy is tried, backing off up to 8 s "
                         "between tries, before the artifact is reported lost (default 8)")
+    d.add_argument("--isolation", choices=("auto", "none"), default="auto",
+                   help="'auto': as root, each task gets a private /tmp, /var/tmp and /dev/shm, a /proc showing "
+                        "only its own processes, and a cgroup with the limits below (what this machine lacks is "
+                        "logged at start); 'none': none of that (for measuring, or where it breaks things)")
+    d.add_argument("--task-max-pids", type=_positive, default=DEFAULT_MAX_PIDS, metavar="N",
+                   help=f"processes a task may have at once (cgroup pids.max; default {DEFAULT_MAX_PIDS})")
+    d.add_argument("--task-memory", type=_size, default=None, metavar="BYTES",
+                   help="memory a task may use (cgroup; e.g. 2GB; a task's larger ram requirement wins; "
+                        "default: the machine's RAM divided by --slots)")
+    d.add_argument("--task-disk", type=_size, default=DEFAULT_DISK, metavar="BYTES",
+                   help=f"disk a task may fill in its dir and private /tmp (polled every second; "
+                        f"default {DEFAULT_DISK // 2**30}GB)")
     d.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     d.set_defaults(func=run)
 
@@ -114,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
         grid_handler=args.grid_handler,
         containers=args.containers,
         artifact_upload_tries=args.artifact_upload_tries,
+        isolation=args.isolation,
+        task_max_pids=args.task_max_pids,
+        task_memory=args.task_memory,
+        task_disk=args.task_disk,
     )
     if args.artifact_upload_tries < 1:
         print("hwf daemon: error: --artifact-upload-tries must be at least 1", file=sys.stderr)

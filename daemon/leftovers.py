@@ -221,3 +221,33 @@ async def kill_leftovers(user: "TaskUser", since: Optional[int] = None) -> list[
             return []
     log.warning("processes of uid %d survived SIGKILL: %s", user.uid, left)
     return left
+
+
+def remove_files_of(uid: int, dirs: "tuple[str, ...] | list[str]") -> list[str]:
+    """Remove every entry ``uid`` owns at the top of the shared dirs (``/tmp``,
+    ``/dev/shm``...): what a task left there outside its private dirs (a Python
+    call, or a daemon without namespaces) is no later task's to read.  In a
+    sticky dir a uid can only have made top-level entries (deeper ones sit in
+    dirs it owns).  Blocking; returns what was removed."""
+    import shutil
+    import stat as st
+
+    removed = []
+    for d in dirs:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                info = e.stat(follow_symlinks=False)
+                if info.st_uid != uid:
+                    continue
+                if st.S_ISDIR(info.st_mode):
+                    shutil.rmtree(e.path)  # fd-based: links inside are not followed
+                else:
+                    os.unlink(e.path)
+                removed.append(e.path)
+            except OSError as exc:
+                log.warning("could not remove %s (uid %d's): %s", e.path, uid, exc)
+    return removed

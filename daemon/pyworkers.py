@@ -11,9 +11,13 @@ interpreter start.  It is replaced:
   hub retries the task), while idle it is simply started again;
 * on timeout or cancel: the call cannot be interrupted politely, so the
   worker's process group is SIGKILLed;
-* when the next task is another user's (``user_key``): a warm interpreter
-  carries state from one call to the next (modules, monkeypatches, threads),
-  which one user may use for itself but must not leave to another.
+* when the next task is another user's (``user_key``), be it a call or a
+  shell task (``keep_only``, before the task runs): a warm interpreter
+  carries state from one call to the next (modules, monkeypatches, threads,
+  secrets in its memory), which one user may use for itself but must not
+  leave to another; it is SIGKILLed and reaped first.  Workers also make
+  themselves non-dumpable (pyworker.py), so no other process of the uid may
+  ptrace them or read their ``/proc/PID/mem``.
 
 A per-slot uid's leftovers are killed after every task by ``kill(-1)``
 as that uid (leftovers.py), which spares nothing of the uid: the agent
@@ -36,7 +40,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 import msgspec
 
@@ -47,6 +51,7 @@ from .runner import exit_text
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
+    from .isolation import Box
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +229,12 @@ class PyWorkers:
     """The warm workers of one daemon, by slot."""
 
     def __init__(self, runtime: PythonRuntime, *, max_tasks: int = 1000,
-                 env: Optional[Mapping[str, str]] = None) -> None:
+                 env: Optional[Mapping[str, str]] = None,
+                 boxes: Optional[Callable[[], Optional["Box"]]] = None) -> None:
         if max_tasks < 1:
             raise ValueError("max_tasks must be at least 1")
         self.runtime = runtime
+        self.boxes = boxes  # each worker's walls (isolation.py): namespaces and a hidepid /proc
         self.max_tasks = max_tasks
         base = dict(os.environ) if env is None else dict(env)
         self._env = {k: v for k, v in base.items() if not k.startswith("HWF_")}
@@ -244,28 +251,46 @@ class PyWorkers:
         if w is not None and w.alive and w.user_key == user_key and w.served < self.max_tasks:
             return w
         if w is not None:
-            await self._retire(w)
+            await self._retire(w, kill=w.user_key != user_key)
         w = await self._start(slot, user, user_key)
         self._workers[slot] = w
         return w
 
-    async def _retire(self, w: Worker) -> None:
+    async def keep_only(self, slot: int, user_key: str) -> bool:
+        """Before any task runs on ``slot``: retire its worker (killed and
+        reaped) unless it is this user's (an empty key is nobody's); True
+        if one was retired.  A shell task of another user on the slot's uid
+        must find no process of the previous user there."""
+        w = self._workers.get(slot)
+        if w is None or (w.user_key == user_key and user_key):
+            return False
+        await self._retire(w, kill=True)
+        return True
+
+    async def _retire(self, w: Worker, kill: bool = False) -> None:
+        """Stop ``w``: close its channel (an idle worker leaves by itself) or,
+        with ``kill``, SIGKILL it at once; either way wait until it is reaped."""
         self._workers.pop(w.slot, None)
+        if kill:
+            w.kill()
         w.close()
         if w.alive:
-            try:  # an idle worker leaves at once when its channel closes
+            try:
                 await asyncio.wait_for(asyncio.shield(w.exited), 2.0)
             except Exception:
                 w.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(w.exited), 5.0)
 
     async def _start(self, slot: int, user: Optional["TaskUser"], user_key: str) -> Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        box = self.boxes() if self.boxes is not None and user is not None else None
         try:
             sp = spawners.current()
             spawned = await sp.spawn(self.runtime.argv[0], self.runtime.argv, self._env, "/", user,
-                                     [theirs.fileno(), out_w, err_w])
+                                     [theirs.fileno(), out_w, err_w], box=box)
         except BaseException as exc:
             ours.close()
             os.close(out_r)
@@ -278,6 +303,8 @@ class PyWorkers:
             os.close(out_w)
             os.close(err_w)
         spawned.exited.add_done_callback(_ignore)
+        if box is not None:  # its namespaces end with it
+            spawned.exited.add_done_callback(lambda _: sp.unbox(box.key))
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_REPLY_BYTES + 1024)
         w = Worker(slot, user_key, spawned.pid, spawned.exited, reader, writer, out_r, err_r)
         self.started += 1

@@ -48,6 +48,7 @@ from hub_server.protocol import (
 )
 
 if TYPE_CHECKING:
+    from hwf_daemon.isolation import Box
     from hwf_daemon.pystage import CallContext
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,13 @@ class Cancel:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.reason: Optional[str] = None
+        self.error: Optional[str] = None  # the error to report instead of the reason's
         self._futures: set[asyncio.Future] = set()
 
-    def set(self, reason: str = "cancelled") -> None:
+    def set(self, reason: str = "cancelled", error: Optional[str] = None) -> None:
         if self.reason is None:
             self.reason = reason
+            self.error = error
         self._event.set()
         for fut in self._futures:
             if not fut.done():
@@ -136,7 +139,12 @@ class _Failure:
 
 def _cancelled(cancel: CancelLike) -> _Failure:
     reason = _reason_of(cancel)
+    if isinstance(cancel, Cancel) and cancel.error:
+        return _Failure(cancel.error, reason=reason)
     return _Failure(cancel_error(reason), reason=reason)
+
+
+LIMIT = "limit"  # the reason of a task stopped for going past one of its limits (isolation.py)
 
 
 def _describe_exc(exc: BaseException) -> str:
@@ -318,9 +326,10 @@ async def _run_command(
     user: Optional[TaskUser] = None,
     track_ram: bool = True,
     stdin: Optional[bytes] = None,
+    box: Optional["Box"] = None,
 ) -> tuple[CommandOutcome, Usage, float, bool]:
     """Run one command to its end: (outcome, usage, wall seconds, cancelled)."""
-    proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram, stdin=stdin)
+    proc = await TrackedProcess.start(cmd, workdir, env=env, user=user, track_ram=track_ram, stdin=stdin, box=box)
     out = _Capture("stdout", max_output_bytes, on_output)
     err = _Capture("stderr", max_output_bytes, on_output)
     readers = [_pump(proc.stdout, out), _pump(proc.stderr, err)]
@@ -426,6 +435,7 @@ async def _run_stage(
     env: Optional[Mapping[str, str]] = None,
     user: Optional[TaskUser] = None,
     spent: Optional["Spent"] = None,
+    box: Optional["Box"] = None,
 ) -> tuple[StageOutcome, Optional[_Failure]]:
     outcome = StageOutcome(name=stage.name, status="finished", comment=stage.comment)
     failure = await _fetch_stage_data(stage, workdir, fetch_data, cancel, user)
@@ -465,11 +475,13 @@ async def _run_stage(
                     user=user,
                     track_ram=stage.track_ram,
                     stdin=stdin,
+                    box=box,
                 )
             except Exception as exc:
+                breach = box.breach() if box is not None else None  # no fork left under the limit?
                 failure = _Failure(
-                    f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
-                    f"{_describe_exc(exc)}"
+                    breach or f"stage {stage.name!r} command {n} ({_short(cmd)!r}) could not run: "
+                    f"{_describe_exc(exc)}", reason=LIMIT if breach else None,
                 )
                 commands.append(CommandOutcome(cmd=cmd, exit_code=None))
                 break
@@ -486,9 +498,10 @@ async def _run_stage(
                 failure = _cancelled(cancel)  # type: ignore[arg-type]
                 break
             if usage.exit_code != 0:
+                breach = box.breach() if box is not None else None  # killed or refused for a limit?
                 failure = _Failure(
-                    _exit_error(stage.name, n, cmd, usage.exit_code),
-                    exit_code=usage.exit_code,
+                    breach or _exit_error(stage.name, n, cmd, usage.exit_code),
+                    exit_code=usage.exit_code, reason=LIMIT if breach else None,
                 )
                 break
     finally:
@@ -500,6 +513,9 @@ async def _run_stage(
             spent.add(cpu_time, duration, outcome.gpu_util)
 
     outcome.commands = commands
+    if failure is not None and failure.reason == LIMIT:
+        failure.error = f"stage {stage.name!r} {failure.error}"
+        outcome.note = failure.error
     if failure is not None:
         outcome.status = "failed"
     if stage.track_time:
@@ -542,6 +558,7 @@ async def run_task(
     env: Optional[Mapping[str, str]] = None,
     before_artifacts: Optional[Callable[[], Awaitable[None]]] = None,
     calls: Optional["CallContext"] = None,
+    box: Optional["Box"] = None,
 ) -> TaskOutcome:
     """Run every stage of ``spec`` in ``workdir`` and report how it went.
 
@@ -555,7 +572,8 @@ async def run_task(
     skipped ones included; ``on_output(stream, text)`` receives all output
     live, untruncated.  Stages with a Python ``call`` run on the warm
     worker of ``calls`` (pystage.py); the last call's value (or exception)
-    is ``outcome.value``.  The first failing command fails the task and skips
+    is ``outcome.value``.  ``box``: the namespaces and cgroups the commands
+    run in (isolation.py).  The first failing command fails the task and skips
     the rest.  Never raises, except ``CancelledError`` when the calling
     asyncio task itself is cancelled (the running command is killed first).
     """
@@ -609,6 +627,7 @@ async def run_task(
                     env=env,
                     user=user,
                     spent=spent,
+                    box=box,
                 )
             outcome.stages.append(stage_outcome)
             await _notify(on_stage, index, stage_outcome)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
+    from .isolation import Box
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +113,21 @@ class Spawner:
 
     async def spawn(self, exe: str, argv: Sequence[str], env: dict[str, str], cwd: str,
                     user: Optional["TaskUser"], fds: Sequence[int],
-                    fallback: Optional[tuple[str, Sequence[str], dict[str, str]]] = None) -> Spawned:
+                    fallback: Optional[tuple[str, Sequence[str], dict[str, str]]] = None,
+                    box: Optional["Box"] = None) -> Spawned:
         """Start ``exe`` (``argv``, ``env``, in ``cwd``) as ``user`` with
         ``fds`` as its stdin/stdout/stderr; the caller keeps its fds (they
-        are copied).  Raises OSError if neither it nor ``fallback`` could be
-        exec'd, SpawnerDied if the spawner died meanwhile."""
+        are copied); ``box``: the namespaces and cgroups it runs in
+        (isolation.py).  Raises OSError if neither it nor ``fallback`` could
+        be exec'd, SpawnerDied if the spawner died meanwhile."""
         loop = self._bind()
         rid = self._next_rid()
         uid, gid = (user.uid, user.gid) if user is not None else (None, None)
         fut = loop.create_future()
         self._pending[rid] = fut
         fb = (fallback[0], list(fallback[1]), fallback[2]) if fallback is not None else None
-        self._send(("spawn", rid, exe, list(argv), env, cwd, uid, gid, fb), list(fds))
+        walls = box.wire() if box is not None else None
+        self._send(("spawn", rid, exe, list(argv), env, cwd, uid, gid, fb, walls), list(fds))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -131,6 +135,11 @@ class Spawner:
                 if fut.exception() is None:  # started meanwhile: nobody will wait for it
                     _killpg(fut.result().pid)
             raise
+
+    def unbox(self, key: str) -> None:
+        """Forget the namespaces of box ``key`` (they end with their last process)."""
+        if self._sock is not None:
+            self._send(("unbox", 0, key), [])
 
     async def kill_all(self, user: "TaskUser") -> None:
         """SIGKILL every process of ``user``'s uid (kill(-1) as that uid)."""

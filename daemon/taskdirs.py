@@ -151,10 +151,10 @@ class TaskDirs:
 
     def _make(self, path: Path, user: Optional[TaskUser]) -> Path:
         os.mkdir(path, 0o700)
+        tmp = path / TMP_NAME
+        os.mkdir(tmp, 0o700)
         if user is not None:
             os.chown(path, user.uid, user.gid)
-            tmp = path / TMP_NAME
-            os.mkdir(tmp, 0o700)
             os.chown(tmp, user.uid, user.gid)
         return path
 

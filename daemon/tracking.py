@@ -70,6 +70,7 @@ from .shellwords import SHELL, direct
 
 if TYPE_CHECKING:
     from .accounts import TaskUser
+    from .isolation import Box
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,18 @@ def _popen(argv: list[str], exe: str, cwd: str, env: Mapping[str, str], stdin: b
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def _limit_memory(pid: int, limit: int) -> None:
+    """The fallback where no cgroup limits memory (isolation.py): RLIMIT_AS
+    on the started command, set from outside (the vfork path has no hook
+    before the exec), so it starts a moment before its limit does."""
+    import resource
+
+    try:
+        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    except (OSError, ValueError) as exc:
+        log.debug("RLIMIT_AS on pid %d: %s", pid, exc)
 
 
 def _devnull() -> int:
@@ -262,10 +275,12 @@ class TrackedProcess:
         sample_interval: float = 0.05,
         track_ram: bool = True,
         stdin: Optional[bytes] = None,
+        box: Optional["Box"] = None,
     ) -> "TrackedProcess":
         """Start ``cmd`` in ``cwd`` with ``env`` (None: this process's) as
         ``user`` (None: as this process); ``stdin``: bytes to give it (None:
-        /dev/null)."""
+        /dev/null); ``box``: the task's walls (isolation.py; another user's
+        commands only)."""
         self = cls(cmd, sample_interval=sample_interval, track_ram=track_ram)
         loop = asyncio.get_running_loop()
         cwd = os.fspath(cwd)
@@ -273,8 +288,10 @@ class TrackedProcess:
         plan = direct(cmd, env, cwd, user)
         if user is None:
             threaded = self._start_here(loop, cmd, cwd, env, plan, stdin)
+            if box is not None and box.rlimit_as:
+                _limit_memory(self.pid, box.rlimit_as)
         else:
-            await self._start_as(loop, cmd, cwd, env, plan, user, stdin)
+            await self._start_as(loop, cmd, cwd, env, plan, user, stdin, box)
             threaded = False
         # A psutil handle pins the process's identity (pid + start time).
         # Made lazily when nothing samples: the pid stays ours until it is
@@ -315,7 +332,8 @@ class TrackedProcess:
         return threaded
 
     async def _start_as(self, loop: asyncio.AbstractEventLoop, cmd: str, cwd: str, env: dict[str, str],
-                        plan: Any, user: "TaskUser", stdin: Optional[bytes] = None) -> None:
+                        plan: Any, user: "TaskUser", stdin: Optional[bytes] = None,
+                        box: Optional["Box"] = None) -> None:
         """Have the spawner start the command as ``user``."""
         sp = _spawner.current()
         out_r, out_w = os.pipe()
@@ -325,10 +343,10 @@ class TrackedProcess:
             fds = [_devnull() if in_r < 0 else in_r, out_w, err_w]
             if plan is not None:
                 spawned = await sp.spawn(plan.exe, plan.argv, plan.env, cwd, user, fds,
-                                         fallback=(SHELL, shell_argv(cmd), env))
+                                         fallback=(SHELL, shell_argv(cmd), env), box=box)
                 self.direct = not spawned.fell_back
             else:
-                spawned = await sp.spawn(SHELL, shell_argv(cmd), env, cwd, user, fds)
+                spawned = await sp.spawn(SHELL, shell_argv(cmd), env, cwd, user, fds, box=box)
         except BaseException:
             os.close(out_r)
             os.close(err_r)

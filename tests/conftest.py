@@ -54,7 +54,7 @@ def pytest_unconfigure(config):
 # Modules whose every test starts processes (hubs, daemons, kernels, shells).
 E2E_MODULES = {"test_e2e_bad_input", "test_e2e_core", "test_e2e_hub_ops", "test_faults", "test_grid",
                "test_kernel_magics", "test_notebooks", "test_processes", "test_runner", "test_trust",
-               "test_daemon_trust", "test_e2e_python", "test_pyworkers"}
+               "test_daemon_trust", "test_e2e_python", "test_pyworkers", "test_isolation"}
 # Fixtures that start processes.
 E2E_FIXTURES = {"cluster", "hub", "farm"}
 

@@ -107,9 +107,12 @@ def _hunt(client, daemon: str, tmp_path: Path):
     return r.output, seen.path.read_text(errors="replace")
 
 
-def _assert_found_nothing(token: str, output: str, seen: str, daemon_cmd: str) -> None:
-    assert daemon_cmd in seen  # the hunt did see the daemon's command line
-    assert "--token-file" in seen
+def _assert_found_nothing(token: str, output: str, seen: str, daemon_cmd: str, visible: bool = True) -> None:
+    if visible:
+        assert daemon_cmd in seen  # the hunt did see the daemon's command line
+        assert "--token-file" in seen
+    else:  # /proc with hidepid=2 (isolation.py): no other uid's process at all
+        assert daemon_cmd not in seen
     # Only our daemon's token counts: other software on a shared machine may
     # show its own hwf_d_ strings (an older hwf passing --token, say).
     assert f"FOUND {token}" not in output, output
@@ -122,8 +125,9 @@ def _assert_found_nothing(token: str, output: str, seen: str, daemon_cmd: str) -
 @pytest.mark.e2e
 def test_task_hunting_for_the_token_on_a_local_cluster(farm, client, tmp_path):
     output, seen = _hunt(client, "daemon-1", tmp_path)
-    _assert_found_nothing(farm.daemon_token, output, seen, "-m\nhwf_daemon\n--hub")
-    assert "token-file: -" in output  # LocalCluster hands it over on a pipe
+    _assert_found_nothing(farm.daemon_token, output, seen, "-m\nhwf_daemon\n--hub", visible=not ROOT)
+    if not ROOT:
+        assert "token-file: -" in output  # LocalCluster hands it over on a pipe
     uid = int(re.search(r"uid=(\d+)", output).group(1))
     if ROOT:
         assert uid != 0 and uid in _slot_uids(_daemon_log(farm))
@@ -146,7 +150,9 @@ def test_task_hunting_for_the_token_of_a_daemon_started_by_hand(farm, client, tm
         proc = subprocess.Popen(
             [sys.executable, "-m", "hwf_jupyter.cli", "daemon", "--hub", farm.address,
              "--token-file", str(token_file), "--name", "hand", "--workdir", str(tmp_path / "hand"),
-             "--slot-uid-base", str(HAND_BASE), "--parent-pid", str(os.getpid())],
+             "--slot-uid-base", str(HAND_BASE), "--parent-pid", str(os.getpid()),
+             # Without the hidepid /proc, so the hunt finds the token file: its mode must stop it.
+             "--isolation", "none"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()
@@ -302,7 +308,7 @@ def _cache_file(farm, sha: str, daemon="daemon-1") -> Path:
 POISON = r"""
 sha=$(sha256sum in.txt | cut -d' ' -f1)
 workdir=$(for f in /proc/[0-9]*/cmdline; do tr '\0' '\n' < "$f" 2>/dev/null | grep -A1 -x -e '--workdir' | tail -n1; done | sort -u)
-for d in .. ../.. ../../.. $workdir; do
+for d in .. ../.. ../../.. $workdir $1; do
   target="$d/blob-cache/${sha:0:2}/$sha"
   echo "try $target"
   if printf 'POISON' > "$target"; then echo "POISONED $target"; fi
@@ -315,12 +321,17 @@ def test_task_cannot_poison_the_blob_cache(farm, client, tmp_path):
     src = tmp_path / "in.txt"
     src.write_bytes(b"the original bytes\n")
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
-    r = _run(client, Task(Stage("poison", data=[Data(src, "in.txt")], cmd=POISON), hardware={"daemon": "daemon-1"}))
+    # The workdir as if guessed: as root, /proc (hidepid) no longer shows it.
+    guess = f"set -- {farm.root / 'daemon-1'}\n"
+    r = _run(client, Task(Stage("poison", data=[Data(src, "in.txt")], cmd=guess + POISON),
+                          hardware={"daemon": "daemon-1"}))
     assert r.ok, r.error
-    assert f"/{farm.root.name}/daemon-1/blob-cache/" in r.output  # it found the real cache path
+    assert f"/{farm.root.name}/daemon-1/blob-cache/" in r.output  # it tried the real cache path
     if ROOT:
         assert "POISONED" not in r.output, r.output
-        assert "Permission denied" in r.stages[0].commands[0].stderr
+        # Refused by the cache's mode, or not even there (a workdir under /tmp: the task's is private).
+        stderr = r.stages[0].commands[0].stderr
+        assert "Permission denied" in stderr or "No such file or directory" in stderr, stderr
         assert _cache_file(farm, sha).read_bytes() == b"the original bytes\n"
     second = _run(client, Task(Stage("read", data=[Data(src, "in.txt")], cmd="cat in.txt"),
                                hardware={"daemon": "daemon-1"}))
@@ -387,7 +398,8 @@ def test_a_task_cannot_read_another_running_tasks_dir(farm, client, tmp_path):
         client.cancel_sync(victim)
     assert r.ok, r.error
     assert secret not in r.output, r.output
-    assert "cat: cat: " in r.output and "Permission denied" in r.output  # it tried the exact path
+    # It tried the exact path: refused, or not even there (task dirs under /tmp: its /tmp is private).
+    assert "cat: cat: " in r.output and ("Permission denied" in r.output or "No such file" in r.output)
     assert f"ls tasks: {vid}.1" not in r.output
 
 

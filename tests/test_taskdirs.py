@@ -38,7 +38,7 @@ def test_ended_task_dirs_go_to_a_private_trash_then_away(tmp_path: Path) -> None
 def test_a_dir_as_made_is_removed_in_two_rmdirs(tmp_path: Path) -> None:
     dirs = TaskDirs(tmp_path / "w", isolated=False)
     d = dirs.create("t-3.1", None)
-    (d / TMP_NAME).mkdir()
+    assert (d / TMP_NAME).is_dir()  # every task's own TMPDIR, also as the daemon's user
     assert dirs.try_remove(d) and not d.exists()
     d = dirs.create("t-4.1", None)
     (d / "result.txt").write_text("x")
