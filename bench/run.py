@@ -69,10 +69,12 @@ from trials import tree_cpu  # noqa: E402
 # hwf-self: HWF with its daemons' tasks run as the daemon's own user
 # (--run-as self), what a non-root user gets; run only when this is root,
 # where plain "hwf" runs each task as a per-slot unprivileged user.
-SYSTEMS = ("hwf", "hwf-self", "dask", "ipyparallel", "floor", "hwf-chunked", "ipyparallel-chunked")
+# hwf-noiso: HWF with its daemons' --isolation none (no namespaces, hidepid
+# /proc or cgroups around tasks): what the isolation costs; root only too.
+SYSTEMS = ("hwf", "hwf-self", "hwf-noiso", "dask", "ipyparallel", "floor", "hwf-chunked", "ipyparallel-chunked")
 SECTIONS = {
-    "throughput": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
-    "latency": ("hwf", "hwf-self", "dask", "ipyparallel", "floor"),
+    "throughput": ("hwf", "hwf-self", "hwf-noiso", "dask", "ipyparallel", "floor"),
+    "latency": ("hwf", "hwf-self", "hwf-noiso", "dask", "ipyparallel", "floor"),
     "transfer": ("hwf", "floor"),
     "scale": ("hwf",),
     "coldstart": ("hwf", "dask", "ipyparallel"),
@@ -383,7 +385,7 @@ def render(report: dict) -> str:
         hwf = med(res, "throughput", "hwf", "tasks_per_s")
         for s, e in res["throughput"].items():
             label = {"floor": "floor: fork/exec `true`, 2 procs", "hwf": "HWF (2 daemons x 1 slot)",
-                     "hwf-self": "HWF, --run-as self",
+                     "hwf-self": "HWF, --run-as self", "hwf-noiso": "HWF, --isolation none",
                      "dask": "Dask (2 procs x 1 thread)", "ipyparallel": "ipyparallel (2 engines)"}[s]
             note = status_note(e)
             if note and "median" not in e:
@@ -391,13 +393,19 @@ def render(report: dict) -> str:
                 continue
             x = med(res, "throughput", s, "tasks_per_s")
             add(row([label, fmt(x), fmt(med(res, "throughput", s, "seconds"), 2),
-                     fmt(ratio(hwf, x), 2) if s not in ("hwf", "hwf-self") else "", fmt(med(res, "throughput", s, "cpu_ms_per_task"), 2),
+                     fmt(ratio(hwf, x), 2) if s not in ("hwf", "hwf-self", "hwf-noiso") else "",
+                     fmt(med(res, "throughput", s, "cpu_ms_per_task"), 2),
                      spread(e, "tasks_per_s", 0)], w) + (" " + note if note else ""))
         hs = med(res, "throughput", "hwf-self", "tasks_per_s")
         if hs:
             add("    HWF --run-as self over: " + ", ".join(
                 f"{names.get(p, p)} {fmt(ratio(hs, med(res, 'throughput', p, 'tasks_per_s')), 2)}"
                 for p in ("dask", "ipyparallel", "floor") if med(res, "throughput", p, "tasks_per_s")))
+        hn = med(res, "throughput", "hwf-noiso", "tasks_per_s")
+        if hn and hwf:
+            add(f"    isolation's cost: HWF / HWF --isolation none = {fmt(ratio(hwf, hn), 2)} "
+                f"({fmt(med(res, 'throughput', 'hwf', 'cpu_ms_per_task'), 2)} vs "
+                f"{fmt(med(res, 'throughput', 'hwf-noiso', 'cpu_ms_per_task'), 2)} CPU ms/task)")
         add("    CPU ms/task: CPU time of every process of the system (client, hub/scheduler, daemons/workers, the")
         add("    `true`s) over the timed run, per task; on 2 cores a CPU-bound system tops out near 2000 / that")
     if "functions" in res:
@@ -434,14 +442,16 @@ def render(report: dict) -> str:
         add(row(["system", "median ms", "p99 ms", "HWF/this med", "runs (median ms)"], w))
         hwf = med(res, "latency", "hwf", "median_ms")
         for s, e in res["latency"].items():
-            label = {"floor": "floor: raw websocket echo", "hwf-self": "HWF, --run-as self"}.get(s, names.get(s, s))
+            label = {"floor": "floor: raw websocket echo", "hwf-self": "HWF, --run-as self",
+                     "hwf-noiso": "HWF, --isolation none"}.get(s, names.get(s, s))
             note = status_note(e)
             if note and "median" not in e:
                 add(row([label, note], [34, 40]))
                 continue
             x = med(res, "latency", s, "median_ms")
             add(row([label, fmt(x, 2), fmt(med(res, "latency", s, "p99_ms"), 2),
-                     fmt(ratio(hwf, x), 1) if s not in ("hwf", "hwf-self") else "", spread(e, "median_ms", 2)], w) + (" " + note if note else ""))
+                     fmt(ratio(hwf, x), 1) if s not in ("hwf", "hwf-self", "hwf-noiso") else "",
+                     spread(e, "median_ms", 2)], w) + (" " + note if note else ""))
         if med(res, "latency", "hwf", "started_to_finished_ms") is not None:
             g = lambda k: med(res, "latency", "hwf", k)  # noqa: E731
             add(f"    HWF round trip, medians: dispatch -> daemon started it {fmt(g('dispatch_to_started_ms'), 2)} ms, "
@@ -604,7 +614,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 need = NEEDS.get(s)
                 if need and importlib.util.find_spec(need) is None:
                     res[s] = {"status": "not installed", "needs": need}
-                elif s == "hwf-self" and os.geteuid() != 0:
+                elif s in ("hwf-self", "hwf-noiso") and os.geteuid() != 0:
                     res[s] = {"status": "skipped", "why": "not root: plain hwf already runs tasks as this user"}
                 else:
                     res[s] = {"runs": []}
@@ -656,7 +666,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["kept_trial_dirs"] = str(work)
         ratios = {}
         R = report["results"]
-        for h in ("hwf", "hwf-self"):
+        for h in ("hwf", "hwf-self", "hwf-noiso"):
             for peer in ("dask", "ipyparallel", "floor"):
                 name = f"{h.replace('-', '_')}_over_{peer}"
                 ratios[f"throughput_{name}"] = ratio(med(R, "throughput", h, "tasks_per_s"),

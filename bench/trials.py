@@ -110,12 +110,15 @@ def tree_cpu() -> float:
 # ------------------------------------------------------------------------- HWF
 
 
-def hwf_cluster(tmp: Path, *, as_self: bool = False, **kw: Any):
+def hwf_cluster(tmp: Path, *, as_self: bool = False, isolation: Optional[str] = None, **kw: Any):
     """A LocalCluster; ``as_self`` adds ``--run-as self`` to its daemons (tasks
     run as the daemon's own user, what a non-root user always gets), through
-    LocalCluster's private ``_spawn``: if that changes, the trial fails and says so."""
+    LocalCluster's private ``_spawn``: if that changes, the trial fails and says so.
+    ``isolation="none"``: the daemons put no walls around tasks (what isolation costs)."""
     from hwf_jupyter import LocalCluster
 
+    if isolation is not None:
+        kw["daemon_args"] = [*kw.get("daemon_args", ()), "--isolation", isolation]
     if not as_self:
         return LocalCluster(state_dir=tmp / "hwf", **kw)
 
@@ -142,11 +145,11 @@ def hwf_check_user(hub: Any, as_self: bool, timeout: float) -> str:
     return f"per-slot users (uid {uid}; the daemon is root)"
 
 
-def hwf_throughput(P: dict, as_self: bool = False) -> dict:
+def hwf_throughput(P: dict, as_self: bool = False, isolation: Optional[str] = None) -> dict:
     from hwf_jupyter import Stage, Task, dispatch_sync
 
     n = P["tasks"]
-    with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
+    with hwf_cluster(P["tmp"], as_self=as_self, isolation=isolation, daemons=2, slots=1) as c:
         hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
         run_as = hwf_check_user(hub, as_self, P["timeout"])
         task = Task(Stage("noop", cmd="true"))
@@ -168,10 +171,10 @@ def hwf_throughput(P: dict, as_self: bool = False) -> dict:
             "tasks_run_as": run_as}
 
 
-def hwf_latency(P: dict, as_self: bool = False) -> dict:
+def hwf_latency(P: dict, as_self: bool = False, isolation: Optional[str] = None) -> dict:
     from hwf_jupyter import Stage, Task, dispatch_sync
 
-    with hwf_cluster(P["tmp"], as_self=as_self, daemons=2, slots=1) as c:
+    with hwf_cluster(P["tmp"], as_self=as_self, isolation=isolation, daemons=2, slots=1) as c:
         hub = c.hub(artifacts_dir=P["tmp"] / "artifacts")
         run_as = hwf_check_user(hub, as_self, P["timeout"])
         task = Task(Stage("noop", cmd="true"))
@@ -759,11 +762,13 @@ def ipp_functions(P: dict, chunked: bool = False) -> dict:
 TRIALS: dict[tuple[str, str], Callable[[dict], dict]] = {
     ("throughput", "hwf"): hwf_throughput,
     ("throughput", "hwf-self"): lambda P: hwf_throughput(P, as_self=True),
+    ("throughput", "hwf-noiso"): lambda P: hwf_throughput(P, isolation="none"),
     ("throughput", "dask"): dask_throughput,
     ("throughput", "ipyparallel"): ipp_throughput,
     ("throughput", "floor"): floor_throughput,
     ("latency", "hwf"): hwf_latency,
     ("latency", "hwf-self"): lambda P: hwf_latency(P, as_self=True),
+    ("latency", "hwf-noiso"): lambda P: hwf_latency(P, isolation="none"),
     ("latency", "dask"): dask_latency,
     ("latency", "ipyparallel"): ipp_latency,
     ("latency", "floor"): floor_latency,
