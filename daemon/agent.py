@@ -37,7 +37,7 @@ from .accounts import DEFAULT_SLOT_UID_BASE, SAME_USER_WARNING, TaskAccounts, Ta
 from .blobcache import copy_verified, open_cache
 from .guardian import Guardian
 from .hardware import detect_hardware
-from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS, Box, Walls, disk_usage
+from .isolation import DEFAULT_DISK, DEFAULT_MAX_PIDS, Box, Walls
 from .leftovers import kill_leftovers, last_pid, remove_files_of
 from .load import sample_load
 from .output import OutputPump
@@ -411,7 +411,12 @@ class Daemon:
                 taskdir = await asyncio.to_thread(self.taskdirs.create, name, user)
             env = task_env(self._environ, task_id=msg.task_id, attempt=msg.attempt, user=user,
                            home=taskdir, tmpdir=taskdir / TMP_NAME, extra=msg.spec.env)
-            box = self.walls.box(slot, taskdir, msg.spec.hardware, taskdir / TMP_NAME if user is not None else None)
+            private_tmp = None
+            if user is not None and self.walls.namespaces:
+                private_tmp = self.taskdirs.slot_tmp(slot, user)
+            elif user is not None:
+                private_tmp = taskdir / TMP_NAME
+            box = self.walls.box(slot, taskdir, msg.spec.hardware, private_tmp, root=self.taskdirs.root)
             if box is not None:
                 self.walls.watch(box, lambda text: cancel.set(LIMIT, text))
             began = p.TaskStarted(task_id=msg.task_id, attempt=msg.attempt, time=time.time())
@@ -466,7 +471,7 @@ class Daemon:
                 # A task quicker than the poll: one look at what it left (and the
                 # counters read now are the slot's next baseline).
                 self.walls.unwatch(box)
-                text = box.breach(disk_usage(taskdir) if box.disk_limit is not None else None)
+                text = box.breach(box.disk())
                 if text is not None and outcome.status == "finished":
                     last = outcome.stages[-1].name if outcome.stages else "?"
                     outcome.status, outcome.exit_code, outcome.reason = "failed", None, LIMIT
@@ -519,7 +524,13 @@ class Daemon:
         try:
             if not cleaned:
                 await self._clean_slot(slot, user, since)
-            if box is not None and user is not None:
+            if box is not None and box.tmp_path is not None and user is not None:
+                keep = self.taskdirs.mountpoint_in_slot_tmp(self.walls.shared)
+                # The slot keeps its namespaces; its /tmp is emptied (in a thread when
+                # there is more than a few entries: most tasks leave nothing there).
+                if not self.taskdirs.empty(box.tmp_path, user, keep, at_most=8):
+                    await asyncio.to_thread(self.taskdirs.empty, box.tmp_path, user, keep)
+            elif box is not None and user is not None:
                 spawners.current().unbox(box.key)
             if user is not None and user.per_slot and outside and self.walls.mode != "none":
                 await asyncio.to_thread(remove_files_of, user.uid, self.walls.shared)

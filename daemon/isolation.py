@@ -94,14 +94,16 @@ def _size(n: int) -> str:
 class Box:
     """What walls in one task's commands; ``wire()`` is what the spawner gets."""
 
-    key: str  # the spawner's name for its namespaces
+    key: str  # the spawner's name for its namespaces (a slot's, kept across its tasks)
     tmp: Optional[str]  # bound over ``shared`` (None: the shared dirs stay)
     shared: tuple[str, ...] = ()
     namespaces: bool = False
-    taskdir: Optional[str] = None
+    taskdir: Optional[str] = None  # bound back at its own path if it lies under a shared dir
+    gen: int = 0  # the task: each gets a fresh IPC namespace
     cgroup: Optional[TaskCgroup] = None
     home: tuple[str, ...] = ()  # the spawner's own cgroup.procs, to return to
     disk_path: Optional[Path] = None
+    tmp_path: Optional[Path] = None  # the slot's private /tmp, counted with the task dir
     disk_limit: Optional[int] = None
     rlimit_as: Optional[int] = None  # the fallback without cgroups: RLIMIT_AS, set just after the start
     _counts: tuple[int, int] = (0, 0)
@@ -110,7 +112,13 @@ class Box:
     def wire(self) -> tuple[str, tuple]:
         cg = self.cgroup
         return (self.key, (self.namespaces, self.tmp, list(self.shared) if self.tmp else [], self.taskdir,
-                           cg.procs if cg else [], list(self.home) if cg else []))
+                           cg.procs if cg else [], list(self.home) if cg else [], self.gen))
+
+    def disk(self) -> Optional[int]:
+        """Bytes the task holds on disk (its dir and private /tmp), or None when unlimited."""
+        if self.disk_limit is None or self.disk_path is None:
+            return None
+        return disk_usage(self.disk_path) + (disk_usage(self.tmp_path) if self.tmp_path is not None else 0)
 
     def breach(self, disk: Optional[int] = None) -> Optional[str]:
         """The limit the task went past (its text, flag named), or None."""
@@ -205,14 +213,24 @@ class Walls:
             lines.append(f"each task may use {_size(self.disk)} of disk in its dir and private /tmp (--task-disk)")
         return lines
 
-    def box(self, slot: int, taskdir: Path, hardware: Mapping[str, Any], tmp: Optional[Path]) -> Optional[Box]:
-        """The walls of one task on ``slot``, or None when isolation is off."""
+    def box(self, slot: int, taskdir: Path, hardware: Mapping[str, Any], tmp: Optional[Path],
+            root: Optional[Path] = None) -> Optional[Box]:
+        """The walls of one task on ``slot``, or None when isolation is off.
+
+        ``tmp`` is the slot's private /tmp (emptied by the daemon between two
+        tasks) and ``root`` the task dirs' root: a slot's mount namespace is
+        built at its first task and kept, since building and tearing down
+        mounts per task cost more than the rest of isolation together (one
+        task at a time per slot, and the slot is emptied before the next, as
+        its cgroup is)."""
         if self.mode == "none":
             return None
         self._boxes += 1
-        box = Box(key=f"t{self._boxes}", tmp=str(tmp) if self.namespaces and tmp is not None else None,
-                  shared=self.shared, namespaces=self.namespaces and tmp is not None, taskdir=str(taskdir),
-                  disk_path=taskdir, disk_limit=self.disk, rlimit_as=self.rlimit_as, home=self.home)
+        namespaced = self.namespaces and tmp is not None
+        box = Box(key=f"s{slot}" if namespaced else f"t{self._boxes}", tmp=str(tmp) if namespaced else None,
+                  shared=self.shared, namespaces=namespaced, taskdir=str(root or taskdir), gen=self._boxes,
+                  disk_path=taskdir, tmp_path=tmp if namespaced else None, disk_limit=self.disk,
+                  rlimit_as=self.rlimit_as, home=self.home)
         if self.slots and tmp is not None:  # commands as the slot's user: through the spawner
             memory = self.memory
             want = _ram_of(hardware)
@@ -246,9 +264,7 @@ class Walls:
         while self._watched:
             await asyncio.sleep(DISK_POLL)
             boxes = [b for b, _ in self._watched.values()]
-            disks = await asyncio.to_thread(
-                lambda: [disk_usage(b.disk_path) if b.disk_limit is not None and b.disk_path else None
-                         for b in boxes])
+            disks = await asyncio.to_thread(lambda: [b.disk() for b in boxes])
             for box, disk in zip(boxes, disks):
                 watched = self._watched.get(box.key)
                 text = box.breach(disk) if watched is not None else None

@@ -32,9 +32,10 @@ with the first bytes of their frame (``SCM_RIGHTS``).
       ("spawn", rid, exe, argv, env, cwd, uid, gid, fallback, box)  + fds stdin, stdout, stderr
           exec ``exe`` with ``argv``; if that exec fails, ``fallback``
           (exe, argv, env) when given.  uid/gid None: keep root's.
-          ``box`` None, or (key, (ns, tmp, shared, taskdir, procs, home)):
+          ``box`` None, or (key, (ns, tmp, shared, rebind, procs, home, gen)):
           start it in that box's namespaces (if ``ns``) and cgroup
-          (``Walls``), built at the key's first use
+          (``Walls``), built at the key's first use; a new ``gen`` of a
+          key gets a new IPC namespace
       ("unbox", 0, key)             forget a box (its namespaces go with their last process)
       ("kill", rid, uid, gid)       SIGKILL every process of that uid
     spawner -> daemon
@@ -133,7 +134,7 @@ class Walls:
 
     def build(self, tmp, shared, taskdir):
         """New mount and IPC namespaces: ``tmp`` over each ``shared`` dir,
-        ``taskdir`` bound back at its own path if it lay under one, a procfs
+        ``taskdir`` (the task dirs' root) bound back at its own path if it lay under one, a procfs
         with hidepid=2 (only the uid's own processes show); (mnt fd, ipc fd)."""
         libc = _syscalls()
         own = self._own()
@@ -163,14 +164,33 @@ class Walls:
         _check(libc.setns(fds[0], CLONE_NEWNS), "setns mnt")
         _check(libc.setns(fds[1], CLONE_NEWIPC), "setns ipc")
 
+    def fresh_ipc(self):
+        """A new, empty IPC namespace (an fd to it); this process stays in its own."""
+        libc = _syscalls()
+        own = self._own()
+        _check(libc.unshare(CLONE_NEWIPC), "unshare ipc")
+        try:
+            return os.open("/proc/self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            _check(libc.setns(own[1], CLONE_NEWIPC), "setns ipc")
+
     def box(self, key, spec):
-        """The namespaces of box ``key`` (built from ``spec`` on first use)."""
+        """The namespaces of box ``key``: built from ``spec`` on first use and
+        kept (a slot's box serves its tasks one after another: its mounts are
+        built once); a new ``gen`` (the next task) gets a fresh IPC namespace,
+        so no SysV object passes from one task to the next."""
+        ns, tmp, shared, rebind, procs, home, gen = spec
         got = self.boxes.get(key)
         if got is None:
-            ns, tmp, shared, taskdir, procs, home = spec
-            fds = self.build(tmp, shared, taskdir) if ns else (None, None)
-            got = self.boxes[key] = (*fds, procs, home)
-        return got
+            fds = self.build(tmp, shared, rebind) if ns else (None, None)
+            got = self.boxes[key] = [*fds, procs, home, gen]
+        elif got[4] != gen:
+            if got[1] is not None:
+                ipc = self.fresh_ipc()
+                os.close(got[1])
+                got[1] = ipc
+            got[2], got[3], got[4] = procs, home, gen
+        return got[:4]
 
     def close(self, key):
         got = self.boxes.pop(key, None)

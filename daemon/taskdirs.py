@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import itertools
 import os
 import shutil
 import stat
@@ -31,6 +32,7 @@ from .accounts import TaskUser
 log = logging.getLogger(__name__)
 
 TMP_NAME = ".hwf-tmp"  # a task's private TMPDIR, inside its dir
+SLOT_TMP_PREFIX = ".hwf-slot-tmp-"  # in the root: a slot's private /tmp (isolation.py), emptied after each task
 TRASH_NAME = ".hwf-trash"  # in the root: dirs of ended tasks, removed in the background
 _ROOT_PREFIX = "hwf-tasks-"
 _LOCK_NAME = ".hwf-daemon.lock"  # in a temp root; task dir names never start with "."
@@ -124,6 +126,7 @@ class TaskDirs:
                     log.warning("%s is not reachable by other users either: tasks using absolute "
                                 "paths of their dir will fail", root)
         self.root = root
+        self._slot_tmps: set[Path] = set()
         self.trash = root / TRASH_NAME
         self._trashed = 0
         shutil.rmtree(self.trash, ignore_errors=True)  # a dead daemon's
@@ -157,6 +160,59 @@ class TaskDirs:
             os.chown(path, user.uid, user.gid)
             os.chown(tmp, user.uid, user.gid)
         return path
+
+    def slot_tmp(self, slot: int, user: TaskUser) -> Path:
+        """The slot's private /tmp (bound over the shared dirs in its mount
+        namespace): made once, the slot user's, 0700."""
+        path = self.root / f"{SLOT_TMP_PREFIX}{slot}"
+        if path in self._slot_tmps:  # a mkdir costs ~60 us: once per slot
+            return path
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        os.chown(path, user.uid, user.gid)
+        os.chmod(path, 0o700)
+        self._slot_tmps.add(path)
+        return path
+
+    def mountpoint_in_slot_tmp(self, shared: tuple[str, ...]) -> Optional[str]:
+        """When the root lies under a shared dir (``/tmp/hwf-tasks-*``), a slot's
+        namespace binds it back at its own path, on a dir made (as root) inside
+        the slot's private /tmp: the name of that dir, which ``empty`` keeps."""
+        for d in shared:
+            try:
+                return self.root.relative_to(d).parts[0]
+            except (ValueError, IndexError):
+                continue
+        return None
+
+    def empty(self, path: Path, user: TaskUser, keep: Optional[str] = None, at_most: Optional[int] = None) -> bool:
+        """Remove everything in ``path`` (links not followed) and give it back
+        its mode and owner: the next task of the slot finds it as new.  ``keep``:
+        a root-owned dir that is a mountpoint in the slot's namespace (removing
+        it would detach the task dirs there).  With ``at_most``: only if it holds
+        no more entries than that, else False and nothing removed (the caller
+        then empties it in a thread)."""
+        with os.scandir(path) as it:
+            entries = list(it) if at_most is None else list(itertools.islice(it, at_most + 1))
+        if at_most is not None and (len(entries) > at_most
+                                    or any(e.is_dir(follow_symlinks=False) and e.name != keep for e in entries)):
+            return False
+        for entry in entries:
+            if (entry.name == keep and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == 0):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+        os.chown(path, user.uid, user.gid, follow_symlinks=False)
+        os.chmod(path, 0o700, follow_symlinks=False)
+        return True
 
     def remove(self, path: Path) -> None:
         # rmtree works on fds (no symlink following), so a task's links cannot

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from hwf_daemon import cli
 from hwf_daemon.cgroups import _counter
 from hwf_daemon.isolation import Box, disk_usage
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Counters:
@@ -70,8 +73,34 @@ def test_disk_past_the_limit_names_it_and_the_first_breach_stays():
 def test_the_spawner_gets_the_box_as_plain_data():
     cg = _Counters()
     box = _box(cg, shared=("/tmp", "/dev/shm"), namespaces=True, taskdir="/w/t", home=("/h/cgroup.procs",))
+    box.gen = 7
     assert box.wire() == ("t1", (True, "/w/t/.hwf-tmp", ["/tmp", "/dev/shm"], "/w/t", ["/x/cgroup.procs"],
-                                 ["/h/cgroup.procs"]))
+                                 ["/h/cgroup.procs"], 7))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="building mount namespaces needs root")
+def test_a_slots_mounts_are_built_once_and_each_task_gets_a_fresh_ipc_namespace(tmp_path):
+    """The slot's box keeps its mount namespace across tasks (mounts per task
+    cost most of isolation's time), never its IPC namespace (SysV objects)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spawnerd_under_test", ROOT / "daemon" / "spawnerd.py")
+    spawnerd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spawnerd)
+    walls = spawnerd.Walls()
+    tmp = tmp_path / "slot-tmp"
+    tmp.mkdir()
+    try:
+        first = walls.box("s0", (True, str(tmp), ["/var/tmp"], str(tmp_path), [], [], 1))
+        ino = lambda fd: os.fstat(fd).st_ino  # noqa: E731 - a namespace's identity
+        mnt, ipc = ino(first[0]), ino(first[1])
+        again = walls.box("s0", (True, str(tmp), ["/var/tmp"], str(tmp_path), [], [], 1))
+        assert (ino(again[0]), ino(again[1])) == (mnt, ipc)  # the same task: the same namespaces
+        nxt = walls.box("s0", (True, str(tmp), ["/var/tmp"], str(tmp_path), [], [], 2))
+        assert ino(nxt[0]) == mnt and ino(nxt[1]) != ipc
+        assert os.readlink("/proc/self/ns/ipc") == f"ipc:[{ino(walls._own()[1])}]"  # back in its own
+    finally:
+        walls.close("s0")
 
 
 def test_cgroup_counters_are_read_by_name():

@@ -46,3 +46,28 @@ def test_a_dir_as_made_is_removed_in_two_rmdirs(tmp_path: Path) -> None:
     dirs.remove(d)
     assert not d.exists()
     dirs.close()
+
+
+def test_a_slots_private_tmp_is_emptied_between_tasks_but_keeps_its_mountpoint(tmp_path: Path) -> None:
+    """The slot's /tmp outlives its tasks (its namespace is kept): emptied,
+    mode and owner reset, links not followed, the root's mountpoint kept."""
+    from hwf_daemon.accounts import TaskUser
+
+    me = TaskUser(uid=os.getuid(), gid=os.getgid(), name="me", per_slot=True)
+    dirs = TaskDirs(tmp_path / "work", isolated=False)
+    tmp = dirs.slot_tmp(0, me)
+    assert dirs.slot_tmp(0, me) == tmp and stat.S_IMODE(tmp.stat().st_mode) == 0o700
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp / "left.txt").write_text("secret")
+    (tmp / "deep" / "er").mkdir(parents=True)
+    (tmp / "link").symlink_to(outside)
+    (tmp / "mnt").mkdir()  # root-owned here when the suite runs as root, as the daemon makes it
+    tmp.chmod(0o777)
+    dirs.empty(tmp, me, keep="mnt")
+    left = sorted(p.name for p in tmp.iterdir())
+    assert left == (["mnt"] if os.geteuid() == 0 else [])
+    assert outside.read_text() == "keep me" and stat.S_IMODE(tmp.stat().st_mode) == 0o700
+    assert dirs.mountpoint_in_slot_tmp(("/var/nowhere",)) is None
+    assert dirs.mountpoint_in_slot_tmp(("/var/nowhere", str(tmp_path / "work"))) == "tasks"
+    assert dirs.mountpoint_in_slot_tmp((str(tmp_path),)) == "work"
