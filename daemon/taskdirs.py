@@ -169,8 +169,8 @@ class TaskDirs:
             return path
         try:
             os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
+        except FileExistsError:  # an earlier daemon's (it may have died mid-task): emptied first
+            self.empty(path, user)
         os.chown(path, user.uid, user.gid)
         os.chmod(path, 0o700)
         self._slot_tmps.add(path)

@@ -43,8 +43,9 @@ numbers users care about (peak RAM, CPU time) are the tree's, not bash's.
   therefore only trusted when it exceeds the parent's RSS at spawn time
   (the ``floor``); below that, the sampled peak is the answer.  Each sample
   also reads every process's own ``VmHWM`` (peak RSS since its exec,
-  Linux), so a process seen alive once reports its true peak even if it
-  came between samples.
+  Linux), so a peak between two samples is still seen by the next one; a
+  peak reached after a short command's last sample, just before it exits,
+  is missed when it stays below the floor (a known limit of sampling).
 
 POSIX only: Windows has no ``os.wait4`` nor process groups.
 """

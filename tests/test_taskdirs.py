@@ -68,6 +68,9 @@ def test_a_slots_private_tmp_is_emptied_between_tasks_but_keeps_its_mountpoint(t
     left = sorted(p.name for p in tmp.iterdir())
     assert left == (["mnt"] if os.geteuid() == 0 else [])
     assert outside.read_text() == "keep me" and stat.S_IMODE(tmp.stat().st_mode) == 0o700
+    (tmp / "from-a-dead-daemon").write_text("x")
+    again = TaskDirs(tmp_path / "work", isolated=False)  # a new daemon on the same workdir
+    assert again.slot_tmp(0, me) == tmp and not (tmp / "from-a-dead-daemon").exists()
     assert dirs.mountpoint_in_slot_tmp(("/var/nowhere",)) is None
     assert dirs.mountpoint_in_slot_tmp(("/var/nowhere", str(tmp_path / "work"))) == "tasks"
     assert dirs.mountpoint_in_slot_tmp((str(tmp_path),)) == "work"
