@@ -137,36 +137,44 @@ class HubWatch:
 # ------------------------------------------------------------------ floods
 
 
+def _refusals(peers: list[RawPeer], quiet: float) -> int:
+    """Error replies the attacker's connections got until each was quiet for ``quiet`` s."""
+    refused = 0
+    for peer in peers:
+        try:
+            while True:
+                refused += peer.recv(timeout=quiet).get("type") == "error"
+        except Exception:  # quiet (TimeoutError) or closed by the hub: done with this one
+            pass
+    return refused
+
+
+def _closer(peers: list[RawPeer]) -> Callable[[], None]:
+    def stop() -> None:
+        for peer in peers:
+            try:
+                peer.close()
+            except Exception:  # already closed by the hub
+                pass
+    return stop
+
+
 def flood_idle(cluster: LocalCluster, n: Callable[[int], int], hold: float) -> tuple[dict, Callable[[], None]]:
     return {}, lambda: None
 
 
 def flood_uploads(cluster: LocalCluster, n: Callable[[int], int], hold: float) -> tuple[dict, Callable[[], None]]:
     token = cluster.create_token("client", "user-b")
-    peers, refused = [], 0
+    peers = []
     for _ in range(n(64)):
         peer = RawPeer(cluster.address, token)
         peers.append(peer)
         for _ in range(4):
             rid = peer.next_id()
             peer.send({"type": "blob_put", "id": rid, "sha256": os.urandom(32).hex(), "size": 1 << 20})
-    for peer in peers:  # what came back at once: refusals (an accepted put answers only when its bytes end)
-        try:
-            while True:
-                msg = peer.recv(timeout=0.05)
-                refused += msg.get("type") == "error"
-        except TimeoutError:
-            pass
-        except Exception:
-            pass
-
-    def stop() -> None:
-        for peer in peers:
-            try:
-                peer.close()
-            except Exception:
-                pass
-    return {"attacker_connections": len(peers), "attacker_refused_at_once": refused}, stop
+    # What came back at once: refusals (an accepted put answers only when its bytes end).
+    refused = _refusals(peers, 0.05)
+    return {"attacker_connections": len(peers), "attacker_refused_at_once": refused}, _closer(peers)
 
 
 def flood_http(cluster: LocalCluster, n: Callable[[int], int], hold: float) -> tuple[dict, Callable[[], None]]:
@@ -279,21 +287,7 @@ def flood_waiters(cluster: LocalCluster, n: Callable[[int], int], hold: float) -
         peer = peers[i % len(peers)]
         peer.send({"type": "get_results", "id": peer.next_id(), "task_ids": list(ids), "wait": True})
         sent += 1
-    refused = 0
-    for peer in peers:
-        try:
-            while True:
-                refused += peer.recv(timeout=0.2).get("type") == "error"
-        except Exception:
-            pass
-
-    def stop() -> None:
-        for peer in peers:
-            try:
-                peer.close()
-            except Exception:
-                pass
-    return {"attacker_waiters_sent": sent, "attacker_refused": refused}, stop
+    return {"attacker_waiters_sent": sent, "attacker_refused": _refusals(peers, 0.2)}, _closer(peers)
 
 
 SCENARIOS: dict[str, Callable[..., tuple[dict, Callable[[], None]]]] = {

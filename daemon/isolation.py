@@ -101,7 +101,7 @@ class Box:
     tmp: Optional[str]  # bound over ``shared`` (None: the shared dirs stay)
     shared: tuple[str, ...] = ()
     namespaces: bool = False
-    taskdir: Optional[str] = None  # bound back at its own path if it lies under a shared dir
+    rebind: Optional[str] = None  # the task dirs' root, bound back at its path if under a shared dir
     gen: int = 0  # the task: each gets a fresh IPC namespace
     cgroup: Optional[TaskCgroup] = None
     home: tuple[str, ...] = ()  # the spawner's own cgroup.procs, to return to
@@ -114,7 +114,7 @@ class Box:
 
     def wire(self) -> tuple[str, tuple]:
         cg = self.cgroup
-        return (self.key, (self.namespaces, self.tmp, list(self.shared) if self.tmp else [], self.taskdir,
+        return (self.key, (self.namespaces, self.tmp, list(self.shared) if self.tmp else [], self.rebind,
                            cg.procs if cg else [], list(self.home) if cg else [], self.gen))
 
     def disk(self) -> Optional[int]:
@@ -231,7 +231,7 @@ class Walls:
         self._boxes += 1
         namespaced = self.namespaces and tmp is not None
         box = Box(key=f"s{slot}" if namespaced else f"t{self._boxes}", tmp=str(tmp) if namespaced else None,
-                  shared=self.shared, namespaces=namespaced, taskdir=str(root or taskdir), gen=self._boxes,
+                  shared=self.shared, namespaces=namespaced, rebind=str(root or taskdir), gen=self._boxes,
                   disk_path=taskdir, tmp_path=tmp if namespaced else None, disk_limit=self.disk,
                   rlimit_as=self.rlimit_as, home=self.home)
         if self.slots and tmp is not None:  # commands as the slot's user: through the spawner

@@ -72,7 +72,7 @@ def test_disk_past_the_limit_names_it_and_the_first_breach_stays():
 
 def test_the_spawner_gets_the_box_as_plain_data():
     cg = _Counters()
-    box = _box(cg, shared=("/tmp", "/dev/shm"), namespaces=True, taskdir="/w/t", home=("/h/cgroup.procs",))
+    box = _box(cg, shared=("/tmp", "/dev/shm"), namespaces=True, rebind="/w/t", home=("/h/cgroup.procs",))
     box.gen = 7
     assert box.wire() == ("t1", (True, "/w/t/.hwf-tmp", ["/tmp", "/dev/shm"], "/w/t", ["/x/cgroup.procs"],
                                  ["/h/cgroup.procs"], 7))
