@@ -64,14 +64,14 @@ def _address(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
 
 
-# A refused connection is answered when its request arrives: answered at
-# once, a client still sending its request may read the close first and see
+# A refused websocket connection is answered when its request arrives: answered
+# at once, a client still sending its handshake may read the close first and see
 # "connection closed", not the reason naming the flag.  It waits at most
 # REFUSED_LINGER seconds, and never more than REFUSED_LINGER_MAX refused
 # connections wait at once (beyond that, a flood's refusals are answered and
 # closed at once).
 REFUSED_LINGER = 1.0
-REFUSED_LINGER_MAX = 256
+REFUSED_LINGER_MAX = 64
 
 
 class Refused:
@@ -80,12 +80,12 @@ class Refused:
     waiting = 0  # refused connections waiting for their request, hub-wide
 
     def __init__(self, transport: asyncio.BaseTransport, problem: tuple[int, str], log: RateLimitedLog,
-                 what: str) -> None:
+                 what: str, linger: bool = True) -> None:
         status, why = problem
         log(f"{what}-refused-{status}", f"{what} connection from {_address(transport)} refused: {why}")
         self.transport, self.response = transport, refusal(status, why)
         self._timer: Optional[asyncio.TimerHandle] = None
-        if Refused.waiting >= REFUSED_LINGER_MAX:
+        if not linger or Refused.waiting >= REFUSED_LINGER_MAX:
             self.answer()
             return
         Refused.waiting += 1
@@ -117,7 +117,9 @@ class GuardedHttp(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         problem = self.caps.admit(_address(transport))
         if problem is not None:
-            self._refused = Refused(transport, problem, self.log, "HTTP")
+            # Answered at once: a flood of refused HTTP connections held fds
+            # longer when they waited (the HTTP clients here read the answer).
+            self._refused = Refused(transport, problem, self.log, "HTTP", linger=False)
             return
         self.address, self.transport = _address(transport), transport
         self._timer = asyncio.get_running_loop().call_later(self.header_timeout, self._too_slow)

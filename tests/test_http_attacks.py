@@ -155,7 +155,11 @@ def test_half_header_flood_is_capped_closed_and_logged_once(farm, stored, tmp_pa
             s.close()
     watch.report("1,500 half-header HTTP connections")
     assert not watch.errors, watch.errors
-    assert max(watch.fds) < 64 + 200, f"the hub held {max(watch.fds)} fds (cap 64 per address)"
+    # The cap, plus one accept batch (asyncio accepts up to the listen backlog,
+    # 100, per wake-up; the refused ones of a batch are closed on the next loop
+    # turn), plus slack: far from the 1,516 the hub held before the caps.
+    accept_batch = 100
+    assert max(watch.fds) < 64 + accept_batch + 200, f"the hub held {max(watch.fds)} fds (cap 64 per address)"
     assert watch.growth < 200 * 2**20
     grown = log_bytes(farm) - before_log
     assert grown < 16 * 1024, f"hub log grew {grown} bytes"
