@@ -27,7 +27,7 @@ import re
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import msgspec
 
@@ -204,6 +204,11 @@ class _Replay:
             self.dropped += len(old)
 
 
+def _check(ok: bool, problem: str) -> None:
+    if not ok:
+        raise AssertionError(f"hub core invariant broken: {problem}")
+
+
 def _stored_load(raw: Optional[str]) -> Optional[p.Load]:
     """A machine's last load as stored; one an older hub accepted out of bounds
     (1e308 % CPU) is dropped, not allowed to stop the hub from starting."""
@@ -254,11 +259,14 @@ class HubCore:
         self.active_by_user: Counter[str] = Counter()  # unfinished tasks per user
         self._now = now
         self._out: list[Instruction] = []
+        self._ended: list[str] = []  # tasks the current event ended (_settle_ended)
+        self.reconnect_grace = reconnect_grace
         self._dirty = True  # a scheduling pass is due at the end of the batch
         self.hub_id = store.meta("hub_id") or self._init_hub_id()
         self.ledger = Ledger(store, owner_of=lambda mid: m.owner if (m := self.machines.get(mid)) else None)
         self._user_keys: dict[str, str] = {}
         self._key_secret = (store.meta("user_key_secret") or self._init_key_secret()).encode()
+        self.store.mark_all_machines_offline()
         self._load_machines()
         self._load_active()
         self._fill_blob_sizes()
@@ -278,30 +286,100 @@ class HubCore:
     # -- the one way in -------------------------------------------------------
 
     def handle(self, *events: Event, now: float) -> list[Instruction]:
-        """Apply a batch of events in one transaction; return what to do about them."""
+        """Apply a batch of events in one transaction; return what to do about them.
+
+        Each event is all or nothing (``_handle_one``).  If the batch's commit
+        itself fails (disk full, an I/O error), nothing of the batch is kept:
+        memory is rebuilt from the store and every request in the batch is
+        answered with an ``unavailable`` error instead -- nothing is acked
+        that is not stored, and no client waits for a reply that never comes."""
         self._now = now
         self._out = out = []
-        with self.store.transaction():
-            for ev in events:
-                self._handle_one(ev)
-            if self._dirty:
-                self._dirty = False
-                self._schedule()
-        self._out = []
+        try:
+            with self.store.transaction():
+                for ev in events:
+                    self._handle_one(ev)
+                if self._dirty:
+                    self._dirty = False
+                    self._atomically(self._schedule)
+        except Exception as exc:
+            log.exception("storing a batch of %d event(s) failed; none of it was kept", len(events))
+            self._out = []
+            self._rebuild()
+            out = self._refuse_batch(events, exc)
+        finally:
+            self._out = []
+            self._ended = []
         return out
 
     def _handle_one(self, ev: Event) -> None:
+        """One event: its store writes (a savepoint), memory changes and
+        instructions all happen, or none do.
+
+        A ``RequestError`` refuses a request before anything changed (the
+        handlers check first; ``validate_state`` holds them to it).  Any other
+        exception is a bug or a failing store: the savepoint is rolled back,
+        the event's instructions dropped, and memory rebuilt from the store,
+        which is the truth.  Waiters and watches of tasks the event ended are
+        settled only once the event succeeded (``_settle_ended``)."""
         rid = getattr(ev.msg, "id", None) if isinstance(ev, Received) else None
+        mark = len(self._out)
+        self._ended = []
         try:
             with self.store.transaction():  # a savepoint: a failing event undoes only itself
                 self._EVENTS[type(ev)](self, ev)
         except RequestError as exc:
+            del self._out[mark:]
             if isinstance(ev, Received):
                 self._send(ev.peer, p.Error(id=rid, code=exc.code, message=str(exc)))
-        except Exception as exc:  # a bug must not take the hub (or the batch) down
-            log.exception("error handling %r", ev)
+        except Exception as exc:  # a bug must not take the hub (or the batch) down, nor leave it inconsistent
+            log.exception("error handling %r; rebuilding the hub's memory from its store", ev)
+            del self._out[mark:]
+            self._rebuild()
             if isinstance(ev, Received):
                 self._send(ev.peer, p.Error(id=rid, code="internal", message=f"hub error: {exc!r}"))
+        else:
+            self._settle_ended()
+        finally:
+            self._ended = []
+
+    def _atomically(self, step: Callable[[], None]) -> None:
+        """A step of the core's own (a scheduling pass) with an event's all-or-nothing."""
+        mark = len(self._out)
+        try:
+            with self.store.transaction():
+                step()
+        except Exception:
+            log.exception("error in %s; rebuilding the hub's memory from its store", step.__name__)
+            del self._out[mark:]
+            self._rebuild()
+
+    def _settle_ended(self) -> None:
+        """After an event that ended tasks: wake their waiters, close their watches' entries."""
+        for tid in self._ended:
+            self._subs_by_task.pop(tid, None)
+            self._replay.pop(tid, None)
+            for w in self._waiters.pop(tid, {}):
+                w.remaining -= 1
+                if w.remaining == 0:
+                    self._answer(w, timed_out=False)
+
+    def _refuse_batch(self, events: Sequence[Event], exc: Exception) -> list[Instruction]:
+        """Answer every request of a batch that could not be stored, and forget
+        the waits and watches it opened (their requests failed)."""
+        out: list[Instruction] = []
+        message = f"the hub could not store this request ({exc!r}); nothing of it was kept: try again"
+        for ev in events:
+            rid = ev.rid if isinstance(ev, BlobStored) else getattr(ev.msg, "id", None) if isinstance(ev, Received) else None
+            ps = self.peers.get(getattr(ev, "peer", -1))
+            if ps is None or rid is None:
+                continue
+            for w in [w for w in ps.waiters if w.rid == rid and not w.done]:
+                self._end_waiter(w)
+            if isinstance(ev, Received) and isinstance(ev.msg, p.Watch) and ps.subs.get(rid) is not None:
+                self._drop_sub(ps.subs[rid])
+            out.append(Send(ev.peer, p.Error(id=rid, code="unavailable", message=message)))
+        return out
 
     def _send(self, peer: Optional[int], msg: Any) -> None:
         if peer is not None:
@@ -314,9 +392,6 @@ class HubCore:
             for sub in subs:
                 self._send(sub.peer, p.TaskEvent(watch=sub.wid, task_id=t.task_id, status=status,  # type: ignore[arg-type]
                                                  time=self._now, **info))
-        if status in p.TERMINAL_STATES:
-            self._subs_by_task.pop(t.task_id, None)
-            self._replay.pop(t.task_id, None)
 
     # -- start-up -----------------------------------------------------------
 
@@ -339,7 +414,6 @@ class HubCore:
         return key
 
     def _load_machines(self) -> None:
-        self.store.mark_all_machines_offline()
         for row in self.store.machines():
             self.machines[row["machine_id"]] = MachineState(
                 machine_id=row["machine_id"],
@@ -378,8 +452,160 @@ class HubCore:
             self.active_by_user[t.user] += 1
             if t.status in ("queued", "retrying"):
                 self._requeue(t, self._now, note_transition=t.status == "retrying")
-            elif t.machine in self.machines:
-                self.machines[t.machine].running.add(t.task_id)
+            else:
+                self.scheduler.note_assigned(t.task_id, t.user)
+                if t.machine in self.machines:
+                    self.machines[t.machine].running.add(t.task_id)
+
+    def _rebuild(self) -> None:
+        """Memory from the store, keeping the live connections: what a restart
+        does, without dropping anyone.
+
+        Called when an event or a batch failed half-way: its store writes were
+        rolled back, its memory changes may not have been, and the store is
+        the truth.  What only memory knows -- who is connected, their waits
+        and watches, attempts being killed -- is kept and re-derived."""
+        old_machines, old_active = self.machines, self.active
+        self.scheduler = Scheduler()
+        self.active, self.machines = {}, {}
+        self.active_by_user = Counter()
+        self._seq = self.store.max_seq()
+        self._load_machines()
+        for mid, peer in list(self.daemon_peer.items()):
+            m, was = self.machines.get(mid), old_machines.get(mid)
+            if m is None or peer not in self.peers or was is None:
+                del self.daemon_peer[mid]
+                if peer in self.peers:
+                    self.peers[peer].machine_id = None
+                continue
+            m.connected, m.draining, m.load, m.last_seen, m.address = True, was.draining, was.load, was.last_seen, was.address
+        self._load_active()
+        for tid, t in self.active.items():
+            before = old_active.get(tid)
+            if before is not None and before.attempt == t.attempt:
+                t.stages, t.assigned_at = before.stages, before.assigned_at
+        for mid, m in self.machines.items():
+            was = old_machines.get(mid)
+            if not m.connected or was is None:
+                continue
+            if was.cancelling:  # still being killed, as the store says
+                rows = self.store.attempts(sorted({tid for tid, _ in was.cancelling}))
+                m.cancelling = {(tid, a) for tid, a in was.cancelling
+                                if any(r["attempt"] == a and r["state"] == "cancelling" and r["machine"] == mid
+                                       for r in rows.get(tid, []))}
+            self._offer_slots(m)
+        if any(t.status in ("assigned", "running") and t.machine not in self.daemon_peer
+               for t in self.active.values()):
+            # Attempts of a daemon whose disconnect was undone: lost unless it returns.
+            until = self._now + self.reconnect_grace
+            self._grace_until = until if self._grace_until is None else min(self._grace_until, until)
+        self._rebuild_registry()
+        self._dirty = True
+
+    def _rebuild_registry(self) -> None:
+        """Waits, watches and holds re-derived from the live peers and the active tasks."""
+        self._subs_by_task, self._subs_by_session, self._waiters, self._holds = {}, {}, {}, {}
+        ready: list[_Waiter] = []
+        for ps in self.peers.values():
+            for sub in ps.subs.values():
+                if sub.session_id is not None:
+                    self._subs_by_session.setdefault(sub.session_id, set()).add(sub)
+                else:
+                    for tid in sub.task_ids:
+                        if tid in self.active:
+                            self._subs_by_task.setdefault(tid, set()).add(sub)
+                if sub.user:
+                    held = self._holds.setdefault(sub.user, [0, 0, 0])
+                    held[1] += 1
+                    held[2] += sub.held
+            ps.waiters = [w for w in ps.waiters if not w.done]
+            for w in ps.waiters:
+                pending = [tid for tid in dict.fromkeys(w.task_ids) if tid in self.active]
+                for tid in pending:
+                    self._waiters.setdefault(tid, {})[w] = None
+                w.remaining = len(pending)
+                held = self._holds.setdefault(w.who.user, [0, 0, 0])
+                held[0] += 1
+                held[2] += w.held
+                if not pending:
+                    ready.append(w)
+        self._replay = {tid: r for tid, r in self._replay.items()
+                        if (t := self.active.get(tid)) is not None and t.attempt == r.attempt}
+        for w in ready:
+            self._answer(w, timed_out=False)
+
+    def validate_state(self) -> None:
+        """Check the core's invariants against the store; raise AssertionError
+        naming the first one broken (dask's ``validate_state``).  Tests call
+        it after every batch; it reads the whole active set, so not the hub."""
+        rows = {r["task_id"]: r for r in self.store.active_tasks()}
+        _check(set(rows) == set(self.active),
+               f"active tasks differ from the store: memory-only {sorted(set(self.active) - set(rows))[:5]}, "
+               f"store-only {sorted(set(rows) - set(self.active))[:5]}")
+        queued = self.scheduler.queued_ids()
+        running_users: Counter[str] = Counter()
+        on_machine: dict[str, set[str]] = {}
+        for tid, t in self.active.items():
+            r = rows[tid]
+            _check((r["status"], r["attempt"], r["user"], r["session_id"]) == (t.status, t.attempt, t.user, t.session_id),
+                   f"task {tid}: memory {t.status}/{t.attempt}/{t.user} but store {r['status']}/{r['attempt']}/{r['user']}")
+            _check(t.status in ("queued", "assigned", "running"), f"task {tid} rests in state {t.status}")
+            _check((tid in queued) == (t.status == "queued"), f"task {tid} is {t.status} but "
+                                                               f"{'' if tid in queued else 'not '}in the scheduler's queue")
+            if t.status != "queued":
+                _check(r["machine"] == t.machine, f"task {tid}: on {t.machine} in memory, {r['machine']} in the store")
+                running_users[t.user] += 1
+                on_machine.setdefault(t.machine or "", set()).add(tid)
+        _check(queued <= set(self.active), "the scheduler queues ended tasks")
+        _check(Counter({u: n for u, n in self.active_by_user.items() if n}) == Counter(t.user for t in self.active.values()),
+               "active_by_user differs from the active tasks")
+        _check(self.scheduler.running_by_user() == dict(running_users),
+               f"fair-share counts {self.scheduler.running_by_user()} differ from the assigned tasks {dict(running_users)}")
+        busy = self.scheduler.busy()
+        for mid, m in self.machines.items():
+            _check(m.running == on_machine.get(mid, set()), f"machine {mid} runs {sorted(m.running)[:3]} in memory, "
+                                                            f"{sorted(on_machine.get(mid, set()))[:3]} by its tasks")
+            peer = self.daemon_peer.get(mid)
+            _check(m.connected == (peer is not None), f"machine {mid}: connected={m.connected} but peer {peer}")
+            if peer is not None:
+                _check(peer in self.peers and self.peers[peer].machine_id == mid, f"machine {mid}'s peer {peer} is gone")
+                _check(busy.get(mid) == len(m.running) + len(m.cancelling),
+                       f"machine {mid}: {busy.get(mid)} busy slots for {len(m.running)} running + "
+                       f"{len(m.cancelling)} cancelling attempts")
+        _check(set(busy) == set(self.daemon_peer), "the scheduler's machines are not the connected ones")
+        _check(set(on_machine) <= set(self.machines), "a task is on an unknown machine")
+        holds: dict[str, list[int]] = {}
+        for peer, ps in self.peers.items():
+            for wid, sub in ps.subs.items():
+                _check(sub.peer == peer and sub.wid == wid and bool(sub.user), f"watch {wid} of peer {peer} is stale")
+                h = holds.setdefault(sub.user, [0, 0, 0])
+                h[1] += 1
+                h[2] += sub.held
+            for w in ps.waiters:
+                if not w.done:
+                    h = holds.setdefault(w.who.user, [0, 0, 0])
+                    h[0] += 1
+                    h[2] += w.held
+                    pending = {tid for tid in w.task_ids if tid in self.active}
+                    _check(w.remaining == len(pending) > 0, f"waiter {w.rid} of peer {peer}: remaining "
+                                                            f"{w.remaining} for {len(pending)} unfinished tasks")
+        _check(holds == self._holds, f"holds {self._holds} differ from the live waits and watches {holds}")
+        for tid, ws in self._waiters.items():
+            _check(tid in self.active, f"waiters kept for ended task {tid}")
+            for w in ws:
+                _check(not w.done and w.peer in self.peers and w in self.peers[w.peer].waiters,
+                       f"task {tid} has a waiter of a gone peer")
+        for tid, subs in self._subs_by_task.items():
+            _check(tid in self.active, f"watches kept for ended task {tid}")
+            for sub in subs:
+                _check(sub.peer in self.peers and self.peers[sub.peer].subs.get(sub.wid) is sub,
+                       f"task {tid} has a watch of a gone peer")
+        for sid, subs in self._subs_by_session.items():
+            for sub in subs:
+                _check(sub.peer in self.peers and self.peers[sub.peer].subs.get(sub.wid) is sub,
+                       f"session {sid} has a watch of a gone peer")
+        _check(set(self._replay) <= set(self.active), "output kept for ended tasks")
+        self.ledger.validate_tasks(set(self.active))
 
     # -- submission ---------------------------------------------------------
 
@@ -504,26 +730,18 @@ class HubCore:
         """Assign queued tasks to free slots; store it; send each daemon its share
         (one ``assignments`` message per daemon where its protocol has it).
 
-        Memory changes only after the writes: if they fail, the tasks go
-        back to the queue untouched and the slots are freed again.
+        Runs ``_atomically``: if a write fails, memory is rebuilt from the
+        store, so the tasks are queued again and the slots free.
         """
         pairs = self.scheduler.schedule()
         if not pairs:
             return
         now = self._now
-        try:
-            with self.store.transaction():
-                for task_id, machine_id in pairs:
-                    t = self.active[task_id]
-                    task_state.check(t.status, "assigned")
-                    self.store.add_attempt(task_id, t.attempt + 1, machine_id,
-                                           self.machines[machine_id].instance, now)
-                    self.store.set_status(task_id, "assigned", now, attempt=t.attempt + 1, machine=machine_id)
-        except Exception:
-            for task_id, machine_id in pairs:
-                self.scheduler.release(machine_id)
-                self._enqueue(self.active[task_id])
-            raise
+        for task_id, machine_id in pairs:
+            t = self.active[task_id]
+            task_state.check(t.status, "assigned")
+            self.store.add_attempt(task_id, t.attempt + 1, machine_id, self.machines[machine_id].instance, now)
+            self.store.set_status(task_id, "assigned", now, attempt=t.attempt + 1, machine=machine_id)
         by_machine: dict[str, list[p.Assign]] = {}
         for task_id, machine_id in pairs:
             t = self.active[task_id]
@@ -601,14 +819,18 @@ class HubCore:
             self._lose_attempts(name, lost, now, reason=f"daemon {name} restarted without it",
                                instance=previous.instance if previous else "")
         m.cancelling = reported - {(tid, self.active[tid].attempt) for tid in still}
-        self.scheduler.add_machine(name, {**hardware, "owner": m.owner}, msg.slots, name=name, tags=tags,
-                                   busy=len(still) + len(m.cancelling),
-                                   instance_key=instance_key(name, msg.instance),
-                                   extra=msg.slots * self.prefetch)
-        if m.admin_status != "enabled":
-            self.scheduler.set_accepting(name, False)
+        self._offer_slots(m)
         self._dirty = True
         return p.Registered(id=msg.id, machine_id=name, heartbeat_interval=self.heartbeat_interval)
+
+    def _offer_slots(self, m: MachineState) -> None:
+        """A connected machine's slots to the scheduler, the busy ones counted."""
+        self.scheduler.add_machine(m.machine_id, {**m.hardware, "owner": m.owner}, m.slots, name=m.name,
+                                   tags=m.tags, busy=len(m.running) + len(m.cancelling),
+                                   instance_key=instance_key(m.machine_id, m.instance),
+                                   extra=m.slots * self.prefetch)
+        if m.admin_status != "enabled" or m.draining:
+            self.scheduler.set_accepting(m.machine_id, False)
 
     def _own_attempts(self, machine: str, reported: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         return {(tid, att) for tid, att in reported if self.store.attempt_machine(tid, att) == machine}
@@ -745,10 +967,7 @@ class HubCore:
         if self.active_by_user[t.user] <= 0:
             del self.active_by_user[t.user]
         self._emit(t, status, machine=t.machine, error=fields.get("error"))
-        for w in self._waiters.pop(t.task_id, {}):
-            w.remaining -= 1
-            if w.remaining == 0:
-                self._answer(w, timed_out=False)
+        self._ended.append(t.task_id)  # its waiters and watches settle once the event succeeded
 
     def _usage(self, t: ActiveTask) -> Optional[Usage]:
         """The attempt's wall time by the hub's clock and its machine's cores:

@@ -193,6 +193,18 @@ class Ledger:
             why = "cancelled" if status == "cancelled" else (reason if reason in ("timeout", "lost") else "failed")
             self.store.end_credit_slot(task_id, "discarded", why, now)
 
+    def validate_tasks(self, active: set[str]) -> None:
+        """Invariant (HubCore.validate_state): a task's slot stays allocated
+        while the task is unfinished and is settled when it ends -- so it
+        cannot be settled twice."""
+        open_slots = {r["task_id"] for r in self.store.credit_slots(state="allocated", limit=1 << 30) if r["task_id"]}
+        if open_slots - active:
+            raise AssertionError(f"ledger invariant broken: ended tasks with open slots {sorted(open_slots - active)[:5]}")
+        settled = {r["task_id"] for r in self.store.credit_slots(slots=sorted(active), limit=1 << 30)
+                   if r["task_id"] and r["state"] != "allocated"} if active else set()
+        if settled:
+            raise AssertionError(f"ledger invariant broken: unfinished tasks with settled slots {sorted(settled)[:5]}")
+
     def expire(self, now: float) -> int:
         """Allocated slots past their expiry become ``expired`` (cheap when none is due)."""
         if self._next_expiry is None or self._next_expiry > now:

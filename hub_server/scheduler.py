@@ -130,6 +130,20 @@ class Scheduler:
     def running_by_user(self) -> dict[str, int]:
         return dict(self._running)
 
+    def note_assigned(self, task_id: str, user: str) -> None:
+        """A task assigned before a restart counts for its user's fair share
+        again (``done`` takes it off when it ends)."""
+        if task_id not in self._user_of and task_id not in self._task_group:
+            self._user_of[task_id] = user
+            self._running[user] += 1
+
+    def busy(self) -> dict[str, int]:
+        """Busy slots per machine (for HubCore.validate_state)."""
+        return {mid: m.busy for mid, m in self._machines.items()}
+
+    def queued_ids(self) -> set[str]:
+        return set(self._task_group)
+
     def _forget_matches(self, machine_id: str) -> None:
         for key in [k for k in self._match_cache if k[1] == machine_id]:
             del self._match_cache[key]

@@ -37,7 +37,9 @@ class Farm:
     def handle(self, *events, now=None):
         if now is not None:
             self.now = now
-        return self.core.handle(*events, now=self.now)
+        out = self.core.handle(*events, now=self.now)
+        self.core.validate_state()  # the invariants hold after every batch
+        return out
 
     def rid(self) -> int:
         self._rid += 1
